@@ -1,0 +1,135 @@
+"""manifest.json: the one description of a model repository that the gateway reads.
+
+Pure data + (de)serialisation; no torch, so serving can import it. Written by the export
+stage, extended by the predictor stage, read by the gateway, the evaluation and the tests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+
+class ManifestError(ValueError):
+    """manifest.json is missing, malformed, or disagrees with the files beside it."""
+
+
+@dataclass
+class LatencyPoint:
+    p50_ms: float  # ms per call at this batch size (median)
+    p95_ms: float
+    throughput: float  # samples/s at this batch size (batch / mean call time)
+
+
+@dataclass
+class LatencyProfile:
+    host: dict[str, Any]  # where it was measured: cpu model, cores, ORT version, threads
+    batches: dict[str, LatencyPoint]  # str(batch size) → point (JSON keys are strings)
+
+    def at(self, batch: int) -> LatencyPoint:
+        """The point for `batch`, or the smallest profiled batch ≥ it (conservative), or the largest."""
+        sizes = sorted(int(b) for b in self.batches)
+        for s in sizes:
+            if s >= batch:
+                return self.batches[str(s)]
+        return self.batches[str(sizes[-1])]
+
+
+@dataclass
+class VariantEntry:
+    key: str  # "fp32", "fp16", "int8", or "int8_ptq" (a baseline, not served)
+    precision: str  # a Precision value
+    triton_name: str
+    path: str  # ONNX file, relative to the repository root
+    sha256: str
+    size_bytes: int
+    served: bool = True  # baselines are exported for reports, not routed to
+    val_accuracy: float | None = None  # share, on the validation split
+    agreement_with_fp32: float | None = None  # share of validation samples with FP32's top-1
+    max_abs_logit_diff: float | None = None  # vs FP32, on the validation split
+    latency: LatencyProfile | None = None
+
+
+@dataclass
+class Manifest:
+    model_name: str
+    classes: list[str]
+    input_name: str
+    output_name: str
+    image_size: int  # pixels per side; inputs are (N, 3, image_size, image_size) FP32
+    mean: list[float]  # per channel, images scaled to 0..1 first
+    std: list[float]
+    variants: dict[str, VariantEntry]
+    training: dict[str, Any] = field(default_factory=dict)  # MLflow run id, git commit, config
+    predictor: dict[str, Any] | None = None  # written by the predictor stage
+    created_at: str = ""
+    schema_version: int = SCHEMA_VERSION
+
+    def served_variants(self) -> list[VariantEntry]:
+        return [v for v in self.variants.values() if v.served]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=False)
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _variant_from_dict(key: str, d: dict[str, Any]) -> VariantEntry:
+    d = dict(d)
+    lat = d.pop("latency", None)
+    profile = None
+    if lat is not None:
+        profile = LatencyProfile(host=lat["host"], batches={b: LatencyPoint(**p) for b, p in lat["batches"].items()})
+    d["key"] = d.get("key", key)
+    return VariantEntry(**d, latency=profile)
+
+
+def manifest_from_dict(data: dict[str, Any]) -> Manifest:
+    try:
+        d = dict(data)
+        if d.get("schema_version") != SCHEMA_VERSION:
+            raise ManifestError(f"manifest schema_version {d.get('schema_version')!r}; this code reads {SCHEMA_VERSION}")
+        d["variants"] = {k: _variant_from_dict(k, v) for k, v in d["variants"].items()}
+        return Manifest(**d)
+    except (KeyError, TypeError) as exc:
+        raise ManifestError(f"manifest is malformed: {exc}") from exc
+
+
+def load_manifest(repo: str | Path, verify_files: bool = False) -> Manifest:
+    """Read <repo>/manifest.json; with verify_files, also check every variant file's sha256."""
+    path = Path(repo) / MANIFEST_NAME
+    if not path.is_file():
+        raise ManifestError(f"{path} does not exist: is {repo} a model repository made by scripts/export.py?")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ManifestError(f"{path} is not valid JSON: {exc}") from exc
+    manifest = manifest_from_dict(data)
+    if verify_files:
+        for v in manifest.variants.values():
+            f = Path(repo) / v.path
+            if not f.is_file():
+                raise ManifestError(f"variant {v.key}: file {f} is missing")
+            if sha256_file(f) != v.sha256:
+                raise ManifestError(f"variant {v.key}: {f} does not match its sha256 in the manifest (damaged or replaced)")
+    return manifest
+
+
+def save_manifest(repo: str | Path, manifest: Manifest) -> Path:
+    path = Path(repo) / MANIFEST_NAME
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(manifest.to_json() + "\n")
+    tmp.replace(path)
+    return path
