@@ -1,0 +1,53 @@
+"""The abstract engine the gateway talks to (vLLM style: the HTTP layer knows only this)."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import numpy as np
+
+
+class BackendError(RuntimeError):
+    """A backend call failed (the gateway falls back to another variant)."""
+
+
+class VariantUnavailable(BackendError):
+    """The variant is not loaded or was found unhealthy at start-up."""
+
+
+@dataclass(frozen=True)
+class VariantHealth:
+    key: str  # manifest variant key, e.g. "int8"
+    healthy: bool
+    detail: str  # "ok", or why not (missing file, corrupt ONNX, model not ready on Triton, ...)
+
+
+class Backend(ABC):
+    """Serves the manifest's variants. Lifecycle: `await start()` → infer* → `await close()`."""
+
+    name: str = "abstract"
+
+    @abstractmethod
+    async def start(self) -> None:
+        """Load or connect; a variant that cannot serve is marked unhealthy, not fatal."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Release sessions, threads and connections."""
+
+    @abstractmethod
+    def variants(self) -> dict[str, VariantHealth]:
+        """Health of every served variant, by key."""
+
+    def ready(self) -> bool:
+        """At least one variant can serve."""
+        return any(h.healthy for h in self.variants().values())
+
+    @abstractmethod
+    async def infer(self, variant_key: str, images: np.ndarray) -> np.ndarray:
+        """images (N, 3, H, W) float32, normalised → logits (N, num_classes) float32.
+
+        Raises VariantUnavailable or BackendError; cancellation (the gateway's deadline) is
+        honoured at least by not delivering a late result.
+        """

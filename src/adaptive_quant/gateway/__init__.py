@@ -1,0 +1,1 @@
+"""The adaptive-precision gateway: FastAPI app, routes, schemas, settings."""

@@ -1,0 +1,79 @@
+"""Pydantic models of the REST API (responses; the request body is parsed by decode.py for
+precise error messages, and documented in OpenAPI through `ClassifyRequest`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class Instance(BaseModel):
+    b64: str | None = Field(None, description="PNG or JPEG bytes, base64 (standard alphabet); 32×32 RGB")
+    pixels: list[list[list[int]]] | None = Field(None, description="32×32×3 nested list of integers 0..255 (H, W, RGB)")
+
+
+class ClassifyRequest(BaseModel):
+    instances: list[Instance] = Field(..., description="images; exactly one of b64 or pixels each")
+
+
+class Prediction(BaseModel):
+    label: str
+    class_id: int
+    confidence: float = Field(..., description="softmax probability of the label")
+    precision: str = Field(..., description="precision of the variant that answered (fp32, fp16, int8)")
+    variant: str = Field(..., description="manifest key of the variant that answered")
+
+
+class ClassifyResponse(BaseModel):
+    predictions: list[Prediction]
+    precision: str = Field(..., description="as X-Precision: one precision, or the comma-joined set (most precise first)")
+    budget_ms: float | None
+    budget_met: bool
+    server_time_ms: float
+    routing_time_ms: float = Field(..., description="predictor + policy for all samples")
+    fallbacks: int = Field(..., description="backend calls retried on another variant")
+
+
+class ErrorBody(BaseModel):
+    type: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class VariantStatus(BaseModel):
+    key: str
+    precision: str
+    triton_name: str
+    healthy: bool
+    detail: str
+    routable: bool = Field(..., description="healthy and not taken out by the failure breaker")
+    val_accuracy: float | None
+    latency: dict[str, float | int]
+    routed_samples: int
+    failures: int
+    batching: dict[str, int] | None = None
+
+
+class StatusResponse(BaseModel):
+    model: str
+    backend: str
+    ready: bool
+    predictor: dict[str, str]
+    variants: list[VariantStatus]
+    in_flight_requests: int
+    process: dict[str, Any]
+    routing: dict[str, Any]
+    uptime_s: float
+
+
+class ModelsResponse(BaseModel):
+    model: str
+    classes: list[str]
+    input: dict[str, Any]
+    output: dict[str, Any]
+    variants: list[dict[str, Any]]
+    training: dict[str, Any]

@@ -1,0 +1,497 @@
+"""The gateway as a caller sees it: through TestClient and over real HTTP, on a tiny model repository."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import uvicorn
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from adaptive_quant.backends.base import Backend, BackendError
+from adaptive_quant.backends.embedded import EmbeddedBackend
+from adaptive_quant.data import encode_png
+from adaptive_quant.gateway.app import create_app
+from adaptive_quant.gateway.settings import SettingsError, load_settings
+from adaptive_quant.manifest import load_manifest, save_manifest, sha256_file
+from gateway_repo import b64_instance, build_repo, images, pixels_instance
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    return build_repo(tmp_path_factory.mktemp("repo"))
+
+
+def make_settings(repo, **overrides):
+    # ewma_alpha 0: routing follows the manifest's profiles exactly (the test machine is busy
+    # training; its jitter must not change which variant a table case picks)
+    tree = {"repository": str(repo), "latency.ewma_alpha": 0.0, **overrides}
+    return load_settings(overrides=tree, environ={})
+
+
+@contextmanager
+def serve(repo, backend=None, predictor=None, **overrides):
+    settings = make_settings(repo, **overrides)
+    with TestClient(create_app(settings, backend=backend, predictor=predictor)) as client:
+        yield client
+
+
+def classify(client, instances, **headers):
+    h = {k.replace("_", "-"): str(v) for k, v in headers.items()}
+    return client.post("/v1/classify", json={"instances": instances}, headers=h)
+
+
+def metric(client, name, **labels) -> float:
+    """One sample's value from /metrics, as Prometheus would scrape it."""
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith("#"):
+            continue
+        series, value = line.rsplit(" ", 1)
+        metric_name, _, rest = series.partition("{")
+        got = ",".join(sorted(rest.rstrip("}").split(","))) if rest else ""
+        if metric_name == name and got == want:
+            return float(value)
+    return 0.0
+
+
+class FakeFlakyBackend(Backend):
+    """Test double around a real backend: variants in `fail` raise, variants in `delay_s` stall first."""
+
+    name = "fake-flaky"
+
+    def __init__(self, inner: Backend) -> None:
+        self.inner = inner
+        self.fail: set[str] = set()
+        self.delay_s: dict[str, float] = {}
+        self.calls: list[str] = []
+
+    async def start(self) -> None:
+        await self.inner.start()
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+    def variants(self):
+        return self.inner.variants()
+
+    def batch_stats(self):
+        return self.inner.batch_stats()
+
+    async def infer(self, variant_key, images):
+        self.calls.append(variant_key)
+        if variant_key in self.delay_s:
+            await asyncio.sleep(self.delay_s[variant_key])
+        if variant_key in self.fail:
+            raise BackendError(f"injected failure on {variant_key}")
+        return await self.inner.infer(variant_key, images)
+
+
+def flaky(repo) -> FakeFlakyBackend:
+    return FakeFlakyBackend(EmbeddedBackend(repo, load_manifest(repo)))
+
+
+class FakeBrightnessPredictor:
+    """Test double: bright images are easy for every variant, dark ones only for fp32."""
+
+    variant_keys = ["fp32", "fp16", "int8"]
+
+    def predict(self, imgs: np.ndarray) -> np.ndarray:
+        bright = imgs.reshape(len(imgs), -1).mean(axis=1) > 128  # (N,)
+        easy, hard = np.array([0.97, 0.97, 0.97]), np.array([0.95, 0.60, 0.20])
+        return np.where(bright[:, None], easy, hard)
+
+
+# ----------------------------------------------------------------------------- classify
+
+
+def test_b64_and_pixels_give_the_same_answer_with_headers_and_timing(repo):
+    img = images(1, seed=1)[0]
+    with serve(repo) as client:
+        r = classify(client, [b64_instance(img), pixels_instance(img)])
+    assert r.status_code == 200, r.text
+    body = r.json()
+    a, b = body["predictions"]
+    assert a == b  # same image, same variant (no budget, balanced), same answer
+    assert a["label"] in load_manifest(repo).classes and 0.1 <= a["confidence"] <= 1.0
+    assert r.headers["X-Precision"] == a["precision"] == body["precision"]
+    assert r.headers["X-Budget-Met"] == "true"  # no budget is always met
+    assert 0 < float(r.headers["X-Server-Time-Ms"]) < 5_000
+    assert body["fallbacks"] == 0 and body["budget_ms"] is None
+
+
+@pytest.mark.parametrize(
+    "headers, precision, met",
+    [
+        # profiles (p95 ms, batch 1): fp32 80, fp16 90, int8 30; accuracies .92/.919/.91
+        ({}, "int8", "true"),  # balanced: 2.7× faster for 1 point
+        ({"X-Priority": "quality"}, "fp32", "true"),
+        ({"X-Priority": "speed"}, "int8", "true"),
+        ({"X-Priority": "quality", "X-Latency-Budget-Ms": "500"}, "fp32", "true"),
+        ({"X-Priority": "quality", "X-Latency-Budget-Ms": "85"}, "fp32", "true"),
+        ({"X-Priority": "quality", "X-Latency-Budget-Ms": "50"}, "int8", "true"),
+        ({"X-Priority": "QUALITY", "X-Latency-Budget-Ms": "10"}, "int8", "false"),  # nothing fits
+        ({"X-Min-Precision": "fp16", "X-Priority": "speed"}, "fp32", "true"),  # fp32 is faster than fp16 here
+        ({"X-Min-Precision": "fp16", "X-Latency-Budget-Ms": "50"}, "fp32", "false"),  # floor beats budget
+        ({"X-Min-Precision": "fp32"}, "fp32", "true"),
+        ({"X-Min-Precision": "int8", "X-Priority": "quality"}, "fp32", "true"),
+    ],
+)
+def test_routing_table_through_the_api(repo, headers, precision, met):
+    with serve(repo) as client:
+        r = client.post("/v1/classify", json={"instances": [b64_instance(images(1)[0])]}, headers=headers)
+    assert r.status_code == 200, r.text
+    assert r.headers["X-Precision"] == precision
+    assert r.headers["X-Budget-Met"] == met
+    assert r.json()["predictions"][0]["precision"] == precision
+
+
+def test_each_sample_is_routed_on_its_own_and_same_variant_samples_go_together(repo):
+    bright, dark = images(2, seed=2, brightness="bright"), images(1, seed=3, brightness="dark")
+    backend = flaky(repo)
+    with serve(repo, backend=backend, predictor=FakeBrightnessPredictor()) as client:
+        r = classify(client, [b64_instance(bright[0]), b64_instance(dark[0]), pixels_instance(bright[1])],
+                     X_Priority="quality")  # fmt: skip
+        assert r.status_code == 200, r.text
+        assert [p["precision"] for p in r.json()["predictions"]] == ["int8", "fp32", "int8"]
+        assert r.headers["X-Precision"] == "fp32,int8"  # the set, most precise first
+        assert sorted(backend.calls) == ["fp32", "int8"]  # one call per variant: both int8 samples together
+        assert backend.batch_stats()["int8"]["largest_batch"] == 2
+        assert metric(client, "aq_samples_routed_total", variant="int8") == 2
+        assert metric(client, "aq_samples_routed_total", variant="fp32") == 1
+        status = client.get("/v1/status").json()
+        assert status["predictor"]["kind"] == "custom"
+        assert status["routing"]["samples_by_variant"] == {"fp32": 1, "fp16": 0, "int8": 2}
+
+
+def test_a_failing_variant_falls_back_and_is_then_left_out(repo):
+    backend = flaky(repo)
+    backend.fail = {"fp32"}
+    with serve(repo, backend=backend, **{"breaker.failures": 2, "breaker.cooldown_s": 60}) as client:
+        img = b64_instance(images(1)[0])
+        for _ in range(2):
+            r = classify(client, [img], X_Priority="quality")
+            assert r.status_code == 200, r.text
+            assert r.headers["X-Precision"] == "fp16"  # the next most accurate variant answered
+            assert r.json()["fallbacks"] == 1
+        assert metric(client, "aq_fallbacks_total", variant="fp32", reason="error") == 2
+        status = {v["key"]: v for v in client.get("/v1/status").json()["variants"]}
+        assert status["fp32"]["failures"] == 2 and not status["fp32"]["routable"] and status["fp32"]["healthy"]
+        backend.calls.clear()
+        r = classify(client, [img], X_Priority="quality")
+        assert r.status_code == 200 and r.json()["fallbacks"] == 0  # breaker open: no time lost on fp32
+        assert backend.calls == ["fp16"]
+
+
+def test_when_no_variant_can_answer_the_reply_is_503_with_retry_after_and_service_recovers(repo):
+    backend = flaky(repo)
+    backend.fail = {"fp32", "fp16", "int8"}
+    with serve(repo, backend=backend, **{"breaker.cooldown_s": 0}) as client:
+        img = b64_instance(images(1)[0])
+        r = classify(client, [img])
+        assert r.status_code == 503
+        assert int(r.headers["Retry-After"]) >= 1
+        assert "no variant could answer" in r.json()["error"]["message"]
+        assert metric(client, "aq_fallbacks_total", variant="int8", reason="error") == 1
+        assert metric(client, "aq_requests_total", outcome="unavailable") == 1
+        r = classify(client, [img], X_Min_Precision="fp32")
+        assert r.status_code == 503 and sorted(backend.calls) == ["fp16", "fp32", "fp32", "int8"]
+        backend.fail = set()
+        assert classify(client, [img]).status_code == 200  # the outage is over: serving again
+
+
+def test_deadline_cuts_a_slow_variant_and_the_estimate_learns(repo):
+    backend = flaky(repo)
+    backend.delay_s = {"fp32": 3.0}  # fp32 hangs; the profile says 80 ms
+    settings = {"latency.ewma_alpha": 1.0, "deadline.grace_ms": 5.0}
+    with serve(repo, backend=backend, **settings) as client:
+        img = b64_instance(images(1)[0])
+        t = time.perf_counter()
+        r = classify(client, [img], X_Priority="quality", X_Latency_Budget_Ms=150)
+        wall_s = time.perf_counter() - t
+        assert r.status_code == 200, r.text
+        assert wall_s < 1.5  # the gateway did not wait the 3 s for fp32
+        assert r.headers["X-Precision"] != "fp32" and r.headers["X-Budget-Met"] == "false"
+        assert float(r.headers["X-Server-Time-Ms"]) >= 150
+        assert metric(client, "aq_fallbacks_total", variant="fp32", reason="timeout") == 1
+        # fp32 now looks ≥155 ms slow: the next request routes around it and meets its budget
+        backend.calls.clear()
+        r = classify(client, [img], X_Priority="quality", X_Latency_Budget_Ms=150)
+        assert r.status_code == 200 and backend.calls == ["fp16"]
+        assert r.headers["X-Budget-Met"] == "true"
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def _png(size=(32, 32), fmt="PNG") -> str:
+    buf = io.BytesIO()
+    Image.new("RGB", size, (10, 20, 30)).save(buf, format=fmt)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+GOOD = images(1, seed=9)[0]
+PIX = GOOD.tolist()
+
+BAD_BODIES = [
+    ("malformed JSON", b'{"instances": [', 400, "not valid JSON"),
+    ("empty body", b"", 400, "empty"),
+    ("not an object", b"[1, 2]", 422, "'instances'"),
+    ("unknown field", json.dumps({"instances": [], "extra": 1}).encode(), 422, "unknown field"),
+    ("instances not a list", json.dumps({"instances": "cat.png"}).encode(), 422, "must be a list"),
+    ("empty instances", json.dumps({"instances": []}).encode(), 422, "empty"),
+    ("neither b64 nor pixels", json.dumps({"instances": [{"url": "http://x/cat.png"}]}).encode(), 422, "neither 'b64' nor 'pixels'"),
+    ("both b64 and pixels", json.dumps({"instances": [{"b64": _png(), "pixels": PIX}]}).encode(), 422, "exactly one"),
+    ("instance not an object", json.dumps({"instances": [3]}).encode(), 422, "not an object"),
+    ("not base64", json.dumps({"instances": [{"b64": "%%%not-base64%%%"}]}).encode(), 422, "not valid base64"),
+    ("base64 of junk", json.dumps({"instances": [{"b64": base64.b64encode(b"hello world").decode()}]}).encode(), 422, "does not decode"),
+    ("GIF image", json.dumps({"instances": [{"b64": _png(fmt="GIF")}]}).encode(), 422, "GIF is not accepted"),
+    ("wrong image size", json.dumps({"instances": [{"b64": _png((64, 48))}]}).encode(), 422, "64×48 pixels, expected 32×32"),
+    ("pixels wrong shape", json.dumps({"instances": [{"pixels": GOOD[:, :, 0].tolist()}]}).encode(), 422, "shape 32×32;"),
+    ("pixels ragged", json.dumps({"instances": [{"pixels": [[1, 2, 3], [4, 5]]}]}).encode(), 422, "ragged"),
+    ("pixels floats", json.dumps({"instances": [{"pixels": (GOOD / 255.0).tolist()}]}).encode(), 422, "non-integer"),
+    ("pixels NaN", json.dumps({"instances": [{"pixels": np.where(GOOD > 100, np.nan, GOOD).tolist()}]}).encode(), 422, "NaN"),
+    ("pixels out of range", json.dumps({"instances": [{"pixels": (GOOD.astype(int) + 100).tolist()}]}).encode(), 422, "0..255"),
+    ("pixels strings", json.dumps({"instances": [{"pixels": [[["a"] * 3] * 32] * 32}]}).encode(), 422, "non-numeric"),
+    ("pixels null", json.dumps({"instances": [{"pixels": None}]}).encode(), 422, "must be a 32×32×3"),
+    ("too many instances", json.dumps({"instances": [{"b64": _png()}] * 9}).encode(), 413, "at most 8"),
+    ("oversized body", json.dumps({"instances": [{"pixels": PIX}] * 5, "pad": "x" * 150_000}).encode(), 413, "at most 150000"),
+]  # fmt: skip
+
+BAD_HEADERS = [
+    ({"X-Latency-Budget-Ms": "-5"}, "X-Latency-Budget-Ms must be a positive number"),
+    ({"X-Latency-Budget-Ms": "0"}, "X-Latency-Budget-Ms must be a positive number"),
+    ({"X-Latency-Budget-Ms": "ten"}, "X-Latency-Budget-Ms must be a positive number"),
+    ({"X-Latency-Budget-Ms": "nan"}, "X-Latency-Budget-Ms must be a positive number"),
+    ({"X-Priority": "fastest"}, "accepted: quality, balanced, speed"),
+    ({"X-Min-Precision": "int4"}, "accepted: fp32, fp16, int8"),
+]
+
+
+@pytest.fixture(scope="module")
+def limited_client(repo):
+    with serve(repo, **{"limits.max_instances": 8, "limits.max_request_bytes": 150_000}) as client:
+        yield client
+
+
+@pytest.mark.parametrize("name, body, status, message", BAD_BODIES, ids=[b[0] for b in BAD_BODIES])
+def test_bad_bodies_get_a_4xx_that_says_what_is_wrong(limited_client, name, body, status, message):
+    r = limited_client.post("/v1/classify", content=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert message in err["message"]
+    if status == 422 and "instance" in err["message"]:
+        assert any(w in err["message"] for w in ("accepted", "expected", "must be"))  # says what is accepted
+
+
+@pytest.mark.parametrize("headers, message", BAD_HEADERS, ids=[str(h) for h, _ in BAD_HEADERS])
+def test_bad_headers_get_a_422_naming_what_is_accepted(limited_client, headers, message):
+    r = limited_client.post("/v1/classify", json={"instances": [b64_instance(GOOD)]}, headers=headers)
+    assert r.status_code == 422, r.text
+    assert message in r.json()["error"]["message"]
+
+
+def test_after_all_the_bad_input_the_service_still_serves(limited_client):
+    # runs after the parametrised cases above (pytest keeps file order)
+    errors = metric(limited_client, "aq_requests_total", outcome="client_error")
+    assert errors == len(BAD_BODIES) + len(BAD_HEADERS)
+    assert metric(limited_client, "aq_requests_total", outcome="error") == 0  # never a 500
+    r = classify(limited_client, [b64_instance(GOOD)] * 8)
+    assert r.status_code == 200 and len(r.json()["predictions"]) == 8
+    assert limited_client.get("/healthz").json() == {"status": "alive"}
+
+
+def test_unknown_paths_and_methods_get_json_errors(limited_client):
+    assert limited_client.get("/v1/nothing").json()["error"]["type"] == "not_found"
+    assert limited_client.get("/v1/classify").status_code == 405
+
+
+# ----------------------------------------------------------------------------- health, status, metrics
+
+
+def test_a_corrupt_variant_is_left_out_and_the_others_serve(tmp_path):
+    repo = build_repo(tmp_path / "r")
+    manifest = load_manifest(repo)
+    path = repo / manifest.variants["fp16"].path
+    path.write_bytes(b"this is not ONNX")
+    manifest.variants["fp16"].sha256 = sha256_file(path)  # a consistent manifest: only ORT can tell
+    save_manifest(repo, manifest)
+    with serve(repo) as client:
+        assert client.get("/readyz").status_code == 200
+        variants = {v["key"]: v for v in client.get("/v1/status").json()["variants"]}
+        assert not variants["fp16"]["healthy"] and "cannot load" in variants["fp16"]["detail"]
+        assert variants["fp32"]["healthy"] and variants["int8"]["healthy"]
+        models = {v["key"]: v for v in client.get("/v1/models").json()["variants"]}
+        assert models["fp16"]["healthy"] is False and models["int8"]["healthy"] is True
+        r = classify(client, [b64_instance(GOOD)], X_Min_Precision="fp16", X_Priority="speed")
+        assert r.status_code == 200 and r.headers["X-Precision"] == "fp32"
+
+
+def test_nothing_loadable_means_not_ready_and_503(tmp_path):
+    repo = build_repo(tmp_path / "r")
+    for v in load_manifest(repo).variants.values():
+        (repo / v.path).unlink()
+    with serve(repo) as client:
+        assert client.get("/healthz").status_code == 200  # alive...
+        r = client.get("/readyz")
+        assert r.status_code == 503 and r.json()["ready"] is False  # ...but cannot serve
+        r = classify(client, [b64_instance(GOOD)])
+        assert r.status_code == 503 and "Retry-After" in r.headers
+        assert "missing" in client.get("/v1/status").json()["variants"][0]["detail"]
+
+
+def test_a_floor_this_model_does_not_offer_is_the_callers_mistake(tmp_path):
+    repo = build_repo(tmp_path / "r")
+    manifest = load_manifest(repo)
+    for key in ("fp32", "fp16"):
+        manifest.variants[key].served = False
+    save_manifest(repo, manifest)
+    with serve(repo) as client:
+        r = classify(client, [b64_instance(GOOD)], X_Min_Precision="fp16")
+        assert r.status_code == 422 and "offers int8" in r.json()["error"]["message"]
+
+
+def test_metrics_and_status_reflect_the_traffic(repo):
+    with serve(repo) as client:
+        img = b64_instance(GOOD)
+        assert classify(client, [img, img], X_Latency_Budget_Ms=5000).headers["X-Budget-Met"] == "true"
+        assert classify(client, [img], X_Latency_Budget_Ms=1).headers["X-Budget-Met"] == "false"
+        assert classify(client, [img], X_Priority="quality").status_code == 200
+        assert classify(client, [], X_Priority="quality").status_code == 422
+        assert metric(client, "aq_requests_total", outcome="ok") == 3
+        assert metric(client, "aq_requests_total", outcome="client_error") == 1
+        assert metric(client, "aq_budget_total", result="met") == 1
+        assert metric(client, "aq_budget_total", result="missed") == 1
+        assert metric(client, "aq_samples_routed_total", variant="int8") == 3
+        assert metric(client, "aq_samples_routed_total", variant="fp32") == 1
+        assert metric(client, "aq_backend_latency_seconds_count", variant="int8") == 2
+        assert metric(client, "aq_routing_decision_seconds_count") == 3
+        assert metric(client, "aq_in_flight_requests") == 0
+        status = client.get("/v1/status").json()
+        assert status["ready"] and status["backend"] == "embedded" and status["model"] == "tiny"
+        assert status["predictor"]["kind"] == "prior"  # the manifest names no predictor
+        assert status["routing"]["samples_by_variant"] == {"fp32": 1, "fp16": 0, "int8": 3}
+        assert status["routing"]["requests"]["ok"] == 3
+        assert status["routing"]["budget_met"] == 1 and status["routing"]["budget_missed"] == 1
+        assert status["process"]["rss_bytes"] > 10_000_000
+        lat = {v["key"]: v["latency"] for v in status["variants"]}
+        assert lat["int8"]["profile_p95_ms_batch1"] == 30.0 and lat["int8"]["in_flight_samples"] == 0
+        assert client.get("/openapi.json").json()["paths"]["/v1/classify"]["post"]["requestBody"]
+
+
+def test_the_predictor_is_loaded_only_when_the_manifest_names_it(tmp_path):
+    repo = build_repo(tmp_path / "r", with_predictor=True)
+    with serve(repo) as client:
+        predictor = client.get("/v1/status").json()["predictor"]
+        # whatever adaptive_quant.predictor can do today, the gateway serves and says which it uses
+        assert predictor["kind"] in ("mlp", "prior")
+        if predictor["kind"] == "prior":
+            assert "predictor" in predictor["detail"]
+        assert classify(client, [b64_instance(GOOD)]).status_code == 200
+
+
+def test_settings_reject_unknown_keys_and_wrong_types_and_read_env():
+    with pytest.raises(SettingsError, match="unknown setting 'server.prot'"):
+        load_settings(overrides={"server.prot": 1}, environ={})
+    with pytest.raises(SettingsError, match="server.port must be an integer"):
+        load_settings(overrides={"server.port": "eighty"}, environ={})
+    with pytest.raises(SettingsError, match="backend.kind must be one of"):
+        load_settings(environ={"AQ_BACKEND__KIND": "tensorrt"})
+    s = load_settings(ROOT / "configs" / "serve.yaml", overrides={"server.port": "9001"},
+                      environ={"AQ_BACKEND__KIND": "triton", "AQ_SERVER__PORT": "9000"})  # fmt: skip
+    assert (s.backend.kind, s.server.port, s.server.host) == ("triton", 9001, "127.0.0.1")
+
+
+# ----------------------------------------------------------------------------- over real HTTP
+
+
+@contextmanager
+def http_server(settings):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def test_over_real_http_with_concurrent_callers(repo):
+    settings = make_settings(repo, **{"batching.max_queue_delay_us": 2000})
+    with http_server(settings) as url:
+        bodies = [{"instances": [b64_instance(im)]} for im in images(16, seed=5)]
+
+        async def fire():
+            async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+                return await asyncio.gather(*(
+                    client.post("/v1/classify", json=b, headers={"X-Latency-Budget-Ms": "5000"}) for b in bodies
+                ))  # fmt: skip
+
+        responses = asyncio.run(fire())
+        assert [r.status_code for r in responses] == [200] * 16
+        assert all(r.headers["X-Budget-Met"] == "true" for r in responses)
+        # 16 samples in flight make int8's queue estimate grow: load spreads over the variants,
+        # yet every answer says which precision served it
+        # the same image answered alone gets the same label as under concurrency
+        alone = httpx.post(f"{url}/v1/classify", json=bodies[3], timeout=30).json()["predictions"][0]
+        assert alone["label"] == responses[3].json()["predictions"][0]["label"]
+        r = httpx.post(f"{url}/v1/classify", content=b"{nope", headers={"Content-Type": "application/json"})
+        assert r.status_code == 400
+        r = httpx.post(f"{url}/v1/classify", json=bodies[0], headers={"X-Priority": "slow"})
+        assert r.status_code == 422
+        status = httpx.get(f"{url}/v1/status").json()
+        routed = status["routing"]["samples_by_variant"]
+        served = [p["precision"] for r in responses for p in r.json()["predictions"]] + [alone["precision"]]
+        assert routed == {k: served.count(k) for k in ("fp32", "fp16", "int8")}
+        assert sum(v["batching"]["samples"] for v in status["variants"]) == 17
+        text = httpx.get(f"{url}/metrics").text
+        assert 'aq_requests_total{outcome="ok"} 17.0' in text
+        assert 'aq_requests_total{outcome="client_error"} 2.0' in text
+        assert httpx.get(f"{url}/readyz").status_code == 200
+
+
+def test_serve_script_fails_clearly_without_a_repository(tmp_path):
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "serve.py"), "--repository", str(tmp_path / "missing")],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert r.returncode == 2
+    assert "manifest.json does not exist" in r.stderr and "scripts/export.py" in r.stderr
+
+
+def test_serving_code_imports_no_torch(repo):
+    code = (
+        "import sys; from fastapi.testclient import TestClient;"
+        "from adaptive_quant.gateway.app import create_app; from adaptive_quant.gateway.settings import load_settings;"
+        "import adaptive_quant.backends.triton, adaptive_quant.routing, adaptive_quant.predictor_api;"
+        f"app = create_app(load_settings(overrides={{'repository': {str(repo)!r}}}, environ={{}}));"
+        "c = TestClient(app).__enter__(); assert c.get('/readyz').status_code == 200;"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchao', 'torchvision'));"
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
