@@ -165,6 +165,7 @@ def test_each_sample_is_routed_on_its_own_and_same_variant_samples_go_together(r
     bright, dark = images(2, seed=2, brightness="bright"), images(1, seed=3, brightness="dark")
     backend = flaky(repo)
     with serve(repo, backend=backend, predictor=FakeBrightnessPredictor()) as client:
+        backend.calls.clear()  # forget the start-up warm-up calls
         r = classify(client, [b64_instance(bright[0]), b64_instance(dark[0]), pixels_instance(bright[1])],
                      X_Priority="quality")  # fmt: skip
         assert r.status_code == 200, r.text
@@ -202,6 +203,7 @@ def test_when_no_variant_can_answer_the_reply_is_503_with_retry_after_and_servic
     backend = flaky(repo)
     backend.fail = {"fp32", "fp16", "int8"}
     with serve(repo, backend=backend, **{"breaker.cooldown_s": 0}) as client:
+        backend.calls.clear()  # forget the start-up warm-up calls
         img = b64_instance(images(1)[0])
         r = classify(client, [img])
         assert r.status_code == 503
@@ -467,7 +469,7 @@ def test_over_real_http_with_concurrent_callers(repo):
         routed = status["routing"]["samples_by_variant"]
         served = [p["precision"] for r in responses for p in r.json()["predictions"]] + [alone["precision"]]
         assert routed == {k: served.count(k) for k in ("fp32", "fp16", "int8")}
-        assert sum(v["batching"]["samples"] for v in status["variants"]) == 17
+        assert sum(v["batching"]["samples"] for v in status["variants"]) == 17 + 3  # + one warm-up per variant
         text = httpx.get(f"{url}/metrics").text
         assert 'aq_requests_total{outcome="ok"} 17.0' in text
         assert 'aq_requests_total{outcome="client_error"} 2.0' in text
@@ -495,3 +497,35 @@ def test_serving_code_imports_no_torch(repo):
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_predict_script_prints_a_table_in_process_and_against_a_running_service(repo, tmp_path):
+    sample = tmp_path / "sample.json"
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "make_sample.py"), "--synthetic", "--n", "3",
+                        "--out", str(sample)], capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert len(json.loads(sample.read_text())["instances"]) == 3
+    predict = [sys.executable, str(ROOT / "scripts" / "predict.py"), "--input", str(sample), "--latency-budget", "60"]
+    r = subprocess.run(predict + ["--repository", str(repo), "--config", str(ROOT / "configs" / "serve.yaml")],
+                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].split() == ["sample", "label", "confidence", "precision", "latency", "ms", "budget", "met"]
+    assert len([ln for ln in lines if " int8 " in ln]) == 3  # 60 ms fits only int8 (30 ms profiled)
+    assert "3/3 answered" in r.stdout and "budget met for 3/3" in r.stdout
+    with http_server(make_settings(repo)) as url:
+        r = subprocess.run(predict + ["--url", url, "--min-precision", "fp32"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert len([ln for ln in r.stdout.splitlines() if " fp32 " in ln]) == 3 and url in r.stdout
+    assert "budget met for 0/3" in r.stdout  # fp32 (80 ms profiled) cannot meet 60 ms, and says so
+
+
+def test_pinning_the_gateway_to_one_variant(repo):
+    with serve(repo, variants=["int8"]) as client:
+        r = classify(client, [b64_instance(GOOD)], X_Priority="quality")
+        assert r.status_code == 200 and r.headers["X-Precision"] == "int8"
+        assert [v["key"] for v in client.get("/v1/status").json()["variants"]] == ["int8"]
+        r = classify(client, [b64_instance(GOOD)], X_Min_Precision="fp32")
+        assert r.status_code == 422  # this service, as configured, offers int8 only
+    with pytest.raises(SettingsError, match="int4"):
+        create_app(make_settings(repo, variants="int4,int8"))

@@ -62,6 +62,7 @@ class LatencyEstimator:
         self.config = config
         self._clock = clock
         self._state = {k: _VariantState(profile=p, ratio_at=clock()) for k, p in profiles.items()}
+        self._service_cache: dict[tuple[str, int], float] = {}  # (variant, batch) → ms
 
     @property
     def variants(self) -> list[str]:
@@ -69,10 +70,16 @@ class LatencyEstimator:
 
     def service_ms(self, variant: str, batch: int) -> float:
         """Profiled p95 time of one call of `batch` samples on an idle server, ms."""
+        cached = self._service_cache.get((variant, batch))
+        if cached is not None:
+            return cached
         profile = self._state[variant].profile
         if profile is None or not profile.batches:
-            return self.config.default_service_ms
-        return float(profile.at(max(1, batch)).p95_ms)
+            value = self.config.default_service_ms
+        else:
+            value = float(profile.at(max(1, batch)).p95_ms)
+        self._service_cache[(variant, batch)] = value  # profiles never change while serving
+        return value
 
     def queue_ms(self, variant: str) -> float:
         """Time the samples already in flight on `variant` will keep it busy, ms."""

@@ -90,11 +90,15 @@ def accuracy_matrix(loaded: AccuracyPredictor, images: np.ndarray, variant_keys:
     n = images.shape[0]
     if raw.shape != (n, len(loaded.variant_keys)):
         raise ValueError(f"predictor returned shape {raw.shape}, expected {(n, len(loaded.variant_keys))}")
-    cols = {k: i for i, k in enumerate(loaded.variant_keys)}
-    prior_cols = {k: i for i, k in enumerate(prior.variant_keys)}
-    out = np.empty((n, len(variant_keys)), dtype=np.float64)
-    prior_row = prior.row
-    for j, k in enumerate(variant_keys):
-        out[:, j] = raw[:, cols[k]] if k in cols else prior_row[prior_cols[k]]
+    if list(loaded.variant_keys) == variant_keys:  # the common case: same columns, same order
+        out = raw
+    else:
+        cols = {k: i for i, k in enumerate(loaded.variant_keys)}
+        prior_cols = {k: i for i, k in enumerate(prior.variant_keys)}
+        out = np.empty((n, len(variant_keys)), dtype=np.float64)
+        for j, k in enumerate(variant_keys):
+            out[:, j] = raw[:, cols[k]] if k in cols else prior.row[prior_cols[k]]
     # a NaN from a predictor would make the policy's comparisons meaningless: treat as unknown
-    return np.nan_to_num(out, nan=0.0)
+    if np.isnan(out).any():
+        out = np.nan_to_num(out, nan=0.0)
+    return out

@@ -114,7 +114,9 @@ def route_batch(
     if acc.ndim != 2:
         raise ValueError(f"pred_acc must be (N, V), got shape {acc.shape}")
     n, v = acc.shape
-    lat = np.broadcast_to(np.asarray(latency_ms, dtype=np.float64), (n, v))
+    lat = np.asarray(latency_ms, dtype=np.float64)  # (V,) broadcasts against (N, V) below
+    if lat.shape not in ((v,), (n, v)):
+        raise ValueError(f"latency_ms must be ({v},) or ({n}, {v}), got shape {lat.shape}")
     allowed = np.asarray(allowed, dtype=bool)
     if allowed.shape != (v,):
         raise ValueError(f"allowed must be ({v},), got shape {allowed.shape}")
@@ -124,7 +126,7 @@ def route_batch(
         return BatchDecision(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=bool))
 
     fits = np.ones((n, v), dtype=bool) if budget_ms is None else lat <= budget_ms
-    feasible = fits & allowed  # (N, V)
+    feasible = np.broadcast_to(fits & allowed, (n, v))  # (N, V)
     any_feasible = feasible.any(axis=1)  # (N,)
 
     if priority is Priority.BALANCED:

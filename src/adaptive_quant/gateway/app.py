@@ -24,7 +24,7 @@ from ..predictor_api import AccuracyPredictor, LoadedPredictor, load_accuracy_pr
 from .errors import InputError, ServiceUnavailable
 from .routes import router
 from .service import ClassifierService
-from .settings import ServeSettings
+from .settings import ServeSettings, SettingsError
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,10 @@ def create_app(
     """Build the gateway. The manifest is read now (a missing repository fails here, clearly);
     the backend (given, or made from settings) is started and closed by the app's lifespan."""
     manifest = load_manifest(settings.repository)
+    unknown = sorted(set(settings.variants) - {v.key for v in manifest.served_variants()})
+    if unknown:
+        raise SettingsError(f"variants: {unknown} are not served variants of {settings.repository} "
+                            f"(served: {', '.join(v.key for v in manifest.served_variants())})")
     metrics = GatewayMetrics()
 
     @asynccontextmanager
@@ -93,7 +97,9 @@ def create_app(
             if predictor is not None
             else load_accuracy_predictor(settings.repository, manifest)
         )
-        app.state.service = ClassifierService(settings, manifest, b, loaded, metrics)
+        service = ClassifierService(settings, manifest, b, loaded, metrics)
+        await service.warm_up()
+        app.state.service = service
         health = b.variants()
         log.info(
             "serving %s with the %s backend; variants: %s; predictor: %s (%s)",

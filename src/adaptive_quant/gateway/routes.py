@@ -20,7 +20,7 @@ from .service import ClassifierService
 router = APIRouter()
 
 
-def get_service(request: Request) -> ClassifierService:
+async def get_service(request: Request) -> ClassifierService:  # async: no threadpool hop per request
     service = getattr(request.app.state, "service", None)
     if service is None:  # lifespan has not finished starting the backend
         raise ServiceUnavailable("the service is starting", retry_after_s=1)
@@ -155,7 +155,7 @@ async def status(service: ServiceDep) -> dict:
     return {
         "model": service.manifest.model_name,
         "backend": service.backend.name,
-        "ready": service.backend.ready(),
+        "ready": service.ready(),
         "predictor": {"kind": service.predictor.kind, "detail": service.predictor.detail},
         "variants": variants,
         "in_flight_requests": service.in_flight,
@@ -202,8 +202,9 @@ async def healthz() -> dict:
 
 @router.get("/readyz", summary="Ready: at least one variant can serve", responses={503: {"model": ErrorResponse}})
 async def readyz(service: ServiceDep) -> JSONResponse:
-    ready = service.backend.ready()
-    body = {"ready": ready, "variants": {k: h.healthy for k, h in service.backend.variants().items()}}
+    ready = service.ready()
+    health = service.backend.variants()
+    body = {"ready": ready, "variants": {k: health[k].healthy for k in service.keys}}
     return JSONResponse(body, status_code=200 if ready else 503)
 
 

@@ -15,6 +15,7 @@ Per request:
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import time
 from dataclasses import dataclass, field
@@ -22,12 +23,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..backends.base import Backend
+from ..data import encode_png
 from ..latency import LatencyEstimator
 from ..manifest import Manifest
 from ..metrics import GatewayMetrics
 from ..precision import Precision
 from ..predictor_api import LoadedPredictor, PriorPredictor, accuracy_matrix
 from ..routing import NoVariantAllowed, route_batch
+from .decode import decode_instances
 from .errors import InputError, ServiceUnavailable
 from .options import ClassifyOptions
 from .settings import ServeSettings
@@ -86,6 +89,8 @@ class ClassifierService:
         self.prior = PriorPredictor.from_manifest(manifest)
         self.metrics = metrics
         served = manifest.served_variants()
+        if settings.variants:  # pinned to a subset (benchmarks, or a variant taken out by config)
+            served = [v for v in served if v.key in settings.variants]
         self.keys = [v.key for v in served]  # column order everywhere below
         self.precisions = [Precision(v.precision) for v in served]
         self.ranks = np.array([p.rank for p in self.precisions])  # (V,)
@@ -96,6 +101,11 @@ class ClassifierService:
         metrics.declare_variants(self.keys)
 
     # ------------------------------------------------------------------ health
+
+    def ready(self) -> bool:
+        """At least one variant this service routes to is healthy."""
+        health = self.backend.variants()
+        return any(health[k].healthy for k in self.keys)
 
     def routable(self) -> np.ndarray:
         """(V,) bool: healthy at start-up and not taken out by the breaker."""
@@ -120,6 +130,23 @@ class ClassifierService:
             b.open_until = time.monotonic() + self.settings.breaker.cooldown_s
             log.warning("variant %s failed %d times in a row; out of routing for %.1f s",
                         key, b.failures, self.settings.breaker.cooldown_s)
+
+    async def warm_up(self) -> None:
+        """One request's worth of work before serving, so the first caller does not pay for lazy
+        initialisation (image decoder plugins, predictor, first ORT runs with this shape path).
+        Touches neither metrics nor the latency estimate."""
+        size = self.manifest.image_size
+        png = base64.b64encode(encode_png(np.zeros((size, size, 3), np.uint8))).decode()
+        images = decode_instances({"instances": [{"b64": png}]}, 1, size)
+        x = np.zeros((1, 3, size, size), np.float32)
+        accuracy_matrix(self.predictor.predictor, images, self.keys, self.prior)
+        health = self.backend.variants()
+        for key in self.keys:
+            if health[key].healthy:
+                try:
+                    await asyncio.wait_for(self.backend.infer(key, x), self.settings.deadline.no_budget_timeout_ms / 1e3)
+                except Exception as exc:  # a variant failing here will fail (and fall back) for callers too
+                    log.warning("warm-up call on %s failed: %s", key, exc)
 
     # ------------------------------------------------------------------ classify
 

@@ -74,6 +74,8 @@ class BreakerSettings:
 @dataclass
 class ServeSettings:
     repository: str = "model_repository"
+    # manifest keys to route among (e.g. [int8] to pin one precision); empty = every served variant
+    variants: list[str] = field(default_factory=list)
     server: ServerSettings = field(default_factory=ServerSettings)
     backend: BackendSettings = field(default_factory=BackendSettings)
     batching: BatchingSettings = field(default_factory=BatchingSettings)
@@ -120,6 +122,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return tp(value)
         except ValueError:
             raise SettingsError(f"{key} must be one of {[e.value for e in tp]}, got {value!r}") from None
+    if origin is list and typing.get_args(tp) == (str,):
+        if isinstance(value, str):  # "int8,fp32" from an env var or --set
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise SettingsError(f"{key} must be a list of strings, got {value!r}")
+        return list(value)
     if tp is bool:
         if not isinstance(value, bool):
             raise SettingsError(f"{key} must be true or false, got {value!r}")
