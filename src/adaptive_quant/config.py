@@ -125,6 +125,60 @@ class QATConfig:
 
 
 @dataclass
+class ExportConfig:
+    """Turning a checkpoint into a validated, profiled Triton model repository."""
+
+    repository: str = "model_repository"
+    # the gate: a variant more than this many accuracy points below FP32 (validation split) is refused
+    max_accuracy_drop: float = 1.0
+    max_batch_size: int = 64  # Triton max_batch_size and the gateway's largest batch
+    preferred_batch_sizes: list[int] = field(default_factory=lambda: [8, 32, 64])
+    max_queue_delay_us: int = 500  # Triton dynamic batching: µs a request may wait for company
+    instance_count: int = 1
+    instance_kind: str = "KIND_AUTO"
+    triton_flavor: Literal["onnxruntime", "python"] = "onnxruntime"
+    profile_batch_sizes: list[int] = field(default_factory=lambda: [1, 8, 32, 64])
+    profile_seconds: float = 1.0  # wall time per (variant, batch size) point
+    ort_threads: int = 0  # ONNX Runtime intra-op threads while validating/profiling; 0 = all cores
+    ptq_calibration_images: int = 512  # training images for the PTQ baseline's calibration
+    ptq_baseline: bool = True
+    register: bool = True  # register variants in the MLflow model registry
+
+    def __post_init__(self) -> None:
+        _check(self.max_accuracy_drop >= 0, "export.max_accuracy_drop", "must be >= 0 (points)")
+        _check(self.max_batch_size >= 1, "export.max_batch_size", "must be >= 1")
+        _check(self.max_queue_delay_us >= 0, "export.max_queue_delay_us", "must be >= 0")
+        _check(self.instance_count >= 1, "export.instance_count", "must be >= 1")
+        _check(self.instance_kind in ("KIND_AUTO", "KIND_CPU", "KIND_GPU"), "export.instance_kind",
+               "must be KIND_AUTO, KIND_CPU or KIND_GPU")
+        _check(bool(self.profile_batch_sizes) and all(b >= 1 for b in self.profile_batch_sizes),
+               "export.profile_batch_sizes", "must be a non-empty list of sizes >= 1")
+        _check(self.profile_seconds > 0, "export.profile_seconds", "must be > 0")
+        _check(self.ptq_calibration_images >= 1, "export.ptq_calibration_images", "must be >= 1")
+
+
+@dataclass
+class PredictorConfig:
+    """The per-sample accuracy predictor: a small MLP over cheap image features."""
+
+    hidden: list[int] = field(default_factory=lambda: [64, 32])  # a few thousand parameters
+    epochs: int = 150
+    batch_size: int = 256
+    lr: float = 0.002  # Adam
+    weight_decay: float = 0.0001
+    # share of the validation split held out from fitting, to fit the temperature and to
+    # check calibration; the test split is never used here
+    calibration_fraction: float = 0.25
+
+    def __post_init__(self) -> None:
+        _check(all(h > 0 for h in self.hidden), "predictor.hidden", "entries must be > 0")
+        _check(self.epochs >= 1, "predictor.epochs", "must be >= 1")
+        _check(self.batch_size >= 1, "predictor.batch_size", "must be >= 1")
+        _check(self.lr > 0, "predictor.lr", "must be > 0")
+        _check(0 < self.calibration_fraction < 1, "predictor.calibration_fraction", "must be in (0, 1)")
+
+
+@dataclass
 class TrackingConfig:
     # None → $MLFLOW_TRACKING_URI, else a local SQLite store
     tracking_uri: str | None = None
@@ -144,6 +198,8 @@ class ExperimentConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     qat: QATConfig = field(default_factory=QATConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    predictor: PredictorConfig = field(default_factory=PredictorConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 

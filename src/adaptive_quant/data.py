@@ -154,21 +154,24 @@ def read_cifar_split(root: str | Path, split: str, size: int = 32, cache_dir: st
 
 
 def make_synthetic(n: int, seed: int, size: int = 32, num_classes: int = 10) -> Split:
-    """Images with learnable class structure: a class colour, a class stripe frequency, noise.
+    """Images with learnable class structure (a class colour and stripe pattern) under noise.
 
-    Tests and the smoke config use it, so the pipeline can be checked without the data set:
-    a working network must beat chance on it by a wide margin within a few dozen steps.
+    Tests and the smoke config use it, so the pipeline can be checked without the data set.
+    The noise level varies per image (σ from 5 to 110 grey levels), so some samples are easy
+    and some hard, and a cheap feature (local contrast) hints at which: enough structure for
+    the accuracy predictor to have something to learn, as on real data.
     """
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, num_classes, size=n).astype(np.int64)
-    palette = np.random.default_rng(1234).uniform(40, 215, size=(num_classes, 3))  # fixed across splits
+    palette = np.random.default_rng(1234).uniform(80, 175, size=(num_classes, 3))  # fixed across splits
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    sigma = rng.uniform(5, 110, size=n)  # grey levels
     images = np.empty((n, size, size, 3), dtype=np.uint8)
     for i, c in enumerate(labels):
         freq = 1 + c % 5  # stripes per image
         angle = (c // 5) * np.pi / 2 + rng.normal(0, 0.15)
-        stripes = np.sin(2 * np.pi * freq * (np.cos(angle) * xx + np.sin(angle) * yy) / size)
-        img = palette[c][None, None, :] + 45 * stripes[..., None] + rng.normal(0, 25, size=(size, size, 3))
+        stripes = np.sin(2 * np.pi * freq * (np.cos(angle) * xx + np.sin(angle) * yy) / size + rng.uniform(0, 2 * np.pi))
+        img = palette[c][None, None, :] + 30 * stripes[..., None] + rng.normal(0, sigma[i], size=(size, size, 3))
         images[i] = np.clip(img, 0, 255).astype(np.uint8)
     return Split(images, labels)
 

@@ -1,0 +1,36 @@
+# One virtual environment (.venv) holds everything; every target sets it up first if needed.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?= -q
+
+.PHONY: setup test serve smoke train export predictor clean
+
+$(VENV)/.installed: requirements.txt pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -e .
+	touch $@
+
+setup: $(VENV)/.installed          ## create .venv and install the pinned requirements
+
+test: setup                        ## the whole test suite (a few minutes on 2 cores)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+serve: setup                       ## the gateway on the shipped model_repository (embedded ONNX Runtime)
+	$(PY) scripts/serve.py
+
+smoke: setup                       ## the training pipeline on synthetic images, in seconds
+	$(PY) scripts/train.py --config configs/smoke.yaml
+
+train: setup                       ## CIFAR-10 training (needs data/cifar10; ~50 min on 2 cores)
+	$(PY) scripts/train.py --config configs/default.yaml
+
+export: setup                      ## runs/default/best.pt → model_repository/
+	$(PY) scripts/export.py --checkpoint runs/default/best.pt
+
+predictor: setup                   ## accuracy predictor for model_repository/
+	$(PY) scripts/train_predictor.py --config configs/default.yaml --repository model_repository
+
+clean:
+	rm -rf $(VENV) .pytest_cache runs/smoke

@@ -1,0 +1,113 @@
+"""Accuracy predictor: features, the stage on the smoke repository, calibration, serving parity."""
+
+import base64
+import shutil
+
+import numpy as np
+import pytest
+
+from adaptive_quant.config import ExportConfig
+from adaptive_quant.data import encode_png, load_dataset, make_synthetic
+from adaptive_quant.features import NUM_FEATURES, compute_features
+from adaptive_quant.manifest import load_manifest
+from adaptive_quant.predictor import auroc, expected_calibration_error, fit_temperature, load_predictor, sigmoid
+from adaptive_quant.predictor_training import train_predictor
+
+
+@pytest.fixture(scope="module")
+def predictor_repo(smoke_run, tmp_path_factory):
+    """The smoke repository with a trained predictor (export → predictor stage)."""
+    from adaptive_quant.export import build_repository
+
+    cfg, result, _ = smoke_run
+    repo = tmp_path_factory.mktemp("pred") / "repo"
+    fast = ExportConfig(repository=str(repo), profile_seconds=0.05, profile_batch_sizes=[1, 8], ptq_baseline=False, register=False)
+    build_repository(result.checkpoint, fast, tracking=False)
+    cfg.predictor.epochs = 30
+    report = train_predictor(cfg, repo, tracking=False)
+    return cfg, repo, report
+
+
+def test_features_are_finite_fixed_width_and_batch_independent() -> None:
+    imgs = make_synthetic(8, seed=0).images
+    f = compute_features(imgs)
+    assert f.shape == (8, NUM_FEATURES) and f.dtype == np.float32 and np.isfinite(f).all()
+    # one image alone gives the same features as inside a batch (no batch statistics leak in)
+    assert np.allclose(compute_features(imgs[3:4]), f[3:4], atol=1e-6)
+    # a flat grey image has no edges and zero spread
+    flat = compute_features(np.full((1, 32, 32, 3), 128, np.uint8))
+    assert np.allclose(flat[0, 48:54:1][3:], 0) and flat[0, 57] == 0  # std_r/g/b, grad_x
+    with pytest.raises(ValueError, match=r"\(N, H, W, 3\)"):
+        compute_features(np.zeros((32, 32, 3), np.uint8))
+
+
+def test_stage_writes_predictor_into_repository(predictor_repo) -> None:
+    cfg, repo, report = predictor_repo
+    m = load_manifest(repo, verify_files=True)
+    assert m.predictor is not None and m.predictor["variant_keys"] == ["fp32", "fp16", "int8"]
+    predictor = load_predictor(repo, m)
+    test = load_dataset(cfg.data, cfg.seed).test
+    p = predictor.predict(test.images[:50])
+    assert p.shape == (50, 3) and ((p >= 0) & (p <= 1)).all()
+    assert predictor.num_parameters() < 50_000
+    assert set(report.auroc_error) == {"fp32", "fp16", "int8"}
+
+
+def test_report_holds_every_baseline(predictor_repo) -> None:
+    _, _, report = predictor_repo
+    names = {p.name for p in report.routing}
+    assert {"fixed", "oracle", "adaptive", "random-same-mix", "cascade"} <= names
+    oracle = next(p for p in report.routing if p.name == "oracle")
+    best_fixed = max(p.accuracy for p in report.routing if p.name == "fixed")
+    assert oracle.accuracy >= best_fixed  # knowing the answers can only help
+    for p in report.routing:
+        assert abs(sum(p.mix.values()) - 1) < 1e-9
+
+
+def test_gateway_features_equal_training_features(predictor_repo) -> None:
+    """No train/serve skew: an image sent as PNG through the gateway's decoder gives the same features."""
+    from adaptive_quant.gateway.decode import decode_instances
+
+    cfg, _, _ = predictor_repo
+    images = load_dataset(cfg.data, cfg.seed).val.images[:5]
+    instances = [{"b64": base64.b64encode(encode_png(im)).decode()} for im in images]
+    decoded = decode_instances({"instances": instances}, max_instances=64, size=32)
+    assert np.array_equal(decoded, images)
+    assert np.array_equal(compute_features(decoded), compute_features(images))
+
+
+def test_predictor_file_tampering_is_refused(predictor_repo, tmp_path) -> None:
+    from adaptive_quant.manifest import ManifestError
+
+    _, repo, _ = predictor_repo
+    copy = tmp_path / "repo"
+    shutil.copytree(repo, copy)
+    path = copy / load_manifest(copy).predictor["path"]
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(ManifestError, match="sha256"):
+        load_predictor(copy, load_manifest(copy))
+
+
+def test_temperature_scaling_improves_calibration_on_held_out_data() -> None:
+    rng = np.random.default_rng(0)
+    true_logit = rng.normal(0, 2, 4000)
+    outcomes = rng.random(4000) < sigmoid(true_logit)
+    overconfident = true_logit * 3  # a model three times too sure of itself
+    t = fit_temperature(overconfident[:2000], outcomes[:2000])
+    assert 2.5 < t < 3.5
+    before = expected_calibration_error(sigmoid(overconfident[2000:]), outcomes[2000:])
+    after = expected_calibration_error(sigmoid(overconfident[2000:] / t), outcomes[2000:])
+    assert after < before / 2
+
+
+def test_stage_calibration_holds_or_improves_on_held_out_split(predictor_repo) -> None:
+    _, _, report = predictor_repo
+    for k in report.variant_keys:
+        # the temperature was fit on this held-out split: NLL-optimal T cannot make ECE much worse
+        assert report.ece_calibration_split_calibrated[k] <= report.ece_calibration_split_raw[k] + 0.02
+
+
+def test_auroc_matches_definition() -> None:
+    assert auroc(np.array([0.1, 0.4, 0.35, 0.8]), np.array([False, True, False, True])) == 0.75
+    assert auroc(np.array([1, 1, 1.0]), np.array([True, False, True])) == 0.5
+    assert np.isnan(auroc(np.array([0.2, 0.3]), np.array([True, True])))
