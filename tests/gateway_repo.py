@@ -148,6 +148,30 @@ def build_repo(root: str | Path, with_predictor: bool = False) -> Path:
     return root
 
 
+def add_mlp_predictor(root: str | Path, hidden: int = 16, seed: int = 0) -> dict:
+    """Write a random-weight MLP predictor through adaptive_quant.predictor and name it in the manifest."""
+    from adaptive_quant.features import FEATURE_NAMES, FEATURE_VERSION
+    from adaptive_quant.manifest import load_manifest
+    from adaptive_quant.predictor import save_predictor
+
+    rng = np.random.default_rng(seed)
+    keys = ["fp32", "fp16", "int8"]
+    f = len(FEATURE_NAMES)
+    weights = {
+        "feat_mean": np.zeros(f, np.float32), "feat_std": np.full(f, 50.0, np.float32),
+        "temperature": np.ones(len(keys), np.float32),
+        "w0": rng.normal(0, 0.3, (f, hidden)).astype(np.float32), "b0": np.zeros(hidden, np.float32),
+        "w1": rng.normal(0, 0.3, (hidden, len(keys))).astype(np.float32), "b1": np.full(len(keys), 2.0, np.float32),
+    }  # fmt: skip
+    spec = {"variant_keys": keys, "feature_version": FEATURE_VERSION, "feature_names": list(FEATURE_NAMES),
+            "version": 1, "metrics": {}}  # fmt: skip
+    entry = save_predictor(root, weights, spec)
+    manifest = load_manifest(root)
+    manifest.predictor = entry
+    save_manifest(root, manifest)
+    return entry
+
+
 def images(n: int, seed: int = 0, brightness: str = "random") -> np.ndarray:
     """(n, 32, 32, 3) uint8; 'bright' (mean ≈ 200) or 'dark' (mean ≈ 40) for predictor fakes."""
     rng = np.random.default_rng(seed)

@@ -407,6 +407,19 @@ def test_the_predictor_is_loaded_only_when_the_manifest_names_it(tmp_path):
         assert classify(client, [b64_instance(GOOD)]).status_code == 200
 
 
+def test_the_trained_mlp_predictor_routes_when_the_manifest_names_it(tmp_path):
+    from gateway_repo import add_mlp_predictor
+
+    repo = build_repo(tmp_path / "r")
+    add_mlp_predictor(repo)
+    with serve(repo) as client:
+        predictor = client.get("/v1/status").json()["predictor"]
+        assert predictor["kind"] == "mlp", predictor["detail"]
+        r = classify(client, [b64_instance(im) for im in images(4, seed=4)], X_Latency_Budget_Ms=5000)
+        assert r.status_code == 200 and len(r.json()["predictions"]) == 4
+        assert metric(client, "aq_routing_decision_seconds_count") == 1
+
+
 def test_settings_reject_unknown_keys_and_wrong_types_and_read_env():
     with pytest.raises(SettingsError, match="unknown setting 'server.prot'"):
         load_settings(overrides={"server.prot": 1}, environ={})
