@@ -9,7 +9,7 @@ Domain errors become HTTP answers here, in one place:
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -19,9 +19,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..backends import Backend, make_backend
 from ..manifest import load_manifest
+from ..memory_policy import MemorySample
 from ..metrics import GatewayMetrics
 from ..predictor_api import AccuracyPredictor, LoadedPredictor, load_accuracy_predictor
 from .errors import InputError, ServiceUnavailable
+from .memory_control import MemoryController
 from .routes import router
 from .service import ClassifierService
 from .settings import ServeSettings, SettingsError
@@ -65,9 +67,11 @@ def create_app(
     settings: ServeSettings,
     backend: Backend | None = None,
     predictor: AccuracyPredictor | None = None,
+    memory_probe: Callable[[], MemorySample] | None = None,
 ) -> FastAPI:
     """Build the gateway. The manifest is read now (a missing repository fails here, clearly);
-    the backend (given, or made from settings) is started and closed by the app's lifespan."""
+    the backend (given, or made from settings) is started and closed by the app's lifespan.
+    `memory_probe` replaces the memory policy's measurement (tests)."""
     manifest = load_manifest(settings.repository)
     unknown = sorted(set(settings.variants) - {v.key for v in manifest.served_variants()})
     if unknown:
@@ -80,7 +84,9 @@ def create_app(
         b = backend
         if b is None:
             opts = (
-                {"url": settings.backend.triton_url, "protocol": settings.backend.triton_protocol}
+                {"url": settings.backend.triton_url, "protocol": settings.backend.triton_protocol,
+                 "model_control": settings.backend.model_control,
+                 "health_interval_s": settings.backend.health_interval_s}
                 if settings.backend.kind == "triton"
                 else {
                     "max_batch_size": settings.batching.max_batch_size,
@@ -99,6 +105,11 @@ def create_app(
         )
         service = ClassifierService(settings, manifest, b, loaded, metrics)
         await service.warm_up()
+        if settings.memory.enabled:
+            service.memory_controller = MemoryController(
+                service, settings.memory, probe=memory_probe, triton_metrics_url=settings.backend.triton_metrics_url
+            )
+            service.memory_controller.start()
         app.state.service = service
         health = b.variants()
         log.info(
@@ -113,6 +124,8 @@ def create_app(
             yield
         finally:
             app.state.service = None
+            if service.memory_controller is not None:
+                await service.memory_controller.close()
             await b.close()
 
     app = FastAPI(

@@ -137,6 +137,7 @@ async def status(service: ServiceDep) -> dict:
     health = service.backend.variants()
     routable = service.routable()
     batching = getattr(service.backend, "batch_stats", lambda: {})()
+    states = getattr(service.backend, "model_states", lambda: {})()  # Triton: loaded or not, and why
     variants = []
     for j, key in enumerate(service.keys):
         entry = service.manifest.variants[key]
@@ -146,6 +147,8 @@ async def status(service: ServiceDep) -> dict:
             "val_accuracy": entry.val_accuracy, "latency": service.estimator.snapshot(key),
             "routed_samples": int(m.value("aq_samples_routed_total", variant=key)),
             "failures": service.breakers[key].total_failures, "batching": batching.get(key),
+            "loaded": states[key]["loaded"] if key in states else health[key].healthy,
+            "loaded_reason": states[key]["reason"] if key in states else health[key].detail,
         })  # fmt: skip
     fallbacks = {
         key: int(sum(m.value("aq_fallbacks_total", variant=key, reason=r) for r in ("error", "timeout")))
@@ -168,6 +171,8 @@ async def status(service: ServiceDep) -> dict:
             "budget_missed": int(m.value("aq_budget_total", result="missed")),
         },
         "uptime_s": round(time.monotonic() - service.started_at, 3),
+        "model_control": getattr(service.backend, "model_control", "none"),
+        "memory": service.memory_controller.snapshot() if service.memory_controller else {"enabled": False},
     }
 
 

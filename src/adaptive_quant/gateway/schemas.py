@@ -56,6 +56,8 @@ class VariantStatus(BaseModel):
     routed_samples: int
     failures: int
     batching: dict[str, int] | None = None
+    loaded: bool = Field(..., description="the variant's model is loaded (Triton: ready on the server)")
+    loaded_reason: str = Field(..., description="why it is loaded or not (start-up, memory policy, server down, ...)")
 
 
 class StatusResponse(BaseModel):
@@ -68,6 +70,8 @@ class StatusResponse(BaseModel):
     process: dict[str, Any]
     routing: dict[str, Any]
     uptime_s: float
+    model_control: str = Field(..., description="none | explicit (the gateway loads/unloads Triton models)")
+    memory: dict[str, Any] = Field(..., description="the memory-pressure policy: thresholds, last measurement, actions")
 
 
 class ModelsResponse(BaseModel):

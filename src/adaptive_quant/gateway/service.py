@@ -98,6 +98,7 @@ class ClassifierService:
         self.breakers = {k: _Breaker() for k in self.keys}
         self.started_at = time.monotonic()
         self.in_flight = 0
+        self.memory_controller = None  # a gateway.memory_control.MemoryController when memory.enabled
         metrics.declare_variants(self.keys)
 
     # ------------------------------------------------------------------ health
@@ -189,7 +190,7 @@ class ClassifierService:
         allowed = floor_ok & self.routable() & np.array([k not in tried for k in self.keys])
         remaining = self._remaining_ms(state)
         if not allowed.any():
-            detail = "; ".join(state.errors) or "no healthy variant at or above the precision floor"
+            detail = "; ".join(state.errors) or self._why_none_allowed(floor_ok)
             raise ServiceUnavailable(f"no variant could answer: {detail}", retry_after_s=self._retry_after())
         estimates = np.array(self.estimator.estimates_ms(self.keys, len(idx)))  # (V,) ms
         # remaining ≤ 0 (budget already spent on a failed call) makes nothing feasible → fastest allowed
@@ -250,6 +251,23 @@ class ClassifierService:
         state.errors.append(detail)
         log.warning("fallback for %d sample(s): %s", len(idx), detail)
         await self._serve(state, idx, tried | {key})
+
+    def _why_none_allowed(self, floor_ok: np.ndarray) -> str:
+        """Why no variant at or above the floor can be routed to: each one's health or breaker, grouped."""
+        if not floor_ok.any():
+            return "no variant at or above the precision floor"
+        health, now, reasons = self.backend.variants(), time.monotonic(), {}
+        for key, ok in zip(self.keys, floor_ok):
+            if not ok:
+                continue
+            if not health[key].healthy:
+                why = health[key].detail
+            elif self.breakers[key].open_until > now:
+                why = "out of routing after consecutive failures"
+            else:
+                continue
+            reasons.setdefault(why, []).append(key)
+        return "; ".join(f"{', '.join(keys)}: {why}" for why, keys in reasons.items()) or "no variant is routable"
 
     def _retry_after(self) -> int:
         """Seconds until a variant is likely back: the breaker's cooldown, at least 1."""

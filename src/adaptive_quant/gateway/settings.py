@@ -21,6 +21,7 @@ from typing import Any, Literal
 import yaml
 
 from ..latency import LatencyConfig
+from ..memory_policy import MemoryPolicyConfig
 from ..routing import Priority, RoutingConfig
 
 ENV_PREFIX = "AQ_"
@@ -42,6 +43,11 @@ class BackendSettings:
     kind: Literal["embedded", "triton"] = "embedded"
     triton_url: str = "127.0.0.1:8001"  # host:port; 8001 is Triton's gRPC port, 8000 its HTTP one
     triton_protocol: Literal["grpc", "http"] = "grpc"
+    # explicit: the gateway loads/unloads variants through Triton's repository API (Triton must run
+    # with --model-control-mode=explicit); none: Triton decides what is loaded
+    model_control: Literal["none", "explicit"] = "none"
+    health_interval_s: float = 1.0  # s between Triton health checks while serving (0 = only at start-up)
+    triton_metrics_url: str = ""  # Triton's /metrics (e.g. http://127.0.0.1:8002/metrics) for the memory policy
     intra_op_threads: int = 1  # embedded: ORT threads per call
     instances: int = 1  # embedded: concurrent ORT calls per variant
     verify_sha256: bool = True  # embedded: refuse a model file that differs from the manifest
@@ -84,6 +90,7 @@ class ServeSettings:
     latency: LatencyConfig = field(default_factory=LatencyConfig)
     deadline: DeadlineSettings = field(default_factory=DeadlineSettings)
     breaker: BreakerSettings = field(default_factory=BreakerSettings)
+    memory: MemoryPolicyConfig = field(default_factory=MemoryPolicyConfig)
 
     def __post_init__(self) -> None:
         positive = {
@@ -96,7 +103,8 @@ class ServeSettings:
             if value <= 0:
                 raise SettingsError(f"{key} must be > 0, got {value}")
         for key, value in {"batching.max_queue_delay_us": self.batching.max_queue_delay_us,
-                           "deadline.grace_ms": self.deadline.grace_ms, "breaker.cooldown_s": self.breaker.cooldown_s}.items():
+                           "deadline.grace_ms": self.deadline.grace_ms, "breaker.cooldown_s": self.breaker.cooldown_s,
+                           "backend.health_interval_s": self.backend.health_interval_s}.items():
             if value < 0:
                 raise SettingsError(f"{key} must be >= 0, got {value}")
         # the latency model must know how the backend batches
