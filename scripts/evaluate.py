@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         opts = _options(args, cfg.seed)
-        test = load_dataset(cfg.data, cfg.seed).test
+        dataset = load_dataset(cfg.data, cfg.seed)  # only .test is scored; export (--checkpoint) needs val/train
+        test = dataset.test
         if args.url:
             from adaptive_quant.evaluation_http import evaluate_url
 
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             with tempfile.TemporaryDirectory(prefix="evaluate-") as tmp:
                 # force: evaluate even a variant the gate would refuse (the report shows its drop)
                 build_repository(args.checkpoint, replace(cfg.export, repository=str(Path(tmp) / "repo"), register=False),
-                                 force=True, tracking=False)  # fmt: skip
+                                 data=dataset, force=True, tracking=False)  # fmt: skip
                 report = evaluate_repository(Path(tmp) / "repo", test, opts)
                 report.meta["checkpoint"] = str(args.checkpoint)
         else:
