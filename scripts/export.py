@@ -32,6 +32,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repository", help="output folder (default: the checkpoint config's export.repository)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key of the checkpoint's config, e.g. --set export.triton_flavor=python")
+    p.add_argument("--triton-flavor", choices=["onnxruntime", "python"],
+                   help="python: also write <repository>_python for the local tritonserver of nvidia-pytriton")
     p.add_argument("--force", action="store_true", help="publish even if a variant fails the accuracy gate")
     p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow or register models")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -41,11 +43,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("onnx_ir", "onnxscript", "torch.onnx"):  # one line per rewrite rule at INFO
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         payload = load_checkpoint(args.checkpoint)
         data = apply_overrides(dict(payload["config"]), args.overrides)
         if args.repository:
             data["export"] = {**data.get("export", {}), "repository": args.repository}
+        if args.triton_flavor:
+            data["export"] = {**data.get("export", {}), "triton_flavor": args.triton_flavor}
         cfg = config_from_dict(data)
         result = build_repository(args.checkpoint, cfg.export, force=args.force, tracking=not args.no_mlflow)
     except (ConfigError, DataError, CheckpointError, ExportGateError) as exc:

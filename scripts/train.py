@@ -4,6 +4,7 @@
   python scripts/train.py --config configs/default.yaml            # CIFAR-10, ~1 h on 2 cores
   python scripts/train.py --config configs/smoke.yaml              # synthetic images, seconds
   python scripts/train.py --config configs/default.yaml --set train.epochs=5 --set qat.epochs=1
+  python scripts/train.py --config configs/default.yaml --qat-from runs/default/best.pt --set output_dir=runs/qat2
 
 Every run is an MLflow run (default store: sqlite:///mlruns.db; MLFLOW_TRACKING_URI overrides).
 The best checkpoint (by validation accuracy) lands in <output_dir>/best.pt.
@@ -29,6 +30,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", default="configs/default.yaml", help="YAML config (default: %(default)s)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.epochs=5 (repeatable)")
+    p.add_argument("--qat-from", metavar="CHECKPOINT",
+                   help="skip the float phase: run QAT from this checkpoint's float weights (same model config)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p.parse_args(argv)
 
@@ -36,9 +39,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("onnx_ir", "onnxscript", "torch.onnx"):  # one line per rewrite rule at INFO
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         cfg = load_config(args.config, args.overrides)
-        result = run_training(cfg)
+        result = run_training(cfg, float_checkpoint=args.qat_from)
     except (ConfigError, DataError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

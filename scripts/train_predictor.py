@@ -4,7 +4,7 @@
   python scripts/train_predictor.py --config configs/default.yaml --repository model_repository
 
 Runs every served variant on the *validation* split, fits a small MLP from cheap image
-features to p(correct | variant), calibrates it (temperature per variant) on held-out
+features to p(correct | variant), calibrates it (Platt scaling per variant) on held-out
 validation samples, saves it into the repository (accuracy_predictor/ + manifest.json), and
 reports on the *test* split: AUROC at spotting each variant's errors, calibration error, and
 routing points (adaptive vs random-same-mix, oracle and INT8→FP32 confidence cascade).
@@ -40,6 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("onnx_ir", "onnxscript", "torch.onnx"):  # one line per rewrite rule at INFO
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         cfg = load_config(args.config, args.overrides)
         report = train_predictor(cfg, args.repository, tracking=not args.no_mlflow)
@@ -47,10 +49,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"\npredictor: {report.parameters} parameters; test split (never seen in training or calibration)")
-    print(f"{'variant':8}{'error rate':>11}{'AUROC(err)':>11}{'ECE raw':>9}{'ECE cal':>9}{'T':>6}")
+    print(f"{'variant':8}{'error rate':>11}{'AUROC(err)':>11}{'ECE raw':>9}{'ECE cal':>9}  Platt (a, b)")
     for k in report.variant_keys:
         print(f"{k:8}{report.test_error_rate[k]:>11.2%}{report.auroc_error[k]:>11.3f}{report.ece_raw[k]:>9.4f}"
-              f"{report.ece_calibrated[k]:>9.4f}{report.temperature[k]:>6.2f}")
+              f"{report.ece_calibrated[k]:>9.4f}  ({report.calibration[k][0]:.2f}, {report.calibration[k][1]:.2f})")
     print(f"\nrouting on the test split (latency = manifest batch-1 p50 ms: {report.latency_ms})")
     print(f"{'strategy':16}{'param':>7}{'accuracy':>10}{'mean ms':>9}  mix")
     for p in report.routing:

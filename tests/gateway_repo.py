@@ -159,7 +159,8 @@ def add_mlp_predictor(root: str | Path, hidden: int = 16, seed: int = 0) -> dict
     f = len(FEATURE_NAMES)
     weights = {
         "feat_mean": np.zeros(f, np.float32), "feat_std": np.full(f, 50.0, np.float32),
-        "temperature": np.ones(len(keys), np.float32),
+        "calib_scale": np.ones(len(keys), np.float32),
+        "calib_bias": np.zeros(len(keys), np.float32),
         "w0": rng.normal(0, 0.3, (f, hidden)).astype(np.float32), "b0": np.zeros(hidden, np.float32),
         "w1": rng.normal(0, 0.3, (hidden, len(keys))).astype(np.float32), "b1": np.full(len(keys), 2.0, np.float32),
     }  # fmt: skip

@@ -128,3 +128,21 @@ def test_manifest_detects_a_replaced_file(smoke_repo, tmp_path) -> None:
     (copy / "cifar_resnet_int8" / "1" / "model.onnx").write_bytes(b"not the model")
     with pytest.raises(ManifestError, match="int8.*sha256"):
         load_manifest(copy, verify_files=True)
+
+
+def test_onnx_runtime_runs_every_int8_convolution_as_integer_kernel(smoke_repo, tmp_path) -> None:
+    """Regression: an unquantized conv output (conv+add fusion in the X86 recipe) left float Convs
+    in the graph that dequantized their weights on every call: INT8 ran slower than FP32."""
+    import collections
+
+    import onnxruntime as ort
+
+    repo, out = smoke_repo
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    so.log_severity_level = 3
+    ort.InferenceSession(str(repo / out.manifest.variants["int8"].path), so, providers=["CPUExecutionProvider"])
+    ops = collections.Counter(n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node)
+    n_conv = sum(1 for n in onnx.load(str(repo / out.manifest.variants["fp32"].path)).graph.node if n.op_type == "Conv")
+    assert ops["Conv"] == 0, ops
+    assert ops["QLinearConv"] == n_conv

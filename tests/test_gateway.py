@@ -23,7 +23,6 @@ from PIL import Image
 
 from adaptive_quant.backends.base import Backend, BackendError
 from adaptive_quant.backends.embedded import EmbeddedBackend
-from adaptive_quant.data import encode_png
 from adaptive_quant.gateway.app import create_app
 from adaptive_quant.gateway.settings import SettingsError, load_settings
 from adaptive_quant.manifest import load_manifest, save_manifest, sha256_file

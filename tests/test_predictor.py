@@ -8,9 +8,9 @@ import pytest
 
 from adaptive_quant.config import ExportConfig
 from adaptive_quant.data import encode_png, load_dataset, make_synthetic
-from adaptive_quant.features import NUM_FEATURES, compute_features
+from adaptive_quant.features import FEATURE_NAMES, NUM_FEATURES, compute_features
 from adaptive_quant.manifest import load_manifest
-from adaptive_quant.predictor import auroc, expected_calibration_error, fit_temperature, load_predictor, sigmoid
+from adaptive_quant.predictor import auroc, expected_calibration_error, fit_platt, load_predictor, sigmoid
 from adaptive_quant.predictor_training import train_predictor
 
 
@@ -36,7 +36,10 @@ def test_features_are_finite_fixed_width_and_batch_independent() -> None:
     assert np.allclose(compute_features(imgs[3:4]), f[3:4], atol=1e-6)
     # a flat grey image has no edges and zero spread
     flat = compute_features(np.full((1, 32, 32, 3), 128, np.uint8))
-    assert np.allclose(flat[0, 48:54:1][3:], 0) and flat[0, 57] == 0  # std_r/g/b, grad_x
+    col = {name: i for i, name in enumerate(FEATURE_NAMES)}
+    for name in ("std_r", "std_g", "std_b", "luma_std", "grad_x", "grad_y", "strong_edge_share", "luma_entropy"):
+        assert abs(flat[0, col[name]]) < 1e-6, name
+    assert abs(flat[0, col["mean_g"]] - 128 / 255) < 1e-6
     with pytest.raises(ValueError, match=r"\(N, H, W, 3\)"):
         compute_features(np.zeros((32, 32, 3), np.uint8))
 
@@ -88,26 +91,44 @@ def test_predictor_file_tampering_is_refused(predictor_repo, tmp_path) -> None:
         load_predictor(copy, load_manifest(copy))
 
 
-def test_temperature_scaling_improves_calibration_on_held_out_data() -> None:
+def test_platt_scaling_improves_calibration_on_held_out_data() -> None:
     rng = np.random.default_rng(0)
-    true_logit = rng.normal(0, 2, 4000)
+    true_logit = rng.normal(2.0, 1.5, 4000)  # mostly right, like a 90 %-accurate classifier
     outcomes = rng.random(4000) < sigmoid(true_logit)
-    overconfident = true_logit * 3  # a model three times too sure of itself
-    t = fit_temperature(overconfident[:2000], outcomes[:2000])
-    assert 2.5 < t < 3.5
-    before = expected_calibration_error(sigmoid(overconfident[2000:]), outcomes[2000:])
-    after = expected_calibration_error(sigmoid(overconfident[2000:] / t), outcomes[2000:])
+    miscalibrated = true_logit * 3 - 2  # three times too sure, and shifted
+    a, b = fit_platt(miscalibrated[:2000], outcomes[:2000])
+    assert abs(a - 1 / 3) < 0.08 and abs(b - 2 / 3) < 0.3  # recovers the inverse map
+    before = expected_calibration_error(sigmoid(miscalibrated[2000:]), outcomes[2000:])
+    after = expected_calibration_error(sigmoid(a * miscalibrated[2000:] + b), outcomes[2000:])
     assert after < before / 2
 
 
 def test_stage_calibration_holds_or_improves_on_held_out_split(predictor_repo) -> None:
     _, _, report = predictor_repo
     for k in report.variant_keys:
-        # the temperature was fit on this held-out split: NLL-optimal T cannot make ECE much worse
+        # the scaling was fit on this held-out split: the NLL-optimal (a, b) cannot make ECE much worse
         assert report.ece_calibration_split_calibrated[k] <= report.ece_calibration_split_raw[k] + 0.02
 
 
 def test_auroc_matches_definition() -> None:
-    assert auroc(np.array([0.1, 0.4, 0.35, 0.8]), np.array([False, True, False, True])) == 0.75
+    assert auroc(np.array([0.1, 0.4, 0.5, 0.8]), np.array([False, True, False, True])) == 0.75  # 3 of 4 pairs ordered
     assert auroc(np.array([1, 1, 1.0]), np.array([True, False, True])) == 0.5
     assert np.isnan(auroc(np.array([0.2, 0.3]), np.array([True, True])))
+
+
+def test_predictor_onnx_and_triton_config_agree_with_numpy(predictor_repo) -> None:
+    """The folder is a loadable Triton model too: its ONNX gives the NumPy predictor's numbers."""
+    import onnxruntime as ort
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    cfg, repo, _ = predictor_repo
+    m = load_manifest(repo)
+    predictor = load_predictor(repo, m)
+    feats = compute_features(load_dataset(cfg.data, cfg.seed).test.images[:40])
+    sess = ort.InferenceSession(str(repo / m.predictor["onnx_path"]), providers=["CPUExecutionProvider"])
+    (onnx_p,) = sess.run(None, {"features": feats})
+    assert np.allclose(onnx_p, predictor.predict_features(feats), atol=1e-5)
+    config = text_format.Parse((repo / "accuracy_predictor" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    assert config.name == "accuracy_predictor" and list(config.input[0].dims) == [NUM_FEATURES]
+    assert list(config.output[0].dims) == [3]

@@ -136,6 +136,8 @@ class ExportConfig:
     max_queue_delay_us: int = 500  # Triton dynamic batching: µs a request may wait for company
     instance_count: int = 1
     instance_kind: str = "KIND_AUTO"
+    # "python": also write <repository>_python, the Python-backend flavour for the local Triton
+    # that nvidia-pytriton ships (the production repository is always the onnxruntime one)
     triton_flavor: Literal["onnxruntime", "python"] = "onnxruntime"
     profile_batch_sizes: list[int] = field(default_factory=lambda: [1, 8, 32, 64])
     profile_seconds: float = 1.0  # wall time per (variant, batch size) point
@@ -162,11 +164,14 @@ class PredictorConfig:
     """The per-sample accuracy predictor: a small MLP over cheap image features."""
 
     hidden: list[int] = field(default_factory=lambda: [64, 32])  # a few thousand parameters
-    epochs: int = 150
+    # few epochs and strong decay: errors are rare (~10 %) and weakly tied to cheap features, so a
+    # longer fit memorises the fit split (150 epochs: held-out AUROC 0.52, ECE 0.14; 10 epochs with
+    # decay 0.01: AUROC 0.59-0.61, ECE 0.01, measured on the held-out validation part)
+    epochs: int = 10
     batch_size: int = 256
-    lr: float = 0.002  # Adam
-    weight_decay: float = 0.0001
-    # share of the validation split held out from fitting, to fit the temperature and to
+    lr: float = 0.002  # AdamW
+    weight_decay: float = 0.01
+    # share of the validation split held out from fitting, to fit the calibration (Platt scaling) and to
     # check calibration; the test split is never used here
     calibration_fraction: float = 0.25
 

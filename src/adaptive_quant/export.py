@@ -84,7 +84,7 @@ def _spec(cfg: ExperimentConfig, name: str) -> TritonModelSpec:
         image_size=cfg.data.image_size, num_classes=cfg.model.num_classes,
         max_batch_size=e.max_batch_size, preferred_batch_sizes=tuple(e.preferred_batch_sizes),
         max_queue_delay_us=e.max_queue_delay_us, instance_count=e.instance_count,
-        instance_kind=e.instance_kind, flavor=e.triton_flavor,
+        instance_kind=e.instance_kind, flavor="onnxruntime",
     )  # fmt: skip
 
 
@@ -123,6 +123,11 @@ def build_repository(
         shutil.rmtree(work, ignore_errors=True)
         raise
     result.repository = target
+    if e.triton_flavor == "python":
+        from .triton_python import write_python_flavor
+
+        flavor_dir = write_python_flavor(target, target.with_name(f"{target.name}_python"))
+        log.info("python-backend flavour for the local Triton written to %s", flavor_dir)
     if tracking and cfg.tracking.enabled:
         _log_to_mlflow(cfg, payload, target, result)
     return result

@@ -2,7 +2,7 @@
 
 1. Run every served variant (ONNX Runtime) on the validation split: correct[i, v] ∈ {0, 1}.
 2. Fit an MLP features → logit per variant (BCE) on part of the validation split.
-3. Fit one temperature per variant on the held-out rest (calibration), report ECE before/after.
+3. Fit Platt scaling (a, b) per variant on the held-out rest (calibration), report ECE before/after.
 4. Save it into the repository (+ manifest entry), log to MLflow.
 5. Report on the *test* split, which no step above has seen: AUROC at spotting a variant's
    errors, ECE, and routing-level points against random-same-mix, oracle and cascade.
@@ -27,7 +27,7 @@ from .data import Split, load_dataset
 from .features import FEATURE_NAMES, FEATURE_VERSION, NUM_FEATURES, compute_features
 from .manifest import Manifest, load_manifest, save_manifest
 from .ort_eval import make_session, run_batched
-from .predictor import MLPPredictor, auroc, expected_calibration_error, fit_temperature, save_predictor
+from .predictor import MLPPredictor, auroc, expected_calibration_error, fit_platt, save_predictor
 from .routing import Priority, RoutingConfig
 from .routing_eval import PolicyPoint, adaptive_point, cascade_point, fixed_points, oracle_point, random_same_mix
 
@@ -42,11 +42,11 @@ class PredictorReport:
     parameters: int
     # per variant, on the test split
     auroc_error: dict[str, float]  # AUROC of (1 − p) at flagging "this variant is wrong here"
-    ece_raw: dict[str, float]  # before temperature scaling
+    ece_raw: dict[str, float]  # before Platt scaling
     ece_calibrated: dict[str, float]
-    ece_calibration_split_raw: dict[str, float]  # on the held-out validation part the temperature was fit on
+    ece_calibration_split_raw: dict[str, float]  # on the held-out validation part the scaling was fit on
     ece_calibration_split_calibrated: dict[str, float]
-    temperature: dict[str, float]
+    calibration: dict[str, tuple[float, float]]  # (a, b) of sigmoid(a·z + b)
     test_error_rate: dict[str, float]
     routing: list[PolicyPoint] = field(default_factory=list)
     latency_ms: dict[str, float] = field(default_factory=dict)  # batch-1 p50 used for routing points
@@ -99,7 +99,8 @@ def fit_mlp(feats: np.ndarray, targets: np.ndarray, cfg: PredictorConfig, seed: 
     for i, lin in enumerate(linears):
         weights[f"w{i}"] = lin.weight.detach().numpy().T.copy()  # (in, out): h @ w
         weights[f"b{i}"] = lin.bias.detach().numpy().copy()
-    weights["temperature"] = np.ones(targets.shape[1], np.float32)
+    weights["calib_scale"] = np.ones(targets.shape[1], np.float32)  # identity until calibrated
+    weights["calib_bias"] = np.zeros(targets.shape[1], np.float32)
     return weights
 
 
@@ -123,8 +124,9 @@ def train_predictor(cfg: ExperimentConfig, repo: str | Path, tracking: bool = Tr
     weights = fit_mlp(feats_val[fit], correct_val[fit].astype(np.float32), pc, cfg.seed)
     raw = MLPPredictor(weights, keys)
     cal_logits = raw.logits_from_features(feats_val[cal])
-    temps = np.array([fit_temperature(cal_logits[:, j], correct_val[cal, j]) for j in range(len(keys))], np.float32)
-    weights["temperature"] = temps
+    platt = [fit_platt(cal_logits[:, j], correct_val[cal, j]) for j in range(len(keys))]
+    weights["calib_scale"] = np.array([a for a, _ in platt], np.float32)
+    weights["calib_bias"] = np.array([b for _, b in platt], np.float32)
     predictor = MLPPredictor(weights, keys)
     log.info("predictor fitted in %.1f s on %d validation samples (%d held out for calibration)",
              time.perf_counter() - t0, len(fit), len(cal))  # fmt: skip
@@ -184,7 +186,7 @@ def _report_on_test(
         ece_calibrated={k: expected_calibration_error(p_cal[:, j], correct[:, j]) for j, k in enumerate(keys)},
         ece_calibration_split_raw={k: expected_calibration_error(pc_raw[:, j], cal_correct[:, j]) for j, k in enumerate(keys)},
         ece_calibration_split_calibrated={k: expected_calibration_error(pc_cal[:, j], cal_correct[:, j]) for j, k in enumerate(keys)},
-        temperature={k: float(t) for k, t in zip(keys, predictor.temperature)},
+        calibration={k: (float(a), float(b)) for k, a, b in zip(keys, predictor.calib_scale, predictor.calib_bias)},
         test_error_rate={k: float(1 - correct[:, j].mean()) for j, k in enumerate(keys)},
         routing=routing,
         latency_ms={k: float(x) for k, x in zip(keys, latency)},

@@ -35,8 +35,31 @@ def export_for_quantization(model: nn.Module, image_size: int = 32) -> torch.fx.
     return exported.module()
 
 
+class OnnxRuntimeX86Quantizer(X86InductorQuantizer):
+    """The X86 inductor recipe (UINT8 activations, per-channel INT8 weights) without conv+add fusion.
+
+    The stock recipe leaves a convolution that feeds a residual add unquantized at its output,
+    expecting Inductor's fused conv-add kernel. ONNX Runtime has no such kernel: it keeps that
+    Conv in float and dequantizes its weights on every call, which made the exported INT8
+    network *slower* than FP32 here (2.3 vs 1.2 ms at batch 1). Quantizing the conv output
+    instead gives ONNX Runtime a QLinearConv for every convolution and a QLinearAdd for the add.
+    """
+
+    def _annotate_qat_conv2d_bn_binary_unary(self, *args, **kwargs) -> None:  # noqa: D102
+        return None
+
+    def _annotate_qat_conv2d_bn_binary(self, *args, **kwargs) -> None:  # noqa: D102
+        return None
+
+    def _annotate_conv2d_binary_unary(self, *args, **kwargs) -> None:  # noqa: D102
+        return None
+
+    def _annotate_conv2d_binary(self, *args, **kwargs) -> None:  # noqa: D102
+        return None
+
+
 def make_quantizer(is_qat: bool = True) -> X86InductorQuantizer:
-    quantizer = X86InductorQuantizer()
+    quantizer = OnnxRuntimeX86Quantizer()
     quantizer.set_global(get_default_x86_inductor_quantization_config(is_qat=is_qat))
     return quantizer
 

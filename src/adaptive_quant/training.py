@@ -132,8 +132,25 @@ def train_qat(
     return best[1], best[2], metrics
 
 
-def run_training(cfg: ExperimentConfig) -> TrainingResult:
-    """The whole pipeline. Writes <output_dir>/best.pt and config.yaml; logs everything to MLflow."""
+def _float_from_checkpoint(cfg: ExperimentConfig, path: str | Path) -> tuple[torch.nn.Module, dict[str, float], str]:
+    """Reuse a finished float phase (e.g. to redo QAT with another quantizer) instead of retraining."""
+    from .checkpoint import CheckpointError, load_checkpoint, restore_float_model
+
+    payload = load_checkpoint(path)
+    old_cfg, model = restore_float_model(payload)
+    if old_cfg.model != cfg.model:
+        raise CheckpointError(f"checkpoint {path} has model {old_cfg.model}, the config asks for {cfg.model}")
+    keep = ("float_val_acc", "float_best_epoch", "float_seconds")
+    metrics = {k: float(payload["metrics"][k]) for k in keep if k in payload["metrics"]}
+    return model, metrics, str(payload.get("mlflow_run_id"))
+
+
+def run_training(cfg: ExperimentConfig, float_checkpoint: str | Path | None = None) -> TrainingResult:
+    """The whole pipeline. Writes <output_dir>/best.pt and config.yaml; logs everything to MLflow.
+
+    float_checkpoint: skip the float phase and start QAT from that checkpoint's float weights
+    (its float metrics and time are carried over, so totals still describe the whole pipeline).
+    """
     start = time.perf_counter()
     gen = seed_everything(cfg.seed)
     if cfg.train.threads:
@@ -153,9 +170,14 @@ def run_training(cfg: ExperimentConfig) -> TrainingResult:
         metrics: dict[str, float] = {}
 
         t0 = time.perf_counter()
-        float_model, m = train_float(cfg, data, tracker, gen)
-        metrics.update(m)
-        metrics["float_seconds"] = time.perf_counter() - t0
+        if float_checkpoint is None:
+            float_model, m = train_float(cfg, data, tracker, gen)
+            metrics.update(m)
+            metrics["float_seconds"] = time.perf_counter() - t0
+        else:
+            float_model, m, source_run = _float_from_checkpoint(cfg, float_checkpoint)
+            metrics.update(m)
+            tracker.set_tags({"float_from_checkpoint": str(float_checkpoint), "float_from_run": source_run})
         metrics["parameters"] = float(count_parameters(float_model))
         metrics["fp32_test_acc"] = evaluate(float_model, data.test, cfg.train.eval_batch_size).accuracy
 
@@ -168,6 +190,8 @@ def run_training(cfg: ExperimentConfig) -> TrainingResult:
             metrics["int8_test_acc"] = evaluate(converted, data.test, cfg.train.eval_batch_size).accuracy
             metrics["int8_minus_fp32_test"] = metrics["int8_test_acc"] - metrics["fp32_test_acc"]
         metrics["total_seconds"] = time.perf_counter() - start
+        if float_checkpoint is not None:  # the float phase ran earlier: count its time in the total
+            metrics["total_seconds"] += metrics.get("float_seconds", 0.0)
 
         ckpt = save_checkpoint(
             out_dir / "best.pt", cfg, _state_copy(float_model), qat_state, metrics,

@@ -24,6 +24,9 @@ class TritonModelSpec:
     instance_count: int = 1
     instance_kind: str = "KIND_AUTO"  # GPU when the server has one, else CPU
     flavor: str = "onnxruntime"
+    # non-image models (the accuracy predictor) name their dims; default: (3, size, size) → (classes,)
+    input_dims: tuple[int, ...] | None = None
+    output_dims: tuple[int, ...] | None = None
 
 
 def render_config(spec: TritonModelSpec) -> str:
@@ -33,6 +36,8 @@ def render_config(spec: TritonModelSpec) -> str:
     preferred = ", ".join(str(b) for b in spec.preferred_batch_sizes if b <= spec.max_batch_size)
     header = 'backend: "onnxruntime"\nplatform: "onnxruntime_onnx"' if spec.flavor == "onnxruntime" else 'backend: "python"'
     kind = "KIND_CPU" if spec.flavor == "python" else spec.instance_kind  # the python stub runs ORT on CPU
+    in_dims = ", ".join(str(d) for d in (spec.input_dims or (3, spec.image_size, spec.image_size)))
+    out_dims = ", ".join(str(d) for d in (spec.output_dims or (spec.num_classes,)))
     return f"""name: "{spec.name}"
 {header}
 max_batch_size: {spec.max_batch_size}
@@ -40,14 +45,14 @@ input [
   {{
     name: "{spec.input_name}"
     data_type: TYPE_FP32
-    dims: [ 3, {spec.image_size}, {spec.image_size} ]
+    dims: [ {in_dims} ]
   }}
 ]
 output [
   {{
     name: "{spec.output_name}"
     data_type: TYPE_FP32
-    dims: [ {spec.num_classes} ]
+    dims: [ {out_dims} ]
   }}
 ]
 dynamic_batching {{

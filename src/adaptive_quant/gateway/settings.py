@@ -22,7 +22,7 @@ import yaml
 
 from ..latency import LatencyConfig
 from ..memory_policy import MemoryPolicyConfig
-from ..routing import Priority, RoutingConfig
+from ..routing import RoutingConfig
 
 ENV_PREFIX = "AQ_"
 
