@@ -168,3 +168,25 @@ def test_failed_calls_release_load_without_teaching_latency():
     est.end("fp32", 3, observed_ms=None, predicted_ms=p)
     assert est.in_flight("fp32") == 0
     assert est.ratio("fp32") == pytest.approx(1.0)
+
+
+def test_balanced_prices_compute_not_queueing_under_load() -> None:
+    """Under load the queue dominates every estimate; the price of a variant is still its compute.
+
+    Latency with queueing: int8 20 ms (busy), fp32 12 ms (idle queue); own service times 0.5 and
+    1.2 ms. Pricing the queue would send the sample to fp32, the variant that costs 2.4× the
+    compute, exactly when compute is scarce.
+    """
+    import numpy as np
+
+    from adaptive_quant.routing import Priority, RoutingConfig, route_batch
+
+    acc = np.array([[0.895, 0.894]])  # fp32, int8
+    busy = np.array([12.0, 20.0])
+    own = np.array([1.2, 0.5])
+    cfg = RoutingConfig(accuracy_per_halving=0.01)
+    queue_priced = route_batch(acc, busy, np.array([True, True]), 50.0, Priority.BALANCED, cfg)
+    compute_priced = route_batch(acc, busy, np.array([True, True]), 50.0, Priority.BALANCED, cfg, cost_ms=own)
+    assert queue_priced.index.tolist() == [0]
+    assert compute_priced.index.tolist() == [1]
+    assert compute_priced.budget_met.tolist() == [True]

@@ -12,9 +12,13 @@ Per sample and variant v (DESIGN.md, "The routing policy"):
   quality  → the most accurate feasible variant (ties → the faster)
   speed    → the fastest feasible variant whose predicted accuracy is within
              `speed_tolerance` of the best feasible one
-  balanced → the feasible variant maximising  acc(v) − accuracy_per_halving · log2(latency_ms(v)),
+  balanced → the feasible variant maximising  acc(v) − accuracy_per_halving · log2(cost_ms(v)),
              i.e. it gives up `accuracy_per_halving` of predicted accuracy for each halving of
-             latency. Relative, so the knob means the same at batch 1 and 64, on CPU and GPU.
+             compute. Relative, so the knob means the same at batch 1 and 64, on CPU and GPU.
+             cost_ms is the variant's own service time (no queueing; defaults to latency_ms):
+             queueing decides feasibility, not the price, or else under load every latency
+             approaches the same queue-dominated value, the ratio tends to 1, and the router
+             would move samples to the *expensive* variant just when compute is scarce.
   nothing feasible → the fastest allowed variant, budget_met = False
   nothing allowed  → NoVariantAllowed (the gateway answers 503 or 422)
 """
@@ -103,12 +107,14 @@ def route_batch(
     budget_ms: float | None,
     priority: Priority,
     config: RoutingConfig,
+    cost_ms: np.ndarray | None = None,
 ) -> BatchDecision:
     """Choose a variant for each of N samples.
 
     pred_acc:   (N, V) predicted p(correct | sample, variant)
-    latency_ms: (V,) or (N, V) latency estimate per variant, ms
+    latency_ms: (V,) or (N, V) latency estimate per variant, ms (feasibility, fastest choice)
     allowed:    (V,) bool, see `allowed_mask`
+    cost_ms:    (V,) compute price per variant for `balanced`, ms (default: latency_ms)
     """
     acc = np.asarray(pred_acc, dtype=np.float64)
     if acc.ndim != 2:
@@ -131,7 +137,8 @@ def route_batch(
 
     if priority is Priority.BALANCED:
         # log2 of the latency: only ratios between variants matter (the row's minimum cancels)
-        cost = np.log2(np.maximum(lat, 1e-6))
+        price = lat if cost_ms is None else np.asarray(cost_ms, dtype=np.float64)
+        cost = np.log2(np.maximum(price, 1e-6))
         score = np.where(feasible, acc - config.accuracy_per_halving * cost, -np.inf)
         best = score.max(axis=1, keepdims=True)
         candidates = feasible & (score >= best - _TIE)

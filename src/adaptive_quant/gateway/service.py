@@ -192,11 +192,15 @@ class ClassifierService:
         if not allowed.any():
             detail = "; ".join(state.errors) or self._why_none_allowed(floor_ok)
             raise ServiceUnavailable(f"no variant could answer: {detail}", retry_after_s=self._retry_after())
-        estimates = np.array(self.estimator.estimates_ms(self.keys, len(idx)))  # (V,) ms
+        estimates = np.array(self.estimator.estimates_ms(self.keys, len(idx)))  # (V,) ms, with queueing
+        # the balanced price is compute, not wait: the profiled service time. Not × the observed
+        # ratio either: on shared cores that ratio measures the load (queueing inside the
+        # batcher), which would again make the busiest, cheapest variant look expensive
+        cost = np.array([self.estimator.service_ms(k, len(idx)) for k in self.keys])
         # remaining ≤ 0 (budget already spent on a failed call) makes nothing feasible → fastest allowed
         try:
             decision = route_batch(state.acc[idx], estimates, allowed, remaining, state.options.priority,
-                                   self.settings.routing)
+                                   self.settings.routing, cost_ms=cost)
         except NoVariantAllowed as exc:  # unreachable after the check above; kept for safety
             raise ServiceUnavailable(str(exc), retry_after_s=self._retry_after()) from exc
         state.decision_met[idx] &= decision.budget_met
