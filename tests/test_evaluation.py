@@ -4,10 +4,7 @@ numbers that match an independent count, the same routing as production, MLflow,
 from __future__ import annotations
 
 import json
-import socket
 import sys
-import threading
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -16,8 +13,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-import uvicorn
 
+from http_server import serve_in_thread  # tests/http_server.py
 from adaptive_quant.config import TrackingConfig
 from adaptive_quant.data import make_synthetic
 from adaptive_quant.evaluation import EvalOptions, EvaluationError, evaluate_repository, pick_samples
@@ -205,21 +202,8 @@ def test_cli_writes_report_and_names_missing_things(repo, tmp_path, capsys):
 def http_server(settings):
     from adaptive_quant.gateway.app import create_app
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
+    with serve_in_thread(create_app(settings)) as url:
+        yield url
 
 
 def test_url_mode_against_a_real_server(repo, test_split, tmp_path):

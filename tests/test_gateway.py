@@ -6,10 +6,8 @@ import asyncio
 import base64
 import io
 import json
-import socket
 import subprocess
 import sys
-import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,10 +15,10 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from http_server import serve_in_thread  # tests/http_server.py
 from adaptive_quant.backends.base import Backend, BackendError
 from adaptive_quant.backends.embedded import EmbeddedBackend
 from adaptive_quant.gateway.app import create_app
@@ -436,22 +434,8 @@ def test_settings_reject_unknown_keys_and_wrong_types_and_read_env():
 
 @contextmanager
 def http_server(settings):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
+    with serve_in_thread(create_app(settings)) as url:
+        yield url
 
 
 def test_over_real_http_with_concurrent_callers(repo):

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import subprocess
 import sys
 import threading
@@ -19,11 +18,11 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 
 pytest.importorskip("pytriton", reason="needs nvidia-pytriton (pinned in requirements.txt)")
 
+from http_server import serve_in_thread  # tests/http_server.py
 from adaptive_quant.backends.embedded import EmbeddedBackend  # noqa: E402
 from adaptive_quant.backends.triton import TritonBackend  # noqa: E402
 from adaptive_quant.gateway.app import create_app  # noqa: E402
@@ -71,21 +70,8 @@ def settings_for(repo, triton, **overrides):
 @contextmanager
 def http_gateway(settings, **app_kwargs):
     """The gateway app on a real socket (uvicorn in a thread); yields its base URL."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(settings, **app_kwargs), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(15)
+    with serve_in_thread(create_app(settings, **app_kwargs)) as url:
+        yield url
 
 
 def triton_counts(triton) -> dict[tuple[str, str], float]:
