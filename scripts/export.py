@@ -14,14 +14,18 @@ repository is assembled aside and moved into place only when complete.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from a checkout without install
 
 from adaptive_quant.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
-from adaptive_quant.config import ConfigError, apply_overrides, config_from_dict  # noqa: E402
+from adaptive_quant.cli import LOG_LEVELS, setup_logging  # noqa: E402
+from adaptive_quant.config import (  # noqa: E402
+    ConfigError,
+    apply_overrides,
+    config_from_dict,
+)
 from adaptive_quant.data import DataError  # noqa: E402
 from adaptive_quant.export import ExportGateError, build_repository  # noqa: E402
 
@@ -36,15 +40,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="python: also write <repository>_python for the local tritonserver of nvidia-pytriton")
     p.add_argument("--force", action="store_true", help="publish even if a variant fails the accuracy gate")
     p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow or register models")
-    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--log-level", default="INFO", choices=LOG_LEVELS)
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("onnx_ir", "onnxscript", "torch.onnx"):  # one line per rewrite rule at INFO
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    setup_logging(args.log_level)
     try:
         payload = load_checkpoint(args.checkpoint)
         data = apply_overrides(dict(payload["config"]), args.overrides)

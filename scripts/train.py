@@ -13,13 +13,13 @@ The best checkpoint (by validation accuracy) lands in <output_dir>/best.pt.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from a checkout without install
 
 from adaptive_quant.checkpoint import CheckpointError  # noqa: E402
+from adaptive_quant.cli import LOG_LEVELS, setup_logging  # noqa: E402
 from adaptive_quant.config import ConfigError, load_config  # noqa: E402
 from adaptive_quant.data import DataError  # noqa: E402
 from adaptive_quant.training import run_training  # noqa: E402
@@ -32,15 +32,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="override a config key, e.g. --set train.epochs=5 (repeatable)")
     p.add_argument("--qat-from", metavar="CHECKPOINT",
                    help="skip the float phase: run QAT from this checkpoint's float weights (same model config)")
-    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--log-level", default="INFO", choices=LOG_LEVELS)
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("onnx_ir", "onnxscript", "torch.onnx"):  # one line per rewrite rule at INFO
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    setup_logging(args.log_level)
     try:
         cfg = load_config(args.config, args.overrides)
         result = run_training(cfg, float_checkpoint=args.qat_from)

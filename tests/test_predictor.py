@@ -106,8 +106,10 @@ def test_platt_scaling_improves_calibration_on_held_out_data() -> None:
 def test_stage_calibration_holds_or_improves_on_held_out_split(predictor_repo) -> None:
     _, _, report = predictor_repo
     for k in report.variant_keys:
-        # the scaling was fit on this held-out split: the NLL-optimal (a, b) cannot make ECE much worse
-        assert report.ece_calibration_split_calibrated[k] <= report.ece_calibration_split_raw[k] + 0.02
+        # Platt scaling is fitted on this held-out part (not seen by the MLP fit) by minimising
+        # log-loss from the identity map: calibrated log-loss can only hold or fall there.
+        # (ECE on 50 smoke samples is too noisy to assert; the synthetic test above checks ECE.)
+        assert report.nll_calibration_split_calibrated[k] <= report.nll_calibration_split_raw[k] + 1e-9
 
 
 def test_auroc_matches_definition() -> None:

@@ -163,7 +163,9 @@ def make_synthetic(n: int, seed: int, size: int = 32, num_classes: int = 10) -> 
     """
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, num_classes, size=n).astype(np.int64)
-    palette = np.random.default_rng(1234).uniform(80, 175, size=(num_classes, 3))  # fixed across splits
+    # class colours close together, and a random brightness shift per image: colour alone
+    # does not give the class away, so the network must also read the stripes
+    palette = np.random.default_rng(1234).uniform(105, 150, size=(num_classes, 3))  # fixed across splits
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     sigma = rng.uniform(5, 110, size=n)  # grey levels
     images = np.empty((n, size, size, 3), dtype=np.uint8)
@@ -171,7 +173,8 @@ def make_synthetic(n: int, seed: int, size: int = 32, num_classes: int = 10) -> 
         freq = 1 + c % 5  # stripes per image
         angle = (c // 5) * np.pi / 2 + rng.normal(0, 0.15)
         stripes = np.sin(2 * np.pi * freq * (np.cos(angle) * xx + np.sin(angle) * yy) / size + rng.uniform(0, 2 * np.pi))
-        img = palette[c][None, None, :] + 30 * stripes[..., None] + rng.normal(0, sigma[i], size=(size, size, 3))
+        shift = rng.normal(0, 20)  # grey levels, whole image
+        img = palette[c][None, None, :] + shift + 30 * stripes[..., None] + rng.normal(0, sigma[i], size=(size, size, 3))
         images[i] = np.clip(img, 0, 255).astype(np.uint8)
     return Split(images, labels)
 

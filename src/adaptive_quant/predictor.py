@@ -79,6 +79,13 @@ def expected_calibration_error(probs: np.ndarray, outcomes: np.ndarray, bins: in
     return float(ece)
 
 
+def binary_nll(probs: np.ndarray, outcomes: np.ndarray) -> float:
+    """Mean negative log-likelihood of outcomes under probabilities (clipped away from 0 and 1)."""
+    p = np.clip(np.asarray(probs, np.float64), 1e-7, 1 - 1e-7)
+    y = np.asarray(outcomes, np.float64)
+    return float(-(y * np.log(p) + (1 - y) * np.log(1 - p)).mean())
+
+
 def fit_platt(logits: np.ndarray, outcomes: np.ndarray, l2: float = 1e-3, iters: int = 100) -> tuple[float, float]:
     """Platt scaling: (a, b) minimising the binary NLL of sigmoid(a·logit + b).
 

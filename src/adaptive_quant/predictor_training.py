@@ -27,7 +27,7 @@ from .data import Split, load_dataset
 from .features import FEATURE_NAMES, FEATURE_VERSION, NUM_FEATURES, compute_features
 from .manifest import Manifest, load_manifest, save_manifest
 from .ort_eval import make_session, run_batched
-from .predictor import MLPPredictor, auroc, expected_calibration_error, fit_platt, save_predictor
+from .predictor import MLPPredictor, auroc, binary_nll, expected_calibration_error, fit_platt, save_predictor
 from .routing import Priority, RoutingConfig
 from .routing_eval import PolicyPoint, adaptive_point, cascade_point, fixed_points, oracle_point, random_same_mix
 
@@ -46,6 +46,9 @@ class PredictorReport:
     ece_calibrated: dict[str, float]
     ece_calibration_split_raw: dict[str, float]  # on the held-out validation part the scaling was fit on
     ece_calibration_split_calibrated: dict[str, float]
+    # log-loss on the held-out calibration part: what Platt scaling minimises, so it cannot rise
+    nll_calibration_split_raw: dict[str, float]
+    nll_calibration_split_calibrated: dict[str, float]
     calibration: dict[str, tuple[float, float]]  # (a, b) of sigmoid(a·z + b)
     test_error_rate: dict[str, float]
     routing: list[PolicyPoint] = field(default_factory=list)
@@ -186,6 +189,8 @@ def _report_on_test(
         ece_calibrated={k: expected_calibration_error(p_cal[:, j], correct[:, j]) for j, k in enumerate(keys)},
         ece_calibration_split_raw={k: expected_calibration_error(pc_raw[:, j], cal_correct[:, j]) for j, k in enumerate(keys)},
         ece_calibration_split_calibrated={k: expected_calibration_error(pc_cal[:, j], cal_correct[:, j]) for j, k in enumerate(keys)},
+        nll_calibration_split_raw={k: binary_nll(pc_raw[:, j], cal_correct[:, j]) for j, k in enumerate(keys)},
+        nll_calibration_split_calibrated={k: binary_nll(pc_cal[:, j], cal_correct[:, j]) for j, k in enumerate(keys)},
         calibration={k: (float(a), float(b)) for k, a, b in zip(keys, predictor.calib_scale, predictor.calib_bias)},
         test_error_rate={k: float(1 - correct[:, j].mean()) for j, k in enumerate(keys)},
         routing=routing,

@@ -11,17 +11,25 @@ import logging
 
 import torch
 from torch import nn
-from torchao.quantization.pt2e import (
+
+# torchao warns at import that its CUDA kernels (mxfp8, cutlass .so files) cannot load on a
+# CPU-only machine; nothing here uses them, so that warning only buries real messages
+_torchao_log = logging.getLogger("torchao")
+_level = _torchao_log.level
+_torchao_log.setLevel(logging.ERROR)
+from torchao.quantization.pt2e import (  # noqa: E402
     disable_observer,
     enable_observer,
     move_exported_model_to_eval,
     move_exported_model_to_train,
 )
-from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_qat_pt2e
-from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_qat_pt2e  # noqa: E402
+from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (  # noqa: E402
     X86InductorQuantizer,
     get_default_x86_inductor_quantization_config,
 )
+
+_torchao_log.setLevel(_level)
 
 log = logging.getLogger(__name__)
 
