@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -81,8 +82,6 @@ def train_one_epoch(
     desc: str = "train",
 ) -> EpochStats:
     """One pass over shuffled `data`; images are normalised and augmented per batch, as tensors."""
-    import time
-
     if not isinstance(model, torch.fx.GraphModule):
         model.train()  # exported (QAT) graphs are switched by quantize.set_qat_mode instead
     n_steps = steps_per_epoch(len(data), batch_size, max_steps)

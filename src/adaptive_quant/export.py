@@ -21,11 +21,17 @@ from tqdm.auto import tqdm
 from . import onnx_export
 from .augment import to_normalized_tensor
 from .checkpoint import load_checkpoint, restore_converted_model, restore_float_model
-from .config import ExperimentConfig, ExportConfig
+from .config import ExperimentConfig, ExportConfig, config_from_dict
 from .data import CIFAR10_MEAN, CIFAR10_STD, Dataset, load_dataset
 from .engine import predict_logits
 from .manifest import Manifest, VariantEntry, save_manifest, sha256_file
-from .ort_eval import GateResult, gate_variant, make_session, profile_session, run_batched
+from .ort_eval import (
+    GateResult,
+    gate_variant,
+    make_session,
+    profile_session,
+    run_batched,
+)
 from .precision import Precision, triton_model_name
 from .triton_config import TritonModelSpec, render_config
 
@@ -101,7 +107,7 @@ def build_repository(
     Raises ExportGateError (publishing nothing) when a served variant fails the gate, unless force.
     """
     payload = load_checkpoint(checkpoint)
-    cfg, _ = restore_float_model(payload)
+    cfg = config_from_dict(payload["config"])  # the config only: no network needed here
     if export_cfg is not None:
         cfg.export = export_cfg
     e = cfg.export

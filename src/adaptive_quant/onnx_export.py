@@ -12,6 +12,7 @@ already normalised; output `logits` FP32 (N, 10). Only the numbers inside differ
 
 from __future__ import annotations
 
+import copy
 import logging
 import warnings
 from pathlib import Path
@@ -60,8 +61,6 @@ def export_fp32(model: nn.Module, path: Path, image_size: int = 32) -> Path:
 
 
 def export_fp16(model: nn.Module, path: Path, image_size: int = 32) -> Path:
-    import copy
-
     return _export(_HalfPrecision(copy.deepcopy(model).eval()), path, image_size)
 
 
@@ -92,7 +91,12 @@ def export_ptq_int8(fp32_path: Path, path: Path, calibration: np.ndarray) -> Pat
 
     calibration: (N, 3, H, W) float32, normalised like serving inputs (a few hundred training images).
     """
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     path.parent.mkdir(parents=True, exist_ok=True)
