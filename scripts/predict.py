@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from adaptive_quant.gateway.client import classify_rows, format_table, headers_for, load_request, open_client
@@ -26,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--priority", choices=["quality", "balanced", "speed"])
     p.add_argument("--min-precision", choices=["int8", "fp16", "fp32"])
     p.add_argument("--url", help="a running service; without it the gateway runs in-process")
+    p.add_argument("--api-key", default=os.environ.get("AQ_API_KEY"),
+                   help="X-API-Key for a service that requires one (default: $AQ_API_KEY)")
     p.add_argument("--one-request", action="store_true", help="send all samples in one request")
     p.add_argument("--config", default="configs/serve.yaml")
     p.add_argument("--repository", help="model repository (in-process only)")
@@ -40,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
             overrides = parse_set(args.set) | ({"repository": args.repository} if args.repository else {})
             settings = load_settings(args.config, overrides)
         headers = headers_for(args.latency_budget, args.priority, args.min_precision)
-        with open_client(args.url, settings) as client:
+        with open_client(args.url, settings, api_key=args.api_key) as client:
             rows = classify_rows(client, body, headers, one_by_one=not args.one_request)
     except (OSError, ValueError, SettingsError, ManifestError) as exc:
         print(f"error: {exc}", file=sys.stderr)

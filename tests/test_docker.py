@@ -136,3 +136,11 @@ def test_gateway_image_is_slim_and_pinned_like_requirements_txt():
     assert "requirements-serve.txt" in dockerfile and "requirements.txt /" not in dockerfile
     for source in re.findall(r"^COPY (\S+)", (DOCKER / "Dockerfile.train").read_text(), flags=re.M):
         assert (ROOT / source).exists(), source
+
+
+def test_published_ports_are_loopback_and_the_gateway_may_drain(compose, serve):
+    for name, service in compose["services"].items():
+        for p in service.get("ports", []):
+            assert str(p).startswith("127.0.0.1:"), f"{name} publishes {p} on every host interface"
+    grace = compose["services"]["gateway"]["stop_grace_period"]
+    assert grace.endswith("s") and float(grace[:-1]) > serve.server.drain_timeout_s  # docker's SIGKILL comes after the drain

@@ -19,11 +19,11 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from http_server import serve_in_thread  # tests/http_server.py
-from adaptive_quant.backends.base import Backend, BackendError
 from adaptive_quant.backends.embedded import EmbeddedBackend
 from adaptive_quant.gateway.app import create_app
 from adaptive_quant.gateway.settings import SettingsError, load_settings
 from adaptive_quant.manifest import load_manifest, save_manifest, sha256_file
+from fake_backends import FakeFlakyBackend
 from gateway_repo import b64_instance, build_repo, images, pixels_instance
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,38 +65,6 @@ def metric(client, name, **labels) -> float:
         if metric_name == name and got == want:
             return float(value)
     return 0.0
-
-
-class FakeFlakyBackend(Backend):
-    """Test double around a real backend: variants in `fail` raise, variants in `delay_s` stall first."""
-
-    name = "fake-flaky"
-
-    def __init__(self, inner: Backend) -> None:
-        self.inner = inner
-        self.fail: set[str] = set()
-        self.delay_s: dict[str, float] = {}
-        self.calls: list[str] = []
-
-    async def start(self) -> None:
-        await self.inner.start()
-
-    async def close(self) -> None:
-        await self.inner.close()
-
-    def variants(self):
-        return self.inner.variants()
-
-    def batch_stats(self):
-        return self.inner.batch_stats()
-
-    async def infer(self, variant_key, images):
-        self.calls.append(variant_key)
-        if variant_key in self.delay_s:
-            await asyncio.sleep(self.delay_s[variant_key])
-        if variant_key in self.fail:
-            raise BackendError(f"injected failure on {variant_key}")
-        return await self.inner.infer(variant_key, images)
 
 
 def flaky(repo) -> FakeFlakyBackend:
@@ -312,6 +280,9 @@ def test_after_all_the_bad_input_the_service_still_serves(limited_client):
     assert metric(limited_client, "aq_requests_total", outcome="error") == 0  # never a 500
     r = classify(limited_client, [b64_instance(GOOD)] * 8)
     assert r.status_code == 200 and len(r.json()["predictions"]) == 8
+    # integral floats (json.dumps of a float array; 255.0 is an integer to JSON Schema) are pixels too
+    r = classify(limited_client, [{"pixels": GOOD.astype(float).tolist()}, b64_instance(GOOD)])
+    assert r.status_code == 200 and r.json()["predictions"][0] == r.json()["predictions"][1]
     assert limited_client.get("/healthz").json() == {"status": "alive"}
 
 

@@ -94,13 +94,33 @@ def _read_class_folders(split_dir: Path, size: int) -> Split:
     return Split(np.stack(images), np.asarray(labels, dtype=np.int64))
 
 
+class _BatchUnpickler(pickle.Unpickler):
+    """Unpickles only what a CIFAR-10 python batch holds (dicts, lists, bytes, ints and NumPy
+    arrays): any other global, e.g. a function a crafted file would call, is refused, so a
+    batch file cannot run code."""
+
+    ALLOWED = frozenset({
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("_codecs", "encode"),  # protocol-2 pickles written by Python 3 store bytes through it; harmless
+    })  # fmt: skip
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}: a CIFAR-10 batch holds only arrays and lists")
+        return super().find_class(module, name)
+
+
 def _unpickle_batch(path: Path) -> dict:
-    # The CIFAR-10 python batches are pickles by format; read only files the user pointed us at.
+    # The CIFAR-10 python batches are pickles by format; the restricted unpickler keeps that safe.
     with path.open("rb") as fh:
         try:
-            return pickle.load(fh, encoding="bytes")  # noqa: S301 - trusted local data set file
+            batch = _BatchUnpickler(fh, encoding="bytes").load()
         except Exception as exc:  # pickle raises many types on bad input
             raise DataError(f"{path} is not a CIFAR-10 python batch: {exc}") from exc
+    if not isinstance(batch, dict):
+        raise DataError(f"{path} is not a CIFAR-10 python batch: it holds a {type(batch).__name__}, not a dict")
+    return batch
 
 
 def _read_python_batches(root: Path, split: str) -> Split:

@@ -14,7 +14,8 @@ LATENCY_BUCKETS = (0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 
 # s; a routing decision (predictor + policy) per request is tens of µs
 DECISION_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 1e-2)
 
-OUTCOMES = ("ok", "client_error", "unavailable", "error")
+# cancelled: cut by the drain timeout at shutdown (or the task was cancelled otherwise)
+OUTCOMES = ("ok", "client_error", "unavailable", "error", "cancelled")
 
 
 class GatewayMetrics:
@@ -26,7 +27,7 @@ class GatewayMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
-            "aq_requests", "Classify requests by outcome (ok, client_error, unavailable, error)", ["outcome"], registry=r
+            "aq_requests", "Classify requests by outcome (ok, client_error, unavailable, error, cancelled)", ["outcome"], registry=r
         )
         self.samples_routed = Counter(
             "aq_samples_routed", "Samples answered, by the variant that answered them", ["variant"], registry=r
@@ -48,6 +49,9 @@ class GatewayMetrics:
         )
         self.request_time = Histogram(
             "aq_request_duration_seconds", "Server time of classify requests, s", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.unauthorized = Counter(
+            "aq_unauthorized", "Requests refused with 401 (no or wrong API key)", registry=r
         )
         self.in_flight = Gauge("aq_in_flight_requests", "Classify requests being served now", registry=r)
         self.variant_in_flight = Gauge(

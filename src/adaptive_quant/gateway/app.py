@@ -22,15 +22,17 @@ from ..manifest import load_manifest
 from ..memory_policy import MemorySample
 from ..metrics import GatewayMetrics
 from ..predictor_api import AccuracyPredictor, LoadedPredictor, load_accuracy_predictor
+from .auth import ApiKeyMiddleware
 from .errors import InputError, ServiceUnavailable
 from .memory_control import MemoryController
 from .routes import router
+from .schemas import request_schemas
 from .service import ClassifierService
 from .settings import ServeSettings, SettingsError
 
 log = logging.getLogger(__name__)
 
-_ERROR_TYPES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large",
+_ERROR_TYPES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large",
                 422: "invalid_input", 503: "unavailable"}  # fmt: skip
 
 
@@ -141,4 +143,15 @@ def create_app(
     app.state.service = None
     install_error_handlers(app)
     app.include_router(router)
+    generate_openapi = app.openapi
+
+    def openapi() -> dict:  # the request schema depends on this service's image size and limits
+        schema = generate_openapi()  # cached by FastAPI after the first call
+        schema.setdefault("components", {}).setdefault("schemas", {}).update(
+            request_schemas(manifest.image_size, settings.limits.max_instances))
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    if settings.server.api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=settings.server.api_key, on_reject=metrics.unauthorized.inc)
     return app

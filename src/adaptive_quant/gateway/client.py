@@ -48,11 +48,17 @@ def headers_for(budget_ms: float | None, priority: str | None, min_precision: st
 
 
 @contextmanager
-def open_client(url: str | None = None, settings: Any = None, timeout_s: float = 30.0) -> Iterator[httpx.Client]:
+def open_client(
+    url: str | None = None, settings: Any = None, timeout_s: float = 30.0, api_key: str | None = None
+) -> Iterator[httpx.Client]:
     """An httpx-compatible client: against a running service (`url`), or an in-process gateway
-    built from `settings` (embedded backend, started and stopped around the block)."""
+    built from `settings` (embedded backend, started and stopped around the block). Every
+    request carries `api_key` (in-process: the settings' own key) as X-API-Key when there is one."""
+    if url is None and settings is not None:
+        api_key = api_key or settings.server.api_key
+    headers = {"X-API-Key": api_key} if api_key else {}
     if url is not None:
-        with httpx.Client(base_url=url.rstrip("/"), timeout=timeout_s) as client:
+        with httpx.Client(base_url=url.rstrip("/"), timeout=timeout_s, headers=headers) as client:
             yield client
         return
     with warnings.catch_warnings():  # starlette's note about httpx2 is not the user's business
@@ -61,7 +67,7 @@ def open_client(url: str | None = None, settings: Any = None, timeout_s: float =
 
     from .app import create_app
 
-    with TestClient(create_app(settings)) as client:
+    with TestClient(create_app(settings), headers=headers) as client:
         yield client
 
 

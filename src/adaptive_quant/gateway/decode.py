@@ -111,7 +111,9 @@ def _decode_pixels(data: Any, i: int, size: int) -> np.ndarray:
     if arr.dtype.kind == "f":
         if not np.isfinite(arr).all():
             raise InputError(f"instance {i}: 'pixels' contains NaN or infinity; expected {expected}")
-        raise InputError(f"instance {i}: 'pixels' contains non-integer numbers (dtype float); expected {expected}")
+        # 255.0 is an integer to JSON Schema (and to json.dumps of a float array): accept it, not 254.5
+        if (arr != np.round(arr)).any():
+            raise InputError(f"instance {i}: 'pixels' contains non-integer numbers; expected {expected}")
     if arr.min() < 0 or arr.max() > 255:
         raise InputError(f"instance {i}: 'pixels' has values in {arr.min()}..{arr.max()}; expected {expected}")
     return arr.astype(np.uint8)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Annotated
 
@@ -10,11 +11,12 @@ import psutil
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
+from ..metrics import OUTCOMES
 from ..precision import Precision
 from .decode import decode_instances, parse_json, to_model_input
 from .errors import InputError, PayloadTooLarge, ServiceUnavailable
 from .options import parse_options
-from .schemas import ClassifyRequest, ClassifyResponse, ErrorResponse, ModelsResponse, StatusResponse
+from .schemas import ClassifyResponse, ErrorResponse, ModelsResponse, StatusResponse
 from .service import ClassifierService
 
 router = APIRouter()
@@ -35,6 +37,20 @@ _ERRORS = {
     422: {"model": ErrorResponse, "description": "bad instance or header; the message says what is accepted"},
     503: {"model": ErrorResponse, "description": "no variant could answer; see Retry-After"},
 }
+
+
+# documented here for clients and schema-driven fuzzers; parsed by options.py (which explains a bad value)
+CLASSIFY_HEADERS = [
+    {"name": "X-Latency-Budget-Ms", "in": "header", "required": False,
+     "description": "server time the caller allows, ms; the router picks, per sample, a variant expected to fit",
+     "schema": {"type": "number", "exclusiveMinimum": 0}},
+    {"name": "X-Priority", "in": "header", "required": False,
+     "description": "quality: the most accurate variant that fits; speed: the fastest within tolerance; "
+                    "balanced (default): accuracy traded against latency",
+     "schema": {"type": "string", "enum": ["quality", "balanced", "speed"]}},
+    {"name": "X-Min-Precision", "in": "header", "required": False,
+     "description": "never answer below this precision", "schema": {"type": "string", "enum": ["int8", "fp16", "fp32"]}},
+]  # fmt: skip
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -61,9 +77,10 @@ def precision_header(precisions: set[str]) -> str:
     response_model=ClassifyResponse,
     responses=_ERRORS,  # type: ignore[arg-type]
     openapi_extra={
+        "parameters": CLASSIFY_HEADERS,
         "requestBody": {
             "required": True,
-            "content": {"application/json": {"schema": ClassifyRequest.model_json_schema(ref_template="#/components/schemas/{model}")}},
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ClassifyRequest"}}},  # app.py adds it
         }
     },
     summary="Classify images; each sample is routed to the precision that fits the latency budget",
@@ -87,6 +104,9 @@ async def classify(request: Request, service: ServiceDep) -> Response:
         raise
     except ServiceUnavailable:
         outcome = "unavailable"
+        raise
+    except asyncio.CancelledError:  # the shutdown's drain timeout cut it
+        outcome = "cancelled"
         raise
     finally:
         m.in_flight.dec()
@@ -166,7 +186,7 @@ async def status(service: ServiceDep) -> dict:
         "routing": {
             "samples_by_variant": {v["key"]: v["routed_samples"] for v in variants},
             "fallbacks_by_variant": fallbacks,
-            "requests": {o: int(m.value("aq_requests_total", outcome=o)) for o in ("ok", "client_error", "unavailable", "error")},
+            "requests": {o: int(m.value("aq_requests_total", outcome=o)) for o in OUTCOMES},
             "budget_met": int(m.value("aq_budget_total", result="met")),
             "budget_missed": int(m.value("aq_budget_total", result="missed")),
         },

@@ -1,5 +1,9 @@
-"""Pydantic models of the REST API (responses; the request body is parsed by decode.py for
-precise error messages, and documented in OpenAPI through `ClassifyRequest`)."""
+"""Pydantic models of the REST API's responses, and the JSON Schema of the classify request.
+
+The request body is parsed by decode.py (for precise error messages), so it has no pydantic
+model; `request_schemas` documents exactly what decode.py accepts, for clients and for
+schema-driven fuzzers (tests/test_fuzz.py).
+"""
 
 from __future__ import annotations
 
@@ -8,13 +12,29 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 
-class Instance(BaseModel):
-    b64: str | None = Field(None, description="PNG or JPEG bytes, base64 (standard alphabet); 32×32 RGB")
-    pixels: list[list[list[int]]] | None = Field(None, description="32×32×3 nested list of integers 0..255 (H, W, RGB)")
-
-
-class ClassifyRequest(BaseModel):
-    instances: list[Instance] = Field(..., description="images; exactly one of b64 or pixels each")
+def request_schemas(image_size: int, max_instances: int) -> dict[str, dict[str, Any]]:
+    """OpenAPI components: ClassifyRequest and ClassifyInstance, with this service's limits."""
+    channel = {"type": "integer", "minimum": 0, "maximum": 255}
+    row = {"type": "array", "items": {"type": "array", "items": channel, "minItems": 3, "maxItems": 3},
+           "minItems": image_size, "maxItems": image_size}  # fmt: skip
+    return {
+        "ClassifyInstance": {
+            "description": f"one {image_size}×{image_size} RGB image: exactly one of b64 or pixels",
+            "oneOf": [
+                {"type": "object", "required": ["b64"], "additionalProperties": False, "properties": {
+                    "b64": {"type": "string", "contentEncoding": "base64",
+                            "description": f"PNG or JPEG bytes, base64 (standard alphabet, padded); {image_size}×{image_size}"}}},
+                {"type": "object", "required": ["pixels"], "additionalProperties": False, "properties": {
+                    "pixels": {"type": "array", "items": row, "minItems": image_size, "maxItems": image_size,
+                               "description": "height × width × RGB integers 0..255"}}},
+            ],
+        },  # fmt: skip
+        "ClassifyRequest": {
+            "type": "object", "required": ["instances"], "additionalProperties": False,
+            "properties": {"instances": {"type": "array", "items": {"$ref": "#/components/schemas/ClassifyInstance"},
+                                         "minItems": 1, "maxItems": max_instances}},
+        },  # fmt: skip
+    }
 
 
 class Prediction(BaseModel):

@@ -4,7 +4,7 @@ Precedence (last wins): dataclass defaults < YAML file < `AQ_<SECTION>__<KEY>` e
 variables (e.g. `AQ_SERVER__PORT=9000`, `AQ_BACKEND__KIND=triton`, `AQ_REPOSITORY=...`) <
 `--set section.key=value` / explicit flags. Unknown keys and wrong types are rejected with
 a message that names the key. String values from the environment and `--set` are read as
-YAML scalars, so `true`, `12`, `0.5` get their natural types.
+YAML scalars, so `true`, `12`, `0.5` get their natural types (string settings keep the text as typed).
 """
 
 from __future__ import annotations
@@ -36,6 +36,11 @@ class ServerSettings:
     host: str = "127.0.0.1"  # loopback by default: exposing the service is a deliberate choice
     port: int = 8000
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # X-API-Key (or Authorization: Bearer) every /v1/ call must carry; "" = no key. Prefer
+    # api_key_file (a mounted secret) or AQ_SERVER__API_KEY to writing the key into a YAML file.
+    api_key: str = ""
+    api_key_file: str = ""  # read the key from this file (surrounding whitespace stripped)
+    drain_timeout_s: float = 30.0  # s in-flight requests may take to finish after SIGTERM/SIGINT
 
 
 @dataclass
@@ -98,6 +103,7 @@ class ServeSettings:
             "backend.instances": self.backend.instances, "batching.max_batch_size": self.batching.max_batch_size,
             "limits.max_request_bytes": self.limits.max_request_bytes, "limits.max_instances": self.limits.max_instances,
             "deadline.no_budget_timeout_ms": self.deadline.no_budget_timeout_ms, "breaker.failures": self.breaker.failures,
+            "server.drain_timeout_s": self.server.drain_timeout_s,
         }  # fmt: skip
         for key, value in positive.items():
             if value <= 0:
@@ -107,6 +113,15 @@ class ServeSettings:
                            "backend.health_interval_s": self.backend.health_interval_s}.items():
             if value < 0:
                 raise SettingsError(f"{key} must be >= 0, got {value}")
+        if self.server.api_key and self.server.api_key_file:
+            raise SettingsError("server.api_key and server.api_key_file are both set; give the key one way")
+        if self.server.api_key_file:
+            path = Path(self.server.api_key_file)
+            if not path.is_file():
+                raise SettingsError(f"server.api_key_file: {path} does not exist")
+            self.server.api_key = path.read_text().strip()
+            if not self.server.api_key:
+                raise SettingsError(f"server.api_key_file: {path} is empty")
         # the latency model must know how the backend batches
         if self.latency.max_batch_size != self.batching.max_batch_size:
             self.latency = dataclasses.replace(self.latency, max_batch_size=self.batching.max_batch_size)
@@ -115,8 +130,16 @@ class ServeSettings:
 # ----------------------------------------------------------------------------- loading
 
 
+class RawText(str):
+    """A value typed on a command line or in the environment: read as YAML (so `true`, `12`, `0.5`
+    get their natural types) except where the setting is a string, which keeps the text as typed
+    (an API key `0x1F` or `yes` must not become 31 or True)."""
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
+    if isinstance(value, RawText):
+        value = str(value) if tp is str else _scalar(value)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, Mapping):
             raise SettingsError(f"{key} must be a mapping of settings, got {value!r}")
@@ -194,7 +217,7 @@ def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     out = {}
     for name, raw in environ.items():
         if name.startswith(ENV_PREFIX):
-            out[name[len(ENV_PREFIX):].lower().replace("__", ".")] = _scalar(raw)
+            out[name[len(ENV_PREFIX):].lower().replace("__", ".")] = RawText(raw)
     return out
 
 
@@ -216,7 +239,7 @@ def load_settings(
     for dotted, value in env_overrides(os.environ if environ is None else environ).items():
         _set_path(tree, dotted, value)
     for dotted, value in (overrides or {}).items():
-        _set_path(tree, dotted, _scalar(value) if isinstance(value, str) else value)
+        _set_path(tree, dotted, RawText(value) if isinstance(value, str) else value)
     return _build(ServeSettings, tree)
 
 

@@ -1,0 +1,24 @@
+"""Load generator for a running gateway (scripts/loadtest.py).
+
+schedule  pure: arrival times (closed / Poisson / bursty), budget specs and their draws, phases
+config    the typed run configuration, validated on construction (loopback only, bounds)
+stats     pure: per-request records → the phase summary (percentiles, budgets, accuracy, mix)
+runner    I/O: drives the service over HTTP with one httpx.AsyncClient, phase by phase
+plot      one PNG of a run (matplotlib, headless)
+"""
+
+from .config import LoadTestConfig, LoadTestConfigError, check_loopback
+from .schedule import BudgetSpec, Phase, parse_budget, parse_phases
+from .stats import RequestRecord, summarize
+
+__all__ = [
+    "BudgetSpec",
+    "LoadTestConfig",
+    "LoadTestConfigError",
+    "Phase",
+    "RequestRecord",
+    "check_loopback",
+    "parse_budget",
+    "parse_phases",
+    "summarize",
+]
