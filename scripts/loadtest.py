@@ -21,7 +21,11 @@ Phases (--phases, comma separated) replay the same arrivals, images and budgets:
 the budget only; fp32/fp16/int8 add X-Min-Precision (a floor: int8 allows everything);
 quality/balanced/speed add X-Priority. --calibrate first runs a phase with X-Priority: speed and
 no budget; the p95 latency of its requests answered by int8 is the budget for --budget calibrated
-(or calibrated:M for M × that p95).
+(or calibrated:M for M × that p95). Under load "speed" spreads work over every variant, so
+for a pure INT8 figure start a second gateway pinned to INT8 and point --calibrate-url at it:
+  python scripts/serve.py --port 8012 --set 'variants=[int8]' &
+  python scripts/loadtest.py --concurrency 64 --duration 60 --calibrate --calibrate-url \
+      http://127.0.0.1:8012 --budget calibrated --phases adaptive,fp32
 
 Budgets (--budget, ms of client-measured end-to-end latency, drawn per request from --seed):
 none, fixed:50, uniform:20,80, choice:10,50,200, lognormal:MEDIAN,SIGMA, calibrated[:M].
@@ -85,6 +89,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--budget", default="none", help="latency budget distribution, ms; forms above" + d)
     g.add_argument("--phases", default="adaptive", help="comma-separated phases" + d)
     g.add_argument("--calibrate", action="store_true", help="run a speed/no-budget phase first (--budget calibrated)")
+    g.add_argument("--calibrate-url", help="run the calibration phase against this gateway instead, e.g. one "
+                   "started with --set variants=[int8]: its p95 is then a pure INT8 service's at this load")
     g.add_argument("--images", type=int, default=1000, help="distinct test images to cycle through" + d)
     g.add_argument("--batch", type=int, default=1, help="images per request" + d)
     g.add_argument("--data", default="data/cifar10", help="CIFAR-10 folder; its test split is used" + d)
@@ -111,7 +117,7 @@ def make_config(args: argparse.Namespace) -> LoadTestConfig:
         burst_factor=args.burst_factor, burst_s=args.burst_s, period_s=args.period_s,
         max_in_flight=args.max_in_flight, duration_s=args.duration, max_requests=args.max_requests,
         warmup_s=args.warmup, timeout_s=args.timeout, budget=parse_budget(args.budget),
-        phases=parse_phases(args.phases), calibrate=args.calibrate, batch=args.batch, seed=args.seed,
+        phases=parse_phases(args.phases), calibrate=args.calibrate, calibrate_url=args.calibrate_url, batch=args.batch, seed=args.seed,
         bin_s=args.bin, progress_s=args.progress,
         api_key=args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None,
     )  # fmt: skip
@@ -141,8 +147,6 @@ def load_images(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, str]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.log_level)
-    # httpx logs one INFO line per request
-    logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         cfg = make_config(args)
         images, labels, source = load_images(args)

@@ -203,6 +203,40 @@ def test_deadline_cuts_a_slow_variant_and_the_estimate_learns(repo):
         assert r.headers["X-Budget-Met"] == "true"
 
 
+def test_a_last_resort_is_not_cut_by_the_budget_a_late_answer_beats_a_503(repo):
+    backend = flaky(repo)
+    backend.delay_s = {"fp32": 0.4}  # e.g. overloaded: slower than the budget, but it answers
+    with serve(repo, backend=backend) as client:
+        img = b64_instance(images(1)[0])
+        t = time.perf_counter()
+        r = classify(client, [img], X_Min_Precision="fp32", X_Latency_Budget_Ms=50)
+        assert r.status_code == 200, r.text  # nothing else may answer: waited for fp32
+        assert time.perf_counter() - t >= 0.4 and r.headers["X-Budget-Met"] == "false"
+        assert r.json()["fallbacks"] == 0
+
+
+def test_a_variant_merely_slower_than_the_budget_is_waited_for_not_cut(repo):
+    backend = flaky(repo)
+    backend.delay_s = {"fp32": 0.13}  # past the 100 ms budget, within 2 × its 80 ms estimate
+    with serve(repo, backend=backend) as client:
+        r = classify(client, [b64_instance(images(1)[0])], X_Priority="quality", X_Latency_Budget_Ms=100)
+        assert r.status_code == 200 and r.headers["X-Precision"] == "fp32"  # answered by the variant chosen
+        assert r.json()["fallbacks"] == 0 and r.headers["X-Budget-Met"] == "false"
+
+
+def test_timeouts_reroute_but_do_not_open_the_breaker(repo):
+    backend = flaky(repo)
+    backend.delay_s = {"fp32": 0.5}  # busy, not broken; ewma_alpha 0 keeps routing to it
+    with serve(repo, backend=backend, **{"breaker.failures": 2}) as client:
+        img = b64_instance(images(1)[0])
+        for _ in range(3):
+            r = classify(client, [img], X_Priority="quality", X_Latency_Budget_Ms=150)
+            assert r.status_code == 200 and r.json()["fallbacks"] == 1 and r.headers["X-Precision"] != "fp32"
+        fp32 = next(v for v in client.get("/v1/status").json()["variants"] if v["key"] == "fp32")
+        assert fp32["routable"] and fp32["failures"] == 0  # an error would count; a timeout does not
+        assert metric(client, "aq_fallbacks_total", variant="fp32", reason="timeout") == 3
+
+
 # ----------------------------------------------------------------------------- bad input
 
 

@@ -3,6 +3,7 @@ real HTTP against the tiny torch-free model repository."""
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import json
 import math
@@ -11,6 +12,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from gateway_repo import build_repo
+from http_server import serve_in_thread
 
 from adaptive_quant.gateway.app import create_app
 from adaptive_quant.gateway.settings import load_settings
@@ -29,8 +32,6 @@ from adaptive_quant.loadtest.schedule import (
     parse_phases,
 )
 from adaptive_quant.loadtest.stats import RequestRecord, summarize
-from gateway_repo import build_repo
-from http_server import serve_in_thread
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -262,6 +263,7 @@ def test_script_refuses_a_foreign_host_before_any_request(
     def no_network(*args, **kwargs):
         raise AssertionError("a request was attempted")
 
+    monkeypatch.setattr(asyncio, "open_connection", no_network)  # what wire.WirePool connects with
     monkeypatch.setattr(httpx.AsyncClient, "send", no_network)
     monkeypatch.setattr(httpx.Client, "send", no_network)
     out = tmp_path / "r.json"

@@ -73,6 +73,10 @@ class LimitsSettings:
 @dataclass
 class DeadlineSettings:
     grace_ms: float = 5.0  # ms added to the remaining budget before a backend call is abandoned
+    # a call is never abandoned before slow_factor × its own estimate (+ grace): once the budget
+    # is spent, re-sending the samples elsewhere only pays twice, unless the variant is really
+    # stuck (far slower than expected), not merely queued a little longer than estimated
+    slow_factor: float = 2.0
     no_budget_timeout_ms: float = 10_000.0  # ms a backend call may take when the caller set no budget
 
 
@@ -103,7 +107,7 @@ class ServeSettings:
             "backend.instances": self.backend.instances, "batching.max_batch_size": self.batching.max_batch_size,
             "limits.max_request_bytes": self.limits.max_request_bytes, "limits.max_instances": self.limits.max_instances,
             "deadline.no_budget_timeout_ms": self.deadline.no_budget_timeout_ms, "breaker.failures": self.breaker.failures,
-            "server.drain_timeout_s": self.server.drain_timeout_s,
+            "server.drain_timeout_s": self.server.drain_timeout_s, "deadline.slow_factor": self.deadline.slow_factor,
         }  # fmt: skip
         for key, value in positive.items():
             if value <= 0:

@@ -3,7 +3,8 @@
 schedule  pure: arrival times (closed / Poisson / bursty), budget specs and their draws, phases
 config    the typed run configuration, validated on construction (loopback only, bounds)
 stats     pure: per-request records → the phase summary (percentiles, budgets, accuracy, mix)
-runner    I/O: drives the service over HTTP with one httpx.AsyncClient, phase by phase
+runner    I/O: drives the service over HTTP, phase by phase
+wire      a minimal HTTP/1.1 keep-alive client (httpx cost more CPU than the gateway it measured)
 plot      one PNG of a run (matplotlib, headless)
 """
 

@@ -72,6 +72,9 @@ class LoadTestConfig:
     phases: tuple[Phase, ...] = (Phase("adaptive"),)
     # run a speed/no-budget phase first and derive a budget from it
     calibrate: bool = False
+    # calibrate against this gateway instead (e.g. one started with --set variants=[int8], so the
+    # p95 is a pure INT8 service's at this load); loopback only, like url
+    calibrate_url: str | None = None
     batch: int = 1  # images per request
     seed: int = 0
     bin_s: float = 1.0  # s per bin of the variant mix over time
@@ -81,6 +84,10 @@ class LoadTestConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "url", check_loopback(self.url))
+        if self.calibrate_url is not None:
+            object.__setattr__(self, "calibrate_url", check_loopback(self.calibrate_url))
+            if not self.calibrate:
+                raise LoadTestConfigError("--calibrate-url needs --calibrate")
         if self.mode not in MODES:
             raise LoadTestConfigError(
                 f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}"

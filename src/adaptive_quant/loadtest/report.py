@@ -30,17 +30,18 @@ def _f(v: float | None, fmt: str) -> str:
 def format_table(summaries: dict[str, dict[str, Any]]) -> str:
     """One line per phase: latency percentiles, budget shares, accuracy, throughput, errors, mix."""
     head = (f"{'phase':<10} {'answered':>9} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'in budget':>9} "
-            f"{'srv met':>8} {'acc':>6} {'eff acc':>7} {'req/s':>8} {'rss +%':>7}  errors / variant mix")  # fmt: skip
+            f"{'srv met':>8} {'acc':>6} {'eff acc':>7} {'req/s':>8} {'rss +% all/load':>15}  errors / variant mix")  # fmt: skip
     lines = [head, "-" * len(head)]
     for name, s in summaries.items():
         lat = s["latency_ms"]
         errors = ", ".join(f"{k}:{v}" for k, v in s["errors_by_kind"].items()) or "none"
         mix = " ".join(f"{k} {v:.0%}" for k, v in s["variant_mix"].items()) or "-"
-        growth = s.get("memory", {}).get("growth_pct")
+        mem = s.get("memory", {})
+        growth = f"{_f(mem.get('growth_pct'), '.2f')}/{_f(mem.get('growth_recorded_pct'), '.2f')}"
         lines.append(
             f"{name:<10} {s['answered']:>4}/{s['requests']:<4} {_f(lat['p50'], '8.2f')} {_f(lat['p95'], '8.2f')} "
             f"{_f(lat['p99'], '8.2f')} {_f(s['within_budget_share'], '9.3f')} {_f(s['server_budget_met_share'], '8.3f')} "
             f"{_f(s['accuracy'], '6.3f')} {_f(s['effective_accuracy'], '7.3f')} {_f(s['throughput_rps'], '8.1f')} "
-            f"{_f(growth, '7.2f')}  {errors} / {mix}"
+            f"{growth:>15}  {errors} / {mix}"
         )  # fmt: skip
     return "\n".join(lines)

@@ -1,8 +1,9 @@
 """Drive a running gateway over HTTP: warm-up, then one recorded phase at a time.
 
-One httpx.AsyncClient for the whole run, its pool sized to the most requests that can be in
-flight, and request bodies serialised once up front (the load tester shares the CPU with the
-gateway it measures; every µs it spends is one the gateway does not get).
+One keep-alive connection pool (wire.py, a minimal HTTP/1.1 client) for the whole run, sized
+to the most requests that can be in flight, and request bodies serialised once up front (the
+load tester shares the CPU with the gateway it measures; every µs it spends is one the gateway
+does not get: httpx took ~3× the gateway's CPU at concurrency 64).
 
 Per phase: GET /v1/status → warm-up load (not recorded) → GET /v1/status → recorded load →
 wait for what is in flight → GET /v1/status. Memory is compared across the whole phase
@@ -19,11 +20,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
 import numpy as np
 
 from .config import LoadTestConfig
 from .schedule import CALIBRATION_PHASE, BudgetSpec, BudgetStream, Phase, arrival_times
+from .wire import WireError, WirePool
 from .stats import (
     BAD_RESPONSE,
     CLIENT_BUG,
@@ -82,7 +83,7 @@ class PhaseResult:
         s = summarize(self.records, self.duration_s, bin_s)
         s["budget_spec"] = str(self.budget)
         s["headers"] = self.phase.headers()
-        s["memory"] = memory_summary(_rss(self.status_start), _rss(self.status_after))
+        s["memory"] = memory_summary(_rss(self.status_start), _rss(self.status_after), _rss(self.status_before))
         before, after = _routing(self.status_before), _routing(self.status_after)
         s["server_routing"] = routing_delta(before, after)
         return s
@@ -129,40 +130,33 @@ class Runner:
 
     # ------------------------------------------------------------------ plumbing
 
-    def _client(self) -> httpx.AsyncClient:
-        n = self.cfg.pool_size
-        return httpx.AsyncClient(
-            base_url=self.cfg.url,
-            timeout=httpx.Timeout(self.cfg.timeout_s),
-            limits=httpx.Limits(max_connections=n, max_keepalive_connections=n),
-            headers=self.auth,
-            trust_env=False,  # no proxy from the environment: loopback traffic stays on loopback
-            follow_redirects=False,  # a redirect must not take the load elsewhere
-        )
+    def _client(self) -> WirePool:
+        # no proxy and no redirects by construction: loopback traffic stays on loopback
+        return WirePool(self.cfg.url, self.cfg.pool_size, self.cfg.timeout_s, headers=self.auth)
 
-    async def get_json(self, client: httpx.AsyncClient, path: str) -> dict[str, Any]:
+    async def get_json(self, client: WirePool, path: str) -> dict[str, Any]:
         where = f"{self.cfg.url}{path}"
         try:
-            r = await client.get(path)
-        except httpx.HTTPError as exc:
+            r = await client.request("GET", path)
+        except (WireError, TimeoutError) as exc:
             raise GatewayError(
                 f"could not reach {where}: {exc!r}; is the gateway running (scripts/serve.py)?"
             ) from None
-        if r.status_code == 401:
+        if r.status == 401:
             hint = "pass --api-key or set AQ_API_KEY"
             if self.cfg.api_key:
                 hint = "it refused the key given"
             msg = f"{where} answered 401: the service needs an API key ({hint})"
             raise GatewayError(msg)
-        if r.status_code != 200:
-            raise GatewayError(f"{where} answered {r.status_code}: {r.text[:300]}")
+        if r.status != 200:
+            raise GatewayError(f"{where} answered {r.status}: {r.text[:300]}")
         try:
             return r.json()
         except ValueError:
             msg = f"{where} did not answer JSON; is this the gateway?"
             raise GatewayError(msg) from None
 
-    async def _status(self, client: httpx.AsyncClient) -> dict[str, Any] | None:
+    async def _status(self, client: WirePool) -> dict[str, Any] | None:
         """/v1/status, or None: a missing figure in the report, not a failed run."""
         try:
             return await self.get_json(client, "/v1/status")
@@ -170,7 +164,7 @@ class Runner:
             log.warning("%s", exc)
             return None
 
-    async def _send(self, client: httpx.AsyncClient, headers: dict[str, str], i: int, budget: float | None,
+    async def _send(self, client: WirePool, headers: dict[str, str], i: int, budget: float | None,
                     scheduled: float, t0: float) -> RequestRecord:  # fmt: skip
         """Request i of the phase; latency counts from `scheduled` (perf_counter s). Never raises."""
         k = i % len(self.work.bodies)
@@ -183,23 +177,23 @@ class Runner:
             rec.error_kind = CLIENT_BUG
         return rec
 
-    async def _exchange(self, client: httpx.AsyncClient, headers: dict[str, str], rec: RequestRecord,
+    async def _exchange(self, client: WirePool, headers: dict[str, str], rec: RequestRecord,
                         body: bytes, labels: np.ndarray, scheduled: float) -> None:  # fmt: skip
         if rec.budget_ms is not None:
             headers = {**headers, "X-Latency-Budget-Ms": f"{rec.budget_ms:.3f}"}
         rec.send_lag_ms = max(0.0, (time.perf_counter() - scheduled) * 1e3)
         try:
-            r = await client.post(CLASSIFY, content=body, headers=headers)
-        except httpx.TimeoutException:
+            r = await client.request("POST", CLASSIFY, body, headers)
+        except TimeoutError:
             rec.error_kind = TIMEOUT
             return
-        except httpx.HTTPError as exc:
+        except WireError as exc:
             rec.error_kind = CONNECTION
             log.debug("%r", exc)
             return
         rec.latency_ms = (time.perf_counter() - scheduled) * 1e3
-        if r.status_code != 200:
-            rec.error_kind = str(r.status_code)
+        if r.status != 200:
+            rec.error_kind = str(r.status)
             return
         try:
             answer = r.json()
@@ -209,13 +203,13 @@ class Runner:
             correct = sum(int(p["class_id"] == int(y)) for p, y in zip(preds, labels))
             variants = tuple(str(p["variant"]) for p in preds)
             budget_met = bool(answer["budget_met"])
-            server_ms = float(r.headers["X-Server-Time-Ms"])
+            server_ms = float(r.headers["x-server-time-ms"])
         except (ValueError, KeyError, TypeError) as exc:
             rec.error_kind = BAD_RESPONSE
             log.debug("%r", exc)
             return
         rec.correct, rec.variants, rec.server_budget_met = correct, variants, budget_met
-        rec.precision = r.headers.get("X-Precision")
+        rec.precision = r.headers.get("x-precision")
         rec.server_time_ms = server_ms
 
     def _count(self, rec: RequestRecord) -> RequestRecord:
@@ -226,7 +220,7 @@ class Runner:
 
     # ------------------------------------------------------------------ load shapes
 
-    async def _closed(self, client: httpx.AsyncClient, headers: dict[str, str], budgets: BudgetStream,
+    async def _closed(self, client: WirePool, headers: dict[str, str], budgets: BudgetStream,
                       duration_s: float, max_requests: int | None, t0: float) -> list[RequestRecord]:  # fmt: skip
         records: list[RequestRecord] = []
         stop_at = t0 + duration_s
@@ -245,7 +239,7 @@ class Runner:
         await asyncio.gather(*(worker() for _ in range(self.cfg.concurrency)))
         return records
 
-    async def _open(self, client: httpx.AsyncClient, headers: dict[str, str], budgets: BudgetStream,
+    async def _open(self, client: WirePool, headers: dict[str, str], budgets: BudgetStream,
                     times: np.ndarray, t0: float) -> list[RequestRecord]:  # fmt: skip
         records: list[RequestRecord] = []
         pending: set[asyncio.Task] = set()
@@ -275,7 +269,7 @@ class Runner:
             await asyncio.gather(*list(pending), return_exceptions=True)
         return records
 
-    async def _load(self, client: httpx.AsyncClient, phase: Phase, budget: BudgetSpec, duration_s: float,
+    async def _load(self, client: WirePool, phase: Phase, budget: BudgetSpec, duration_s: float,
                     max_requests: int | None, seed: int) -> tuple[list[RequestRecord], float]:  # fmt: skip
         """Apply the configured load for one stretch; (records, s from first send to last answer)."""
         cfg = self.cfg
@@ -299,7 +293,7 @@ class Runner:
             log.info("%s: %.0f/%.0f s, %d requests done, %d errors", name, time.perf_counter() - t0, duration_s,
                      live.get("done", 0), live.get("errors", 0))  # fmt: skip
 
-    async def run_phase(self, client: httpx.AsyncClient, phase: Phase, budget: BudgetSpec) -> PhaseResult:  # fmt: skip
+    async def run_phase(self, client: WirePool, phase: Phase, budget: BudgetSpec) -> PhaseResult:  # fmt: skip
         """Warm-up, then the recorded load; the same schedule and budgets for every phase."""
         cfg = self.cfg
         if not phase.send_budget:
@@ -323,6 +317,16 @@ class Runner:
         status_after = await self._status(client)
         return PhaseResult(phase, budget, records, elapsed, status_start, status_before, status_after)  # fmt: skip
 
+    async def _calibrate(self, client: WirePool) -> PhaseResult:
+        """The calibration phase, on the service under test or on --calibrate-url."""
+        cfg = self.cfg
+        if cfg.calibrate_url is None:
+            return await self.run_phase(client, CALIBRATION_PHASE, cfg.budget)
+        log.info("calibration against %s", cfg.calibrate_url)
+        async with WirePool(cfg.calibrate_url, cfg.pool_size, cfg.timeout_s, headers=self.auth) as other:
+            await self.get_json(other, "/v1/models")  # reachable, and the gateway
+            return await self.run_phase(other, CALIBRATION_PHASE, cfg.budget)
+
     async def run(self) -> RunResult:
         cfg = self.cfg
         out = RunResult()
@@ -337,11 +341,12 @@ class Runner:
                      out.service["backend"], out.service["variants"])  # fmt: skip
             budget = cfg.budget
             if cfg.calibrate:
-                res = await self.run_phase(client, CALIBRATION_PHASE, cfg.budget)
+                res = await self._calibrate(client)
                 p95, n = calibrated_p95(res.records)
                 budget = cfg.budget.resolved(p95)
                 out.calibration_result = res
-                out.calibration = {"int8_p95_ms": p95, "int8_requests": n, "multiplier": cfg.budget.multiplier,
+                out.calibration = {"url": cfg.calibrate_url or cfg.url, "int8_p95_ms": p95, "int8_requests": n,
+                                   "multiplier": cfg.budget.multiplier,
                                    "budget_spec": str(cfg.budget), "resolved_budget": str(budget),
                                    "budget_ms": budget.params[0] if cfg.budget.needs_calibration else None,
                                    "summary": res.summary(cfg.bin_s)}  # fmt: skip
