@@ -148,6 +148,21 @@ def test_in_flight_samples_add_queueing_until_they_finish():
     assert est.estimate_ms("fp32", 1) == pytest.approx(1.0)
 
 
+def test_variants_sharing_compute_wait_for_each_others_work():
+    profiles = {"fp32": profile(3.0), "int8": profile(1.0)}
+    shared = LatencyEstimator(profiles, LatencyConfig(max_batch_size=32, ewma_alpha=0.0, compute_slots=1))
+    apart = LatencyEstimator(profiles, LatencyConfig(max_batch_size=32, ewma_alpha=0.0, compute_slots=0))
+    for est in (shared, apart):
+        est.begin("int8", 64)  # two full INT8 batches queued: 2 × 8 ms of work
+    # on one shared CPU an FP32 call waits behind INT8's work; on hardware of its own it does not
+    assert shared.estimate_ms("fp32", 1) == pytest.approx(3.0 + 16.0)
+    assert apart.estimate_ms("fp32", 1) == pytest.approx(3.0)
+    assert shared.estimate_ms("int8", 1) == apart.estimate_ms("int8", 1) == pytest.approx(1.0 + 16.0)
+    two = LatencyEstimator(profiles, LatencyConfig(max_batch_size=32, ewma_alpha=0.0, compute_slots=2))
+    two.begin("int8", 64)
+    assert two.estimate_ms("fp32", 1) == pytest.approx(3.0 + 8.0)  # two slots drain it twice as fast
+
+
 def test_observed_latency_corrects_the_profile_and_relaxes_back():
     clock = FakeClock()
     cfg = LatencyConfig(ewma_alpha=0.5, relax_half_life_s=10.0)

@@ -8,7 +8,8 @@ Per request:
   4. each call is abandoned at max(remaining budget, slow_factor × its own estimate) + grace:
      when the estimate already exceeds the budget the budget is lost anyway, and cutting the
      call at the budget would only turn a late answer into a later one elsewhere (measured at
-     concurrency 64 with slow_factor 1: 0.85 % of requests cascaded int8 → fp16 → fp32). A call with no variant left to fall
+     concurrency 64, 40 s, budget 110 ms: slow_factor 2 → 2.8 % of requests fell back, p99 287 ms;
+     4 → 0.5 %, p99 172 ms; never cut → 0 %, p99 161 ms; 4 keeps a stuck variant cut early). A call with no variant left to fall
      back to is never cut by the budget (only by deadline.no_budget_timeout_ms): under
      overload a late answer beats a 503
   5. a call that fails or times out is re-routed among the variants not yet tried for these

@@ -76,7 +76,7 @@ class DeadlineSettings:
     # a call is never abandoned before slow_factor × its own estimate (+ grace): once the budget
     # is spent, re-sending the samples elsewhere only pays twice, unless the variant is really
     # stuck (far slower than expected), not merely queued a little longer than estimated
-    slow_factor: float = 2.0
+    slow_factor: float = 4.0
     no_budget_timeout_ms: float = 10_000.0  # ms a backend call may take when the caller set no budget
 
 
