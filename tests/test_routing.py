@@ -205,3 +205,16 @@ def test_balanced_prices_compute_not_queueing_under_load() -> None:
     assert queue_priced.index.tolist() == [0]
     assert compute_priced.index.tolist() == [1]
     assert compute_priced.budget_met.tolist() == [True]
+
+
+def test_balanced_prices_compute_higher_under_load():
+    acc = np.array([[0.93, 0.90]])  # fp32 3 points more likely right; 4× the compute (2 halvings)
+    cost = np.array([4.0, 1.0])
+    cfg = RoutingConfig(accuracy_per_halving=0.01, load_price=1.0)
+    idle = route_batch(acc, cost, np.array([True, True]), None, Priority.BALANCED, cfg, cost_ms=cost, load=0.0)
+    busy = route_batch(acc, cost, np.array([True, True]), None, Priority.BALANCED, cfg, cost_ms=cost, load=1.0)
+    assert idle.index[0] == 0  # 3 points > 2 halvings × 1 point: worth FP32 on an idle server
+    assert busy.index[0] == 1  # one full batch waiting: 2 halvings × 2 points > 3 points
+    flat = route_batch(acc, cost, np.array([True, True]), None, Priority.BALANCED,
+                       RoutingConfig(load_price=0.0), cost_ms=cost, load=5.0)  # fmt: skip
+    assert flat.index[0] == 0

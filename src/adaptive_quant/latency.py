@@ -124,6 +124,10 @@ class LatencyEstimator:
     def estimates_ms(self, variants: list[str], batch: int) -> list[float]:
         return [self.estimate_ms(v, batch) for v in variants]
 
+    def load(self) -> float:
+        """Samples in flight on every variant, in max-size batches (0 = idle)."""
+        return sum(st.in_flight for st in self._state.values()) / self.config.max_batch_size
+
     def in_flight(self, variant: str) -> int:
         return self._state[variant].in_flight
 

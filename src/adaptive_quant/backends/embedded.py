@@ -36,6 +36,7 @@ class EmbeddedBackend(Backend):
         intra_op_threads: int = 1,  # ORT threads per call; parallelism comes from variants/instances
         providers: list[str] | None = None,
         verify_sha256: bool = True,
+        memory_arena: bool = False,
     ) -> None:
         self.repository = Path(repository)
         self.manifest = manifest
@@ -45,6 +46,7 @@ class EmbeddedBackend(Backend):
         self.intra_op_threads = intra_op_threads
         self.providers = providers or ["CPUExecutionProvider"]
         self.verify_sha256 = verify_sha256
+        self.memory_arena = memory_arena
         self._health: dict[str, VariantHealth] = {
             v.key: VariantHealth(v.key, False, "not started") for v in manifest.served_variants()
         }
@@ -104,6 +106,12 @@ class EmbeddedBackend(Backend):
         opts.inter_op_num_threads = 1
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # don't burn idle cores
         opts.log_severity_level = 3  # errors only; ORT's warnings about casts would flood the log
+        if not self.memory_arena:
+            # the arena and the per-shape memory plans grow with every new batch size (1..32 per
+            # variant): +55 MB of RSS over the first minutes of load; without them +11 MB, at the
+            # same speed within noise (measured here, int8/fp32 at batch 1 and 32)
+            opts.enable_cpu_mem_arena = False
+            opts.enable_mem_pattern = False
         try:
             session = ort.InferenceSession(str(path), sess_options=opts, providers=self.providers)
         except Exception as exc:  # ORT raises several types for a corrupt or unsupported graph

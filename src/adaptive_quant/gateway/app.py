@@ -96,6 +96,7 @@ def create_app(
                     "instances": settings.backend.instances,
                     "intra_op_threads": settings.backend.intra_op_threads,
                     "verify_sha256": settings.backend.verify_sha256,
+                    "memory_arena": settings.backend.memory_arena,
                 }
             )
             b = make_backend(settings.backend.kind, settings.repository, manifest, **opts)

@@ -211,7 +211,7 @@ class ClassifierService:
         # remaining ≤ 0 (budget already spent on a failed call) makes nothing feasible → fastest allowed
         try:
             decision = route_batch(state.acc[idx], estimates, allowed, remaining, state.options.priority,
-                                   self.settings.routing, cost_ms=cost)
+                                   self.settings.routing, cost_ms=cost, load=self.estimator.load())
         except NoVariantAllowed as exc:  # unreachable after the check above; kept for safety
             raise ServiceUnavailable(str(exc), retry_after_s=self._retry_after()) from exc
         state.decision_met[idx] &= decision.budget_met

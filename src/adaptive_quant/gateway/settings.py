@@ -41,6 +41,9 @@ class ServerSettings:
     api_key: str = ""
     api_key_file: str = ""  # read the key from this file (surrounding whitespace stripped)
     drain_timeout_s: float = 30.0  # s in-flight requests may take to finish after SIGTERM/SIGINT
+    # one log line per request: off by default (at ~700 req/s a flood that cost ~2 % CPU, measured
+    # with py-spy); /metrics and /v1/status carry the counts, warnings and errors are always logged
+    access_log: bool = False
 
 
 @dataclass
@@ -56,6 +59,7 @@ class BackendSettings:
     intra_op_threads: int = 1  # embedded: ORT threads per call
     instances: int = 1  # embedded: concurrent ORT calls per variant
     verify_sha256: bool = True  # embedded: refuse a model file that differs from the manifest
+    memory_arena: bool = False  # embedded: ORT's CPU arena + memory plans (RSS grows per batch shape)
 
 
 @dataclass
