@@ -218,3 +218,13 @@ def test_balanced_prices_compute_higher_under_load():
     flat = route_batch(acc, cost, np.array([True, True]), None, Priority.BALANCED,
                        RoutingConfig(load_price=0.0), cost_ms=cost, load=5.0)  # fmt: skip
     assert flat.index[0] == 0
+
+
+def test_with_nothing_feasible_the_cheapest_compute_answers_not_the_momentarily_fastest():
+    acc = np.array([[0.90, 0.90]])
+    live = np.array([40.0, 60.0])  # FP32 looks faster right now (INT8 just stalled)...
+    cost = np.array([3.0, 1.0])  # ...but INT8 is the cheaper compute
+    d = route_batch(acc, live, np.array([True, True]), 10.0, Priority.BALANCED, RoutingConfig(), cost_ms=cost)
+    assert d.index[0] == 1 and not d.budget_met[0]
+    d = route_batch(acc, live, np.array([True, True]), 50.0, Priority.BALANCED, RoutingConfig(), cost_ms=cost)
+    assert d.index[0] == 0 and d.budget_met[0]  # when FP32 fits and INT8 does not, FP32 it is

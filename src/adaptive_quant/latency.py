@@ -33,7 +33,10 @@ from .manifest import LatencyProfile
 class LatencyConfig:
     ewma_alpha: float = 0.2  # weight of the newest observation; 0 freezes the profile
     min_ratio: float = 0.05  # clamps on one observation's observed/predicted ratio, so one
-    max_ratio: float = 50.0  # hiccup (GC pause, page fault) cannot dominate the estimate
+    # hiccup (GC pause, page fault) cannot dominate the estimate. 4, not more: one stall is seen
+    # by every request in flight on the variant (64 observations at concurrency 64); at 50 that
+    # made INT8 look slower than FP32 for ~6 s and the router moved everything to FP32
+    max_ratio: float = 4.0
     relax_half_life_s: float = 30.0  # s for the ratio to forget half its deviation from 1
     default_service_ms: float = 5.0  # ms per call when a variant has no latency profile
     max_batch_size: int = 32  # samples per backend call, as the backend batches them

@@ -21,7 +21,7 @@ Per sample and variant v (DESIGN.md, "The routing policy"):
              would move samples to the *expensive* variant just when compute is scarce.
              Under load the price rises instead: accuracy_per_halving · (1 + load_price · load),
              load = samples in flight / max batch size.
-  nothing feasible → the fastest allowed variant, budget_met = False
+  nothing feasible → the allowed variant of least compute (cost_ms; else the fastest), budget_met = False
   nothing allowed  → NoVariantAllowed (the gateway answers 503 or 422)
 """
 
@@ -158,9 +158,14 @@ def route_batch(
         tol = config.speed_tolerance if priority is Priority.SPEED else 0.0
         best = np.where(feasible, acc, -np.inf).max(axis=1, keepdims=True)
         candidates = feasible & (acc >= best - tol - _TIE)
-    # among the candidates, the fastest; rows with nothing feasible take the fastest allowed one
+    # among the candidates, the fastest. Rows with nothing feasible take the allowed variant of
+    # least compute (cost_ms, when given): the budget is lost anyway, and on shared compute the
+    # cheapest variant drains the queue soonest; choosing by the live estimate instead let one
+    # stall on INT8 send every sample to FP32 for seconds (measured at concurrency 64)
     pool = np.where(any_feasible[:, None], candidates, allowed[None, :])
-    index = np.where(pool, lat, np.inf).argmin(axis=1)
+    fallback_price = lat if cost_ms is None else np.broadcast_to(np.asarray(cost_ms, dtype=np.float64), lat.shape)
+    order = np.where(any_feasible[:, None], lat, fallback_price)
+    index = np.where(pool, order, np.inf).argmin(axis=1)
     return BatchDecision(index=index, budget_met=any_feasible)
 
 
