@@ -57,6 +57,7 @@ def make_server(app: FastAPI, settings: ServeSettings) -> DrainingServer:
         log.warning("listening on %s without an API key: anyone who can reach this address can call "
                     "the service (set server.api_key_file or AQ_SERVER__API_KEY)", s.host)  # fmt: skip
     config = uvicorn.Config(app, host=s.host, port=s.port, log_level=s.log_level, access_log=s.access_log,
+                            timeout_keep_alive=s.keep_alive_s,  # type: ignore[arg-type]  # float s is fine
                             timeout_graceful_shutdown=s.drain_timeout_s)  # type: ignore[arg-type]  # float s is fine
     return DrainingServer(config, app)
 

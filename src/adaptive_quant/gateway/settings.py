@@ -44,6 +44,10 @@ class ServerSettings:
     # one log line per request: off by default (at ~700 req/s a flood that cost ~2 % CPU, measured
     # with py-spy); /metrics and /v1/status carry the counts, warnings and errors are always logged
     access_log: bool = False
+    # s an idle keep-alive connection stays open. Longer than the clients' and load balancers'
+    # idle timeouts (often 60 s): uvicorn's 5 s closed connections just as clients reused them
+    # (seen as resets in bursty load tests with 5 s gaps)
+    keep_alive_s: float = 75.0
 
 
 @dataclass
@@ -111,7 +115,8 @@ class ServeSettings:
             "backend.instances": self.backend.instances, "batching.max_batch_size": self.batching.max_batch_size,
             "limits.max_request_bytes": self.limits.max_request_bytes, "limits.max_instances": self.limits.max_instances,
             "deadline.no_budget_timeout_ms": self.deadline.no_budget_timeout_ms, "breaker.failures": self.breaker.failures,
-            "server.drain_timeout_s": self.server.drain_timeout_s, "deadline.slow_factor": self.deadline.slow_factor,
+            "server.drain_timeout_s": self.server.drain_timeout_s, "server.keep_alive_s": self.server.keep_alive_s,
+            "deadline.slow_factor": self.deadline.slow_factor,
         }  # fmt: skip
         for key, value in positive.items():
             if value <= 0:

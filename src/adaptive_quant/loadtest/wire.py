@@ -124,6 +124,8 @@ class WirePool:
             if not exc.partial:  # closed before a byte of the answer: safe to send again elsewhere
                 raise _StaleConnection() from exc
             raise WireError(f"connection broken: {exc!r}") from exc
+        except (ConnectionResetError, BrokenPipeError) as exc:  # the server's keep-alive close raced our send
+            raise _StaleConnection() from exc
         except OSError as exc:
             raise WireError(f"connection broken: {exc!r}") from exc
         if len(head) > MAX_HEADER_BYTES:
