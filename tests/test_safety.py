@@ -16,13 +16,13 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from gateway_repo import b64_instance, build_repo, images
+from http_server import serve_in_thread
 
 from adaptive_quant.data import DataError, read_cifar_split
 from adaptive_quant.gateway.app import create_app
-from adaptive_quant.gateway.server import is_loopback
 from adaptive_quant.gateway.settings import ServeSettings, SettingsError, load_settings
-from gateway_repo import b64_instance, build_repo, images
-from http_server import serve_in_thread
+from adaptive_quant.net import is_loopback
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -146,9 +146,9 @@ def route_batch(
     feasible = np.broadcast_to(fits & allowed, (n, v))  # (N, V)
     any_feasible = feasible.any(axis=1)  # (N,)
 
+    price = lat if cost_ms is None else np.asarray(cost_ms, dtype=np.float64)  # compute per variant
     if priority is Priority.BALANCED:
         # log2 of the latency: only ratios between variants matter (the row's minimum cancels)
-        price = lat if cost_ms is None else np.asarray(cost_ms, dtype=np.float64)
         cost = np.log2(np.maximum(price, 1e-6))
         per_halving = config.accuracy_per_halving * (1.0 + config.load_price * max(0.0, load))
         score = np.where(feasible, acc - per_halving * cost, -np.inf)
@@ -163,8 +163,7 @@ def route_batch(
     # cheapest variant drains the queue soonest; choosing by the live estimate instead let one
     # stall on INT8 send every sample to FP32 for seconds (measured at concurrency 64)
     pool = np.where(any_feasible[:, None], candidates, allowed[None, :])
-    fallback_price = lat if cost_ms is None else np.broadcast_to(np.asarray(cost_ms, dtype=np.float64), lat.shape)
-    order = np.where(any_feasible[:, None], lat, fallback_price)
+    order = np.where(any_feasible[:, None], lat, price)
     index = np.where(pool, order, np.inf).argmin(axis=1)
     return BatchDecision(index=index, budget_met=any_feasible)
 

@@ -7,7 +7,6 @@ lifespan closes the backend. This module adds the logs an operator needs to see 
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import socket
 import time
@@ -15,19 +14,10 @@ import time
 import uvicorn
 from fastapi import FastAPI
 
+from ..net import is_loopback
 from .settings import ServeSettings
 
 log = logging.getLogger(__name__)
-
-
-def is_loopback(host: str) -> bool:
-    """127.0.0.0/8, ::1 and localhost; a name that is not an address counts as exposed."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class DrainingServer(uvicorn.Server):

@@ -8,10 +8,10 @@ Per request:
   4. each call is abandoned at max(remaining budget, slow_factor × its own estimate) + grace:
      when the estimate already exceeds the budget the budget is lost anyway, and cutting the
      call at the budget would only turn a late answer into a later one elsewhere (measured at
-     concurrency 64, 40 s, budget 110 ms: slow_factor 2 → 2.8 % of requests fell back, p99 287 ms;
-     4 → 0.5 %, p99 172 ms; never cut → 0 %, p99 161 ms; 4 keeps a stuck variant cut early). A call with no variant left to fall
-     back to is never cut by the budget (only by deadline.no_budget_timeout_ms): under
-     overload a late answer beats a 503
+     concurrency 64, 40 s, budget 110 ms: slow_factor 2 → 2.8 % of requests fell back, p99
+     287 ms; 4 → 0.5 %, p99 172 ms; never cut → 0 %, p99 161 ms; 4 still cuts a stuck variant
+     early). A call with no variant left to fall back to is never cut by the budget (only by
+     deadline.no_budget_timeout_ms): under overload a late answer beats a 503
   5. a call that fails or times out is re-routed among the variants not yet tried for these
      samples; when none is left the request fails with ServiceUnavailable (503)
   6. only errors count towards a variant's breaker, not timeouts: a timeout under overload
@@ -197,8 +197,8 @@ class ClassifierService:
     async def _serve(self, state: _RequestState, idx: np.ndarray, tried: frozenset[str]) -> None:
         """Route the samples `idx` among variants not in `tried`, and answer them."""
         t = time.perf_counter()
-        floor_ok = self._floor_ok(state)
-        allowed = self._allowed(state, tried)
+        floor_ok = self.ranks >= (state.options.floor.rank if state.options.floor else -1)
+        allowed = floor_ok & self.routable() & np.array([k not in tried for k in self.keys])
         remaining = self._remaining_ms(state)
         if not allowed.any():
             detail = "; ".join(state.errors) or self._why_none_allowed(floor_ok)
@@ -208,7 +208,7 @@ class ClassifierService:
         # ratio either: on shared cores that ratio measures the load (queueing inside the
         # batcher), which would again make the busiest, cheapest variant look expensive
         cost = np.array([self.estimator.service_ms(k, len(idx)) for k in self.keys])
-        # remaining ≤ 0 (budget already spent on a failed call) makes nothing feasible → fastest allowed
+        # remaining ≤ 0 (budget already spent on a failed call) makes nothing feasible → cheapest allowed
         try:
             decision = route_batch(state.acc[idx], estimates, allowed, remaining, state.options.priority,
                                    self.settings.routing, cost_ms=cost, load=self.estimator.load())
@@ -219,20 +219,15 @@ class ClassifierService:
         calls = []
         for j in np.unique(decision.index):
             sub = idx[decision.index == j]
-            calls.append(self._call(state, int(j), sub, float(estimates[j]), tried))
+            last_resort = allowed.sum() == 1  # j is the only variant these samples may still go to
+            calls.append(self._call(state, int(j), sub, float(estimates[j]), tried, last_resort))
         await asyncio.gather(*calls)
 
-    def _floor_ok(self, state: _RequestState) -> np.ndarray:
-        return self.ranks >= (state.options.floor.rank if state.options.floor else -1)
-
-    def _allowed(self, state: _RequestState, tried: frozenset[str]) -> np.ndarray:
-        """(V,) bool: at or above the floor, routable, not tried yet for these samples."""
-        return self._floor_ok(state) & self.routable() & np.array([k not in tried for k in self.keys])
-
-    async def _call(self, state: _RequestState, j: int, idx: np.ndarray, estimate_ms: float, tried: frozenset[str]) -> None:
+    async def _call(self, state: _RequestState, j: int, idx: np.ndarray, estimate_ms: float, tried: frozenset[str],
+                    last_resort: bool) -> None:  # fmt: skip
         key = self.keys[j]
         remaining = self._remaining_ms(state)
-        if remaining is None or not self._allowed(state, tried | {key}).any():  # no budget, or a last resort
+        if remaining is None or last_resort:
             timeout_ms = self.settings.deadline.no_budget_timeout_ms
         else:
             deadline = self.settings.deadline

@@ -6,12 +6,12 @@ optionally in count, and it only ever targets a service on this machine (loopbac
 
 from __future__ import annotations
 
-import ipaddress
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from ..net import is_loopback
 from .schedule import MODES, ArrivalSpec, BudgetSpec, Mode, Phase
 
 MAX_DURATION_S = 3600.0  # s: one hour of load is the most one invocation may apply
@@ -41,11 +41,7 @@ def check_loopback(url: str) -> str:
         raise LoadTestConfigError(f"--url {url!r} is not a valid URL: {exc}") from None
     if parts.scheme not in ("http", "https") or not host:
         raise LoadTestConfigError(f"--url {url!r} must look like http://127.0.0.1:8000")
-    try:
-        loopback = ipaddress.ip_address(host).is_loopback
-    except ValueError:  # a name, not an address
-        loopback = host == "localhost"
-    if not loopback:
+    if not is_loopback(host):
         raise LoadTestConfigError(
             f"--url {url!r} targets host {host!r}, which is not this machine; the load tester "
             "only drives a service on loopback (127.0.0.1, ::1 or localhost)"
