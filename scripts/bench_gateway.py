@@ -17,9 +17,9 @@ import platform
 import sys
 from pathlib import Path
 
-from adaptive_quant.gateway.bench import MODES, bench_overhead, bench_routing, bench_throughput
-from adaptive_quant.gateway.settings import SettingsError, load_settings, parse_set
-from adaptive_quant.manifest import ManifestError, load_manifest
+from adaptive_quant.tools.bench import MODES, bench_overhead, bench_routing, bench_throughput
+from adaptive_quant.serving.settings import SettingsError, load_settings, parse_set
+from adaptive_quant.core.manifest import ManifestError, load_manifest
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,10 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from
 
 from adaptive_quant.config import ConfigError, load_config  # noqa: E402
 from adaptive_quant.data import DataError, load_dataset  # noqa: E402
-from adaptive_quant.evaluation import EvalOptions, EvaluationError, evaluate_repository  # noqa: E402
-from adaptive_quant.manifest import ManifestError  # noqa: E402
-from adaptive_quant.report_render import log_report_to_mlflow, write_report  # noqa: E402
-from adaptive_quant.routing import Priority  # noqa: E402
+from adaptive_quant.evaluation.offline import EvalOptions, EvaluationError, evaluate_repository  # noqa: E402
+from adaptive_quant.core.manifest import ManifestError  # noqa: E402
+from adaptive_quant.evaluation.render import log_report_to_mlflow, write_report  # noqa: E402
+from adaptive_quant.core.routing import Priority  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -58,7 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _options(args: argparse.Namespace, seed: int) -> EvalOptions:
-    from adaptive_quant.gateway.settings import load_settings
+    from adaptive_quant.serving.settings import load_settings
 
     serve = Path(args.serve_config)
     routing = load_settings(serve if serve.is_file() else None, environ={}).routing
@@ -82,11 +82,11 @@ def main(argv: list[str] | None = None) -> int:
         dataset = load_dataset(cfg.data, cfg.seed)  # only .test is scored; export (--checkpoint) needs val/train
         test = dataset.test
         if args.url:
-            from adaptive_quant.evaluation_http import evaluate_url
+            from adaptive_quant.evaluation.over_http import evaluate_url
 
             report = evaluate_url(args.url, test, opts)
         elif args.checkpoint:
-            from adaptive_quant.export import build_repository
+            from adaptive_quant.export.pipeline import build_repository
 
             with tempfile.TemporaryDirectory(prefix="evaluate-") as tmp:
                 # force: evaluate even a variant the gate would refuse (the report shows its drop)

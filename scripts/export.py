@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from a checkout without install
 
-from adaptive_quant.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
+from adaptive_quant.training.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
 from adaptive_quant.cli import LOG_LEVELS, setup_logging  # noqa: E402
 from adaptive_quant.config import (  # noqa: E402
     ConfigError,
@@ -27,7 +27,7 @@ from adaptive_quant.config import (  # noqa: E402
     config_from_dict,
 )
 from adaptive_quant.data import DataError  # noqa: E402
-from adaptive_quant.export import ExportGateError, build_repository  # noqa: E402
+from adaptive_quant.export.pipeline import ExportGateError, build_repository  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

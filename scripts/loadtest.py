@@ -55,10 +55,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 # fmt: off
 from adaptive_quant.cli import LOG_LEVELS, setup_logging  # noqa: E402
 from adaptive_quant.data import CIFAR10_CLASSES, DataError, make_synthetic, read_cifar_split  # noqa: E402
-from adaptive_quant.loadtest.config import LoadTestConfig, LoadTestConfigError  # noqa: E402
-from adaptive_quant.loadtest.report import build_results, format_table  # noqa: E402
-from adaptive_quant.loadtest.runner import CalibrationError, GatewayError, Workload, run_loadtest  # noqa: E402
-from adaptive_quant.loadtest.schedule import MODES, image_groups, parse_budget, parse_phases  # noqa: E402
+from adaptive_quant.tools.loadtest.config import LoadTestConfig, LoadTestConfigError  # noqa: E402
+from adaptive_quant.tools.loadtest.report import build_results, format_table  # noqa: E402
+from adaptive_quant.tools.loadtest.runner import CalibrationError, GatewayError, Workload, run_loadtest  # noqa: E402
+from adaptive_quant.tools.loadtest.schedule import MODES, image_groups, parse_budget, parse_phases  # noqa: E402
 # fmt: on
 
 log = logging.getLogger("loadtest")
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
               f"requests → budget {c['resolved_budget']}")  # fmt: skip
     print(f"wrote {out}")
     if not args.no_plot:
-        from adaptive_quant.loadtest.plot import plot_run
+        from adaptive_quant.tools.loadtest.plot import plot_run
 
         shown = {}  # name → (records, summary), in run order
         if run.calibration_result is not None:

@@ -15,9 +15,9 @@ import logging
 import os
 import sys
 
-from adaptive_quant.gateway.client import classify_rows, format_table, headers_for, load_request, open_client
-from adaptive_quant.gateway.settings import SettingsError, load_settings, parse_set
-from adaptive_quant.manifest import ManifestError
+from adaptive_quant.tools.client import classify_rows, format_table, headers_for, load_request, open_client
+from adaptive_quant.serving.settings import SettingsError, load_settings, parse_set
+from adaptive_quant.core.manifest import ManifestError
 
 
 def main(argv: list[str] | None = None) -> int:

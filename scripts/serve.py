@@ -15,10 +15,10 @@ import argparse
 import logging
 import sys
 
-from adaptive_quant.gateway.app import create_app
-from adaptive_quant.gateway.server import run
-from adaptive_quant.gateway.settings import SettingsError, load_settings, parse_set
-from adaptive_quant.manifest import ManifestError
+from adaptive_quant.serving.app import create_app
+from adaptive_quant.serving.server import run
+from adaptive_quant.serving.settings import SettingsError, load_settings, parse_set
+from adaptive_quant.core.manifest import ManifestError
 
 
 def main(argv: list[str] | None = None) -> int:

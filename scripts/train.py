@@ -18,11 +18,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from a checkout without install
 
-from adaptive_quant.checkpoint import CheckpointError  # noqa: E402
+from adaptive_quant.training.checkpoint import CheckpointError  # noqa: E402
 from adaptive_quant.cli import LOG_LEVELS, setup_logging  # noqa: E402
 from adaptive_quant.config import ConfigError, load_config  # noqa: E402
 from adaptive_quant.data import DataError  # noqa: E402
-from adaptive_quant.training import run_training  # noqa: E402
+from adaptive_quant.training.pipeline import run_training  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from
 from adaptive_quant.cli import LOG_LEVELS, setup_logging  # noqa: E402
 from adaptive_quant.config import ConfigError, load_config  # noqa: E402
 from adaptive_quant.data import DataError  # noqa: E402
-from adaptive_quant.manifest import ManifestError  # noqa: E402
-from adaptive_quant.predictor_training import train_predictor  # noqa: E402
+from adaptive_quant.core.manifest import ManifestError  # noqa: E402
+from adaptive_quant.predictor.fit import train_predictor  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -25,9 +25,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from a checkout without install
 
-from adaptive_quant.manifest import ManifestError, load_manifest  # noqa: E402
-from adaptive_quant.triton_python import served_model_names, write_python_flavor  # noqa: E402
-from adaptive_quant.triton_server import (  # noqa: E402
+from adaptive_quant.core.manifest import ManifestError, load_manifest  # noqa: E402
+from adaptive_quant.export.triton_python import served_model_names, write_python_flavor  # noqa: E402
+from adaptive_quant.tools.triton_server import (  # noqa: E402
     LocalTriton,
     TritonNotInstalled,
     TritonServerConfig,

@@ -17,8 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from a checkout without install
 
-from adaptive_quant.manifest import ManifestError  # noqa: E402
-from adaptive_quant.triton_python import write_python_flavor  # noqa: E402
+from adaptive_quant.core.manifest import ManifestError  # noqa: E402
+from adaptive_quant.export.triton_python import write_python_flavor  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,7 +23,7 @@ def smoke_config_path() -> Path:
 def smoke_run(tmp_path_factory: pytest.TempPathFactory, smoke_config_path: Path):
     """(config, TrainingResult, tracking uri) of one smoke training run in a temp folder."""
     from adaptive_quant.config import load_config
-    from adaptive_quant.training import run_training
+    from adaptive_quant.training.pipeline import run_training
 
     tmp = tmp_path_factory.mktemp("smoke")
     uri = f"sqlite:///{tmp / 'mlruns.db'}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-from adaptive_quant.backends.base import Backend, BackendError
+from adaptive_quant.serving.backends.base import Backend, BackendError
 
 
 class FakeWrappedBackend(Backend):

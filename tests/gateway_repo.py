@@ -5,7 +5,7 @@ Three tiny ONNX classifiers made with onnx.helper, same contract as the real exp
   fp32: Conv(3→8, 3×3) → Relu → GlobalAveragePool → Flatten → Gemm(8→10)
   fp16: the same weights in FP16, with Cast nodes at the input and the output
   int8: QDQ: QuantizeLinear/DequantizeLinear on the input and on every weight
-plus config.pbtxt per variant and a manifest.json written through adaptive_quant.manifest,
+plus config.pbtxt per variant and a manifest.json written through adaptive_quant.core.manifest,
 with latency profiles in ms that the tests' budgets are chosen against.
 """
 
@@ -18,9 +18,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from adaptive_quant.data import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD, encode_png
-from adaptive_quant.manifest import LatencyPoint, LatencyProfile, Manifest, VariantEntry, save_manifest, sha256_file
-from adaptive_quant.precision import Precision, triton_model_name
+from adaptive_quant.core.images import encode_png
+from adaptive_quant.data import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD
+from adaptive_quant.core.manifest import LatencyPoint, LatencyProfile, Manifest, VariantEntry, save_manifest, sha256_file
+from adaptive_quant.core.precision import Precision, triton_model_name
 
 MODEL = "tiny"
 # p95 ms at batch 1, deliberately far above what these tiny graphs take (~0.1 ms) so that
@@ -149,10 +150,10 @@ def build_repo(root: str | Path, with_predictor: bool = False) -> Path:
 
 
 def add_mlp_predictor(root: str | Path, hidden: int = 16, seed: int = 0) -> dict:
-    """Write a random-weight MLP predictor through adaptive_quant.predictor and name it in the manifest."""
-    from adaptive_quant.features import FEATURE_NAMES, FEATURE_VERSION
-    from adaptive_quant.manifest import load_manifest
-    from adaptive_quant.predictor import save_predictor
+    """Write a random-weight MLP predictor through adaptive_quant.predictor.model and name it in the manifest."""
+    from adaptive_quant.predictor.features import FEATURE_NAMES, FEATURE_VERSION
+    from adaptive_quant.core.manifest import load_manifest
+    from adaptive_quant.predictor.model import save_predictor
 
     rng = np.random.default_rng(seed)
     keys = ["fp32", "fp16", "int8"]

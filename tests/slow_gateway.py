@@ -11,11 +11,11 @@ import argparse
 import logging
 import sys
 
-from adaptive_quant.backends.embedded import EmbeddedBackend
-from adaptive_quant.gateway.app import create_app
-from adaptive_quant.gateway.server import run
-from adaptive_quant.gateway.settings import load_settings
-from adaptive_quant.manifest import load_manifest
+from adaptive_quant.serving.backends.embedded import EmbeddedBackend
+from adaptive_quant.serving.app import create_app
+from adaptive_quant.serving.server import run
+from adaptive_quant.serving.settings import load_settings
+from adaptive_quant.core.manifest import load_manifest
 from fake_backends import FakeSlowBackend  # tests/ is on sys.path: this script lives there
 
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from adaptive_quant.gateway.settings import load_settings
-from adaptive_quant.metrics import GatewayMetrics
-from adaptive_quant.precision import Precision, triton_model_name
+from adaptive_quant.serving.settings import load_settings
+from adaptive_quant.serving.metrics import GatewayMetrics
+from adaptive_quant.core.precision import Precision, triton_model_name
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"

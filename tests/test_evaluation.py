@@ -17,11 +17,11 @@ import pytest
 from http_server import serve_in_thread  # tests/http_server.py
 from adaptive_quant.config import TrackingConfig
 from adaptive_quant.data import make_synthetic
-from adaptive_quant.evaluation import EvalOptions, EvaluationError, evaluate_repository, pick_samples
-from adaptive_quant.manifest import VariantEntry, load_manifest, save_manifest, sha256_file
-from adaptive_quant.report_render import log_report_to_mlflow, write_report
-from adaptive_quant.routing import Priority, RoutingConfig
-from adaptive_quant.routing_eval import adaptive_point, cascade_point, oracle_point
+from adaptive_quant.evaluation.offline import EvalOptions, EvaluationError, evaluate_repository, pick_samples
+from adaptive_quant.core.manifest import VariantEntry, load_manifest, save_manifest, sha256_file
+from adaptive_quant.evaluation.render import log_report_to_mlflow, write_report
+from adaptive_quant.core.routing import Priority, RoutingConfig
+from adaptive_quant.evaluation.strategies import adaptive_point, cascade_point, oracle_point
 from gateway_repo import _weights, add_mlp_predictor, build_repo, make_int8
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,7 +63,7 @@ def report(repo, test_split):
 
 
 def _logits(repo, key, images):
-    from adaptive_quant.augment import to_normalized_tensor
+    from adaptive_quant.training.augment import to_normalized_tensor
 
     sess = ort.InferenceSession(str(repo / load_manifest(repo).variants[key].path), providers=["CPUExecutionProvider"])
     return sess.run(None, {"images": to_normalized_tensor(images).numpy()})[0]
@@ -121,7 +121,7 @@ def test_routed_and_baseline_points_agree_with_routing_eval(repo, test_split, re
     keys = ["fp32", "fp16", "int8"]
     logits = {k: _logits(repo, k, test_split.images) for k in keys}
     correct = np.stack([logits[k].argmax(1) == test_split.labels for k in keys], axis=1)
-    from adaptive_quant.predictor import load_predictor
+    from adaptive_quant.predictor.model import load_predictor
 
     pred_acc = load_predictor(repo, load_manifest(repo)).predict(test_split.images)
     est = np.array([report.meta["router_estimates_ms"][k] for k in keys])
@@ -200,15 +200,15 @@ def test_cli_writes_report_and_names_missing_things(repo, tmp_path, capsys):
 
 @contextmanager
 def http_server(settings):
-    from adaptive_quant.gateway.app import create_app
+    from adaptive_quant.serving.app import create_app
 
     with serve_in_thread(create_app(settings)) as url:
         yield url
 
 
 def test_url_mode_against_a_real_server(repo, test_split, tmp_path):
-    from adaptive_quant.evaluation_http import evaluate_url
-    from adaptive_quant.gateway.settings import load_settings
+    from adaptive_quant.evaluation.over_http import evaluate_url
+    from adaptive_quant.serving.settings import load_settings
 
     # ewma 0: routing follows the manifest's profiles (int8 30 ms, fp32 80 ms, fp16 90 ms p95 at batch 1)
     settings = load_settings(overrides={"repository": str(repo), "latency.ewma_alpha": 0.0}, environ={})

@@ -17,8 +17,8 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from adaptive_quant.gateway.app import create_app
-from adaptive_quant.gateway.settings import load_settings
+from adaptive_quant.serving.app import create_app
+from adaptive_quant.serving.settings import load_settings
 from gateway_repo import b64_instance, build_repo, images, pixels_instance
 from http_server import serve_in_thread
 

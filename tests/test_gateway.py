@@ -19,10 +19,10 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from http_server import serve_in_thread  # tests/http_server.py
-from adaptive_quant.backends.embedded import EmbeddedBackend
-from adaptive_quant.gateway.app import create_app
-from adaptive_quant.gateway.settings import SettingsError, load_settings
-from adaptive_quant.manifest import load_manifest, save_manifest, sha256_file
+from adaptive_quant.serving.backends.embedded import EmbeddedBackend
+from adaptive_quant.serving.app import create_app
+from adaptive_quant.serving.settings import SettingsError, load_settings
+from adaptive_quant.core.manifest import load_manifest, save_manifest, sha256_file
 from fake_backends import FakeFlakyBackend
 from gateway_repo import b64_instance, build_repo, images, pixels_instance
 
@@ -402,7 +402,7 @@ def test_the_predictor_is_loaded_only_when_the_manifest_names_it(tmp_path):
     repo = build_repo(tmp_path / "r", with_predictor=True)
     with serve(repo) as client:
         predictor = client.get("/v1/status").json()["predictor"]
-        # whatever adaptive_quant.predictor can do today, the gateway serves and says which it uses
+        # whatever adaptive_quant.predictor.model can do today, the gateway serves and says which it uses
         assert predictor["kind"] in ("mlp", "prior")
         if predictor["kind"] == "prior":
             assert "predictor" in predictor["detail"]
@@ -489,8 +489,8 @@ def test_serve_script_fails_clearly_without_a_repository(tmp_path):
 def test_serving_code_imports_no_torch(repo):
     code = (
         "import sys; from fastapi.testclient import TestClient;"
-        "from adaptive_quant.gateway.app import create_app; from adaptive_quant.gateway.settings import load_settings;"
-        "import adaptive_quant.backends.triton, adaptive_quant.routing, adaptive_quant.predictor_api;"
+        "from adaptive_quant.serving.app import create_app; from adaptive_quant.serving.settings import load_settings;"
+        "import adaptive_quant.serving.backends.triton, adaptive_quant.core.routing, adaptive_quant.predictor.runtime;"
         f"app = create_app(load_settings(overrides={{'repository': {str(repo)!r}}}, environ={{}}));"
         "c = TestClient(app).__enter__(); assert c.get('/readyz').status_code == 200;"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchao', 'torchvision'));"

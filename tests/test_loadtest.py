@@ -15,14 +15,14 @@ import pytest
 from gateway_repo import build_repo
 from http_server import serve_in_thread
 
-from adaptive_quant.gateway.app import create_app
-from adaptive_quant.gateway.settings import load_settings
-from adaptive_quant.loadtest.config import (
+from adaptive_quant.serving.app import create_app
+from adaptive_quant.serving.settings import load_settings
+from adaptive_quant.tools.loadtest.config import (
     LoadTestConfig,
     LoadTestConfigError,
     check_loopback,
 )
-from adaptive_quant.loadtest.schedule import (
+from adaptive_quant.tools.loadtest.schedule import (
     ArrivalSpec,
     BudgetSpec,
     BudgetStream,
@@ -31,7 +31,7 @@ from adaptive_quant.loadtest.schedule import (
     parse_budget,
     parse_phases,
 )
-from adaptive_quant.loadtest.stats import RequestRecord, summarize
+from adaptive_quant.tools.loadtest.stats import RequestRecord, summarize
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from adaptive_quant.gateway.memory_control import parse_triton_memory
-from adaptive_quant.gateway.settings import SettingsError, load_settings
-from adaptive_quant.memory_policy import MemoryPolicyConfig, MemorySample, VariantFacts, decide, dominated_by
+from adaptive_quant.serving.memory_control import parse_triton_memory
+from adaptive_quant.serving.settings import SettingsError, load_settings
+from adaptive_quant.core.memory_policy import MemoryPolicyConfig, MemorySample, VariantFacts, decide, dominated_by
 
 CFG = MemoryPolicyConfig(enabled=True, cooldown_s=10.0, min_loaded=1)
 HIGH = MemorySample(system_pct=95.0, process_pct=5.0)

@@ -1,8 +1,8 @@
 import torch
 
-from adaptive_quant.augment import cutout, random_crop, random_flip, to_normalized_tensor
+from adaptive_quant.training.augment import cutout, random_crop, random_flip, to_normalized_tensor
 from adaptive_quant.config import ModelConfig
-from adaptive_quant.model import build_model, count_parameters
+from adaptive_quant.training.model import build_model, count_parameters
 
 
 def test_model_maps_images_to_logits() -> None:

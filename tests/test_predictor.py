@@ -7,17 +7,18 @@ import numpy as np
 import pytest
 
 from adaptive_quant.config import ExportConfig
-from adaptive_quant.data import encode_png, load_dataset, make_synthetic
-from adaptive_quant.features import FEATURE_NAMES, NUM_FEATURES, compute_features
-from adaptive_quant.manifest import load_manifest
-from adaptive_quant.predictor import auroc, expected_calibration_error, fit_platt, load_predictor, sigmoid
-from adaptive_quant.predictor_training import train_predictor
+from adaptive_quant.core.images import encode_png
+from adaptive_quant.data import load_dataset, make_synthetic
+from adaptive_quant.predictor.features import FEATURE_NAMES, NUM_FEATURES, compute_features
+from adaptive_quant.core.manifest import load_manifest
+from adaptive_quant.predictor.model import auroc, expected_calibration_error, fit_platt, load_predictor, sigmoid
+from adaptive_quant.predictor.fit import train_predictor
 
 
 @pytest.fixture(scope="module")
 def predictor_repo(smoke_run, tmp_path_factory):
     """The smoke repository with a trained predictor (export → predictor stage)."""
-    from adaptive_quant.export import build_repository
+    from adaptive_quant.export.pipeline import build_repository
 
     cfg, result, _ = smoke_run
     repo = tmp_path_factory.mktemp("pred") / "repo"
@@ -69,7 +70,7 @@ def test_report_holds_every_baseline(predictor_repo) -> None:
 
 def test_gateway_features_equal_training_features(predictor_repo) -> None:
     """No train/serve skew: an image sent as PNG through the gateway's decoder gives the same features."""
-    from adaptive_quant.gateway.decode import decode_instances
+    from adaptive_quant.serving.decode import decode_instances
 
     cfg, _, _ = predictor_repo
     images = load_dataset(cfg.data, cfg.seed).val.images[:5]
@@ -80,7 +81,7 @@ def test_gateway_features_equal_training_features(predictor_repo) -> None:
 
 
 def test_predictor_file_tampering_is_refused(predictor_repo, tmp_path) -> None:
-    from adaptive_quant.manifest import ManifestError
+    from adaptive_quant.core.manifest import ManifestError
 
     _, repo, _ = predictor_repo
     copy = tmp_path / "repo"

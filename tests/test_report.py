@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from adaptive_quant.report import (
+from adaptive_quant.evaluation.report import (
     StrategyPoint,
     classification_metrics,
     confusion_matrix,

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from adaptive_quant.latency import LatencyConfig, LatencyEstimator
-from adaptive_quant.manifest import LatencyPoint, LatencyProfile
-from adaptive_quant.precision import Precision
-from adaptive_quant.routing import (
+from adaptive_quant.core.latency import LatencyConfig, LatencyEstimator
+from adaptive_quant.core.manifest import LatencyPoint, LatencyProfile
+from adaptive_quant.core.precision import Precision
+from adaptive_quant.core.routing import (
     NoVariantAllowed,
     Priority,
     RoutingConfig,
@@ -194,7 +194,7 @@ def test_balanced_prices_compute_not_queueing_under_load() -> None:
     """
     import numpy as np
 
-    from adaptive_quant.routing import Priority, RoutingConfig, route_batch
+    from adaptive_quant.core.routing import Priority, RoutingConfig, route_batch
 
     acc = np.array([[0.895, 0.894]])  # fp32, int8
     busy = np.array([12.0, 20.0])

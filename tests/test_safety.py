@@ -20,9 +20,9 @@ from gateway_repo import b64_instance, build_repo, images
 from http_server import serve_in_thread
 
 from adaptive_quant.data import DataError, read_cifar_split
-from adaptive_quant.gateway.app import create_app
-from adaptive_quant.gateway.settings import ServeSettings, SettingsError, load_settings
-from adaptive_quant.net import is_loopback
+from adaptive_quant.serving.app import create_app
+from adaptive_quant.serving.settings import ServeSettings, SettingsError, load_settings
+from adaptive_quant.core.net import is_loopback
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -227,7 +227,7 @@ def test_a_crafted_cifar_batch_cannot_run_code(tmp_path):
 def test_a_crafted_checkpoint_cannot_run_code(tmp_path):
     import torch
 
-    from adaptive_quant.checkpoint import CheckpointError, load_checkpoint
+    from adaptive_quant.training.checkpoint import CheckpointError, load_checkpoint
 
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pt"

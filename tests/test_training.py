@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from adaptive_quant.checkpoint import CheckpointError, load_checkpoint, restore_converted_model, restore_float_model
+from adaptive_quant.training.checkpoint import CheckpointError, load_checkpoint, restore_converted_model, restore_float_model
 from adaptive_quant.data import load_dataset
-from adaptive_quant.engine import predict_logits
-from adaptive_quant.quantize import prepare_qat, set_qat_mode
+from adaptive_quant.training.engine import predict_logits
+from adaptive_quant.training.quantize import prepare_qat, set_qat_mode
 
 # Converted INT8 vs fake-quant graph: the same arithmetic up to where BN is folded and how
 # rounding is done, so top-1 must agree on nearly every sample and logits stay close.

@@ -23,14 +23,14 @@ from fastapi.testclient import TestClient
 pytest.importorskip("pytriton", reason="needs nvidia-pytriton (pinned in requirements.txt)")
 
 from http_server import serve_in_thread  # tests/http_server.py
-from adaptive_quant.backends.embedded import EmbeddedBackend  # noqa: E402
-from adaptive_quant.backends.triton import TritonBackend  # noqa: E402
-from adaptive_quant.gateway.app import create_app  # noqa: E402
-from adaptive_quant.gateway.settings import load_settings  # noqa: E402
-from adaptive_quant.manifest import load_manifest, sha256_file  # noqa: E402
-from adaptive_quant.memory_policy import MemorySample  # noqa: E402
-from adaptive_quant.triton_python import served_model_names, write_python_flavor  # noqa: E402
-from adaptive_quant.triton_server import LocalTriton, TritonServerConfig, free_port  # noqa: E402
+from adaptive_quant.serving.backends.embedded import EmbeddedBackend  # noqa: E402
+from adaptive_quant.serving.backends.triton import TritonBackend  # noqa: E402
+from adaptive_quant.serving.app import create_app  # noqa: E402
+from adaptive_quant.serving.settings import load_settings  # noqa: E402
+from adaptive_quant.core.manifest import load_manifest, sha256_file  # noqa: E402
+from adaptive_quant.core.memory_policy import MemorySample  # noqa: E402
+from adaptive_quant.export.triton_python import served_model_names, write_python_flavor  # noqa: E402
+from adaptive_quant.tools.triton_server import LocalTriton, TritonServerConfig, free_port  # noqa: E402
 from gateway_repo import b64_instance, build_repo, images  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

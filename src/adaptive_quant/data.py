@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .config import DataConfig
+from adaptive_quant.config import DataConfig
 
 log = logging.getLogger(__name__)
 
@@ -236,10 +236,3 @@ def load_dataset(cfg: DataConfig, seed: int) -> Dataset:
         test=test,
         classes=list(CIFAR10_CLASSES),
     )
-
-
-def encode_png(image: np.ndarray) -> bytes:
-    """(H, W, 3) uint8 → PNG bytes (used for sample requests and tests)."""
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG")
-    return buf.getvalue()

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .config import TrackingConfig
+from adaptive_quant.config import TrackingConfig
 
 log = logging.getLogger(__name__)
 

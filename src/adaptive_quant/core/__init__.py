@@ -1,0 +1,4 @@
+"""Contracts every stage shares: the manifest, precisions, routing policy, latency model, stats.
+
+May import: the standard library, NumPy, pydantic, PyYAML. Never another stage, torch or a web framework.
+"""

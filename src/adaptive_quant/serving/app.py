@@ -1,0 +1,158 @@
+"""App factory: `create_app(settings)` → a FastAPI app whose lifespan starts and stops the backend.
+
+Domain errors become HTTP answers here, in one place:
+  InputError (and FastAPI's own validation errors) → its 4xx, {"error": {"type", "message"}}
+  ServiceUnavailable → 503 with Retry-After
+  anything else → 500 "internal error" (a bug of ours, logged with its traceback)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from adaptive_quant.serving.backends import Backend, make_backend
+from adaptive_quant.core.manifest import load_manifest
+from adaptive_quant.core.memory_policy import MemorySample
+from adaptive_quant.serving.metrics import GatewayMetrics
+from adaptive_quant.predictor.runtime import AccuracyPredictor, LoadedPredictor, load_accuracy_predictor
+from adaptive_quant.serving.auth import ApiKeyMiddleware
+from adaptive_quant.serving.errors import InputError, ServiceUnavailable
+from adaptive_quant.serving.memory_control import MemoryController
+from adaptive_quant.serving.routes import router
+from adaptive_quant.serving.schemas import request_schemas
+from adaptive_quant.serving.service import ClassifierService
+from adaptive_quant.serving.settings import ServeSettings, SettingsError
+
+log = logging.getLogger(__name__)
+
+_ERROR_TYPES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large",
+                422: "invalid_input", 503: "unavailable"}  # fmt: skip
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    body = {"error": {"type": _ERROR_TYPES.get(status, "error"), "message": message}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(InputError)
+    async def _input_error(_: Request, exc: InputError) -> JSONResponse:
+        return _error(exc.status, exc.message)
+
+    @app.exception_handler(ServiceUnavailable)
+    async def _unavailable(_: Request, exc: ServiceUnavailable) -> JSONResponse:
+        return _error(503, exc.message, {"Retry-After": str(exc.retry_after_s)})
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = ["/".join(str(p) for p in e.get("loc", ())) + ": " + e.get("msg", "") for e in exc.errors()]
+        return _error(422, "; ".join(parts) or "invalid request")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("internal error while serving a request")
+        return _error(500, "internal error; see the server log")
+
+
+def create_app(
+    settings: ServeSettings,
+    backend: Backend | None = None,
+    predictor: AccuracyPredictor | None = None,
+    memory_probe: Callable[[], MemorySample] | None = None,
+) -> FastAPI:
+    """Build the gateway. The manifest is read now (a missing repository fails here, clearly);
+    the backend (given, or made from settings) is started and closed by the app's lifespan.
+    `memory_probe` replaces the memory policy's measurement (tests)."""
+    manifest = load_manifest(settings.repository)
+    unknown = sorted(set(settings.variants) - {v.key for v in manifest.served_variants()})
+    if unknown:
+        raise SettingsError(f"variants: {unknown} are not served variants of {settings.repository} "
+                            f"(served: {', '.join(v.key for v in manifest.served_variants())})")
+    metrics = GatewayMetrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        b = backend
+        if b is None:
+            opts = (
+                {"url": settings.backend.triton_url, "protocol": settings.backend.triton_protocol,
+                 "model_control": settings.backend.model_control,
+                 "health_interval_s": settings.backend.health_interval_s}
+                if settings.backend.kind == "triton"
+                else {
+                    "max_batch_size": settings.batching.max_batch_size,
+                    "max_queue_delay_us": settings.batching.max_queue_delay_us,
+                    "instances": settings.backend.instances,
+                    "intra_op_threads": settings.backend.intra_op_threads,
+                    "verify_sha256": settings.backend.verify_sha256,
+                    "memory_arena": settings.backend.memory_arena,
+                }
+            )
+            b = make_backend(settings.backend.kind, settings.repository, manifest, **opts)
+        await b.start()
+        loaded = (
+            LoadedPredictor(predictor, "custom", "given to create_app")
+            if predictor is not None
+            else load_accuracy_predictor(settings.repository, manifest)
+        )
+        service = ClassifierService(settings, manifest, b, loaded, metrics)
+        await service.warm_up()
+        if settings.memory.enabled:
+            service.memory_controller = MemoryController(
+                service, settings.memory, probe=memory_probe, triton_metrics_url=settings.backend.triton_metrics_url
+            )
+            service.memory_controller.start()
+        app.state.service = service
+        health = b.variants()
+        log.info(
+            "serving %s with the %s backend; variants: %s; predictor: %s (%s)",
+            manifest.model_name, b.name,
+            ", ".join(f"{k}={'ok' if h.healthy else 'UNHEALTHY'}" for k, h in health.items()),
+            loaded.kind, loaded.detail,
+        )  # fmt: skip
+        if not b.ready():
+            log.error("no variant can serve: /readyz answers 503 and classify requests get 503")
+        try:
+            yield
+        finally:
+            app.state.service = None
+            if service.memory_controller is not None:
+                await service.memory_controller.close()
+            await b.close()
+
+    app = FastAPI(
+        title="adaptive-quant gateway",
+        version="0.1.0",
+        description="One CIFAR-10 classifier at FP32, FP16 and INT8; every sample is routed to the "
+        "precision that fits the caller's latency budget (X-Latency-Budget-Ms, X-Priority, X-Min-Precision).",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.manifest = manifest
+    app.state.metrics = metrics
+    app.state.service = None
+    install_error_handlers(app)
+    app.include_router(router)
+    generate_openapi = app.openapi
+
+    def openapi() -> dict:  # the request schema depends on this service's image size and limits
+        schema = generate_openapi()  # cached by FastAPI after the first call
+        schema.setdefault("components", {}).setdefault("schemas", {}).update(
+            request_schemas(manifest.image_size, settings.limits.max_instances))
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    if settings.server.api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=settings.server.api_key, on_reject=metrics.unauthorized.inc)
+    return app

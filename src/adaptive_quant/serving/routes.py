@@ -1,0 +1,239 @@
+"""HTTP endpoints. Thin: parse → ClassifierService → shape the answer; errors go to app.py's handlers."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Annotated
+
+import numpy as np
+import psutil
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+
+from adaptive_quant.serving.metrics import OUTCOMES
+from adaptive_quant.core.precision import Precision
+from adaptive_quant.serving.decode import decode_instances, parse_json, to_model_input
+from adaptive_quant.serving.errors import InputError, PayloadTooLarge, ServiceUnavailable
+from adaptive_quant.serving.options import parse_options
+from adaptive_quant.serving.schemas import ClassifyResponse, ErrorResponse, ModelsResponse, StatusResponse
+from adaptive_quant.serving.service import ClassifierService
+
+router = APIRouter()
+
+
+async def get_service(request: Request) -> ClassifierService:  # async: no threadpool hop per request
+    service = getattr(request.app.state, "service", None)
+    if service is None:  # lifespan has not finished starting the backend
+        raise ServiceUnavailable("the service is starting", retry_after_s=1)
+    return service
+
+
+ServiceDep = Annotated[ClassifierService, Depends(get_service)]
+
+_ERRORS = {
+    400: {"model": ErrorResponse, "description": "body is empty or not JSON"},
+    413: {"model": ErrorResponse, "description": "body or instance count over the configured limit"},
+    422: {"model": ErrorResponse, "description": "bad instance or header; the message says what is accepted"},
+    503: {"model": ErrorResponse, "description": "no variant could answer; see Retry-After"},
+}
+
+
+# documented here for clients and schema-driven fuzzers; parsed by options.py (which explains a bad value)
+CLASSIFY_HEADERS = [
+    {"name": "X-Latency-Budget-Ms", "in": "header", "required": False,
+     "description": "server time the caller allows, ms; the router picks, per sample, a variant expected to fit",
+     "schema": {"type": "number", "exclusiveMinimum": 0}},
+    {"name": "X-Priority", "in": "header", "required": False,
+     "description": "quality: the most accurate variant that fits; speed: the fastest within tolerance; "
+                    "balanced (default): accuracy traded against latency",
+     "schema": {"type": "string", "enum": ["quality", "balanced", "speed"]}},
+    {"name": "X-Min-Precision", "in": "header", "required": False,
+     "description": "never answer below this precision", "schema": {"type": "string", "enum": ["int8", "fp16", "fp32"]}},
+]  # fmt: skip
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refusing more than `limit` bytes without reading it all (413)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"request body is {int(declared)} bytes; at most {limit} are accepted")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:  # chunked upload without Content-Length
+            raise PayloadTooLarge(f"request body exceeds {limit} bytes, the most accepted")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def precision_header(precisions: set[str]) -> str:
+    """X-Precision: the one precision that served the request, or the comma-joined set, most precise first."""
+    return ",".join(sorted(precisions, key=lambda p: -Precision(p).rank))
+
+
+@router.post(
+    "/v1/classify",
+    response_model=ClassifyResponse,
+    responses=_ERRORS,  # type: ignore[arg-type]
+    openapi_extra={
+        "parameters": CLASSIFY_HEADERS,
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ClassifyRequest"}}},  # app.py adds it
+        }
+    },
+    summary="Classify images; each sample is routed to the precision that fits the latency budget",
+)
+async def classify(request: Request, service: ServiceDep) -> Response:
+    started = time.perf_counter()
+    m = service.metrics
+    m.in_flight.inc()
+    service.in_flight += 1
+    outcome = "error"
+    try:
+        options = parse_options(request.headers, service.settings.routing.default_priority)
+        limits = service.settings.limits
+        body = await read_body(request, limits.max_request_bytes)
+        images = decode_instances(parse_json(body), limits.max_instances, service.manifest.image_size)
+        x = to_model_input(images, service.manifest.mean, service.manifest.std)  # (N, 3, H, W)
+        result = await service.classify(images, x, options, started)
+        outcome = "ok"
+    except InputError:
+        outcome = "client_error"
+        raise
+    except ServiceUnavailable:
+        outcome = "unavailable"
+        raise
+    except asyncio.CancelledError:  # the shutdown's drain timeout cut it
+        outcome = "cancelled"
+        raise
+    finally:
+        m.in_flight.dec()
+        service.in_flight -= 1
+        m.requests.labels(outcome).inc()
+        m.request_time.observe(time.perf_counter() - started)
+
+    logits = result.logits.astype(np.float64)
+    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probs /= probs.sum(axis=1, keepdims=True)
+    class_ids = probs.argmax(axis=1)
+    entries = service.manifest.variants
+    predictions = []
+    for i, (c, key) in enumerate(zip(class_ids, result.variants)):
+        predictions.append({
+            "label": service.manifest.classes[int(c)],
+            "class_id": int(c),
+            "confidence": round(float(probs[i, c]), 6),
+            "precision": entries[key].precision,
+            "variant": key,
+        })  # fmt: skip
+    for key in set(result.variants):
+        m.samples_routed.labels(key).inc(result.variants.count(key))
+    if options.budget_ms is not None:
+        m.budget.labels("met" if result.budget_met else "missed").inc()
+    precision = precision_header({p["precision"] for p in predictions})
+    body_out = {
+        "predictions": predictions,
+        "precision": precision,
+        "budget_ms": options.budget_ms,
+        "budget_met": result.budget_met,
+        "server_time_ms": round(result.server_time_ms, 3),
+        "routing_time_ms": round(result.routing_time_ms, 4),
+        "fallbacks": result.fallbacks,
+    }
+    server_ms = (time.perf_counter() - started) * 1e3  # includes shaping the answer
+    headers = {
+        "X-Precision": precision,
+        "X-Budget-Met": "true" if result.budget_met else "false",
+        "X-Server-Time-Ms": f"{server_ms:.3f}",
+    }
+    return JSONResponse(body_out, headers=headers)
+
+
+@router.get("/v1/status", response_model=StatusResponse, summary="Variants, health, live latency, load, memory, routing counts")
+async def status(service: ServiceDep) -> dict:
+    m = service.metrics
+    health = service.backend.variants()
+    routable = service.routable()
+    batching = getattr(service.backend, "batch_stats", lambda: {})()
+    states = getattr(service.backend, "model_states", lambda: {})()  # Triton: loaded or not, and why
+    variants = []
+    for j, key in enumerate(service.keys):
+        entry = service.manifest.variants[key]
+        variants.append({
+            "key": key, "precision": entry.precision, "triton_name": entry.triton_name,
+            "healthy": health[key].healthy, "detail": health[key].detail, "routable": bool(routable[j]),
+            "val_accuracy": entry.val_accuracy, "latency": service.estimator.snapshot(key),
+            "routed_samples": int(m.value("aq_samples_routed_total", variant=key)),
+            "failures": service.breakers[key].total_failures, "batching": batching.get(key),
+            "loaded": states[key]["loaded"] if key in states else health[key].healthy,
+            "loaded_reason": states[key]["reason"] if key in states else health[key].detail,
+        })  # fmt: skip
+    fallbacks = {
+        key: int(sum(m.value("aq_fallbacks_total", variant=key, reason=r) for r in ("error", "timeout")))
+        for key in service.keys
+    }
+    mem = psutil.Process().memory_info()
+    return {
+        "model": service.manifest.model_name,
+        "backend": service.backend.name,
+        "ready": service.ready(),
+        "predictor": {"kind": service.predictor.kind, "detail": service.predictor.detail},
+        "variants": variants,
+        "in_flight_requests": service.in_flight,
+        "process": {"rss_bytes": mem.rss, "pid": psutil.Process().pid},
+        "routing": {
+            "samples_by_variant": {v["key"]: v["routed_samples"] for v in variants},
+            "fallbacks_by_variant": fallbacks,
+            "requests": {o: int(m.value("aq_requests_total", outcome=o)) for o in OUTCOMES},
+            "budget_met": int(m.value("aq_budget_total", result="met")),
+            "budget_missed": int(m.value("aq_budget_total", result="missed")),
+        },
+        "uptime_s": round(time.monotonic() - service.started_at, 3),
+        "model_control": getattr(service.backend, "model_control", "none"),
+        "memory": service.memory_controller.snapshot() if service.memory_controller else {"enabled": False},
+    }
+
+
+@router.get("/v1/models", response_model=ModelsResponse, summary="The model and its variants, from manifest.json")
+async def models(service: ServiceDep) -> dict:
+    man = service.manifest
+    health = service.backend.variants()
+    variants = []
+    for v in man.variants.values():
+        variants.append({
+            "key": v.key, "precision": v.precision, "triton_name": v.triton_name, "served": v.served,
+            "healthy": health[v.key].healthy if v.key in health else False,
+            "size_bytes": v.size_bytes, "sha256": v.sha256, "val_accuracy": v.val_accuracy,
+            "agreement_with_fp32": v.agreement_with_fp32,
+            "latency_p95_ms": {b: p.p95_ms for b, p in v.latency.batches.items()} if v.latency else None,
+        })  # fmt: skip
+    return {
+        "model": man.model_name,
+        "classes": man.classes,
+        "input": {"name": man.input_name, "shape": ["N", 3, man.image_size, man.image_size], "dtype": "float32",
+                  "mean": man.mean, "std": man.std},
+        "output": {"name": man.output_name, "shape": ["N", len(man.classes)], "dtype": "float32"},
+        "variants": variants,
+        "training": man.training,
+    }
+
+
+@router.get("/healthz", summary="Alive (the process answers)")
+async def healthz() -> dict:
+    return {"status": "alive"}
+
+
+@router.get("/readyz", summary="Ready: at least one variant can serve", responses={503: {"model": ErrorResponse}})
+async def readyz(service: ServiceDep) -> JSONResponse:
+    ready = service.ready()
+    health = service.backend.variants()
+    body = {"ready": ready, "variants": {k: health[k].healthy for k in service.keys}}
+    return JSONResponse(body, status_code=200 if ready else 503)
+
+
+@router.get("/metrics", summary="Prometheus metrics", include_in_schema=True)
+async def metrics(request: Request) -> Response:
+    m = request.app.state.metrics
+    return Response(m.render(), media_type=m.content_type)

@@ -1,0 +1,109 @@
+"""Calling the gateway: request bodies, an HTTP or in-process client, a readable result table.
+
+Used by scripts/predict.py, scripts/make_sample.py and scripts/bench_gateway.py.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from adaptive_quant.core.images import encode_png
+
+
+def request_body(images: np.ndarray) -> dict[str, Any]:
+    """(N, H, W, 3) uint8 → {"instances": [{"b64": PNG}, ...]}."""
+    return {"instances": [{"b64": base64.b64encode(encode_png(im)).decode()} for im in images]}
+
+
+def load_request(path: str | Path) -> dict[str, Any]:
+    """A request body saved as JSON (e.g. data/sample.json)."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p} does not exist (scripts/make_sample.py writes one)")
+    body = json.loads(p.read_text())
+    if not isinstance(body, dict) or not isinstance(body.get("instances"), list):
+        raise ValueError(f"{p} is not a classify request: expected {{\"instances\": [...]}}")
+    return body
+
+
+def headers_for(budget_ms: float | None, priority: str | None, min_precision: str | None) -> dict[str, str]:
+    h = {}
+    if budget_ms is not None:
+        h["X-Latency-Budget-Ms"] = f"{budget_ms:g}"
+    if priority:
+        h["X-Priority"] = priority
+    if min_precision:
+        h["X-Min-Precision"] = min_precision
+    return h
+
+
+@contextmanager
+def open_client(
+    url: str | None = None, settings: Any = None, timeout_s: float = 30.0, api_key: str | None = None
+) -> Iterator[httpx.Client]:
+    """An httpx-compatible client: against a running service (`url`), or an in-process gateway
+    built from `settings` (embedded backend, started and stopped around the block). Every
+    request carries `api_key` (in-process: the settings' own key) as X-API-Key when there is one."""
+    if url is None and settings is not None:
+        api_key = api_key or settings.server.api_key
+    headers = {"X-API-Key": api_key} if api_key else {}
+    if url is not None:
+        with httpx.Client(base_url=url.rstrip("/"), timeout=timeout_s, headers=headers) as client:
+            yield client
+        return
+    with warnings.catch_warnings():  # starlette's note about httpx2 is not the user's business
+        warnings.simplefilter("ignore")
+        from fastapi.testclient import TestClient  # runs the app's lifespan in-process
+
+    from adaptive_quant.serving.app import create_app
+
+    with TestClient(create_app(settings), headers=headers) as client:
+        yield client
+
+
+@dataclass
+class Row:
+    sample: int
+    status: int
+    label: str
+    confidence: float | None
+    precision: str
+    latency_ms: float | None  # server time of the request that carried this sample
+    budget_met: str
+
+
+def classify_rows(client: httpx.Client, body: dict[str, Any], headers: dict[str, str], one_by_one: bool) -> list[Row]:
+    """Send the instances (each alone, or all in one request) and return one row per sample."""
+    instances = body["instances"]
+    groups = [[i] for i in range(len(instances))] if one_by_one else [list(range(len(instances)))]
+    rows: list[Row] = []
+    for group in groups:
+        r = client.post("/v1/classify", json={"instances": [instances[i] for i in group]}, headers=headers)
+        if r.status_code != 200:
+            msg = r.json().get("error", {}).get("message", r.text) if r.headers.get("content-type", "").startswith("application/json") else r.text
+            rows += [Row(i, r.status_code, f"error: {msg}", None, "-", None, "-") for i in group]
+            continue
+        server_ms = float(r.headers["X-Server-Time-Ms"])
+        for i, p in zip(group, r.json()["predictions"]):
+            rows.append(Row(i, 200, p["label"], p["confidence"], p["precision"], server_ms, r.headers["X-Budget-Met"]))
+    return rows
+
+
+def format_table(rows: list[Row]) -> str:
+    header = f"{'sample':>6}  {'label':<12} {'confidence':>10}  {'precision':<9} {'latency ms':>10}  {'budget met':<10}"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        conf = f"{r.confidence:.3f}" if r.confidence is not None else "-"
+        lat = f"{r.latency_ms:.2f}" if r.latency_ms is not None else "-"
+        lines.append(f"{r.sample:>6}  {r.label:<12} {conf:>10}  {r.precision:<9} {lat:>10}  {r.budget_met:<10}")
+    return "\n".join(lines)
