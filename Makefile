@@ -3,22 +3,26 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?= -q
 
-.PHONY: setup test serve smoke train export predictor clean
+.PHONY: setup lint test serve smoke train export predictor clean
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements.txt
-	$(PY) -m pip install -q --no-deps -e .
+	$(PY) -m pip install -q -c requirements.txt -e ".[all]"
 	touch $@
 
 setup: $(VENV)/.installed          ## create .venv and install the pinned requirements
 
-test: setup                        ## the whole test suite (a few minutes on 2 cores)
+lint: setup                        ## ruff format --check, ruff check, and the stage import contracts
+	$(VENV)/bin/ruff format --check src tests scripts
+	$(VENV)/bin/ruff check src tests scripts
+	$(VENV)/bin/lint-imports
+
+test: lint                         ## lint, then the whole test suite (a few minutes on 2 cores)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 serve: setup                       ## the gateway on the shipped model_repository (embedded ONNX Runtime)
-	$(PY) scripts/serve.py
+	$(VENV)/bin/aq-serve
 
 smoke: setup                       ## the training pipeline on synthetic images, in seconds
 	$(PY) scripts/train.py --config configs/smoke.yaml

@@ -1,42 +1,10 @@
-#!/usr/bin/env python
 """Write the Python-backend flavour of a model repository (for the tritonserver that nvidia-pytriton ships).
 
-  python scripts/triton_repo.py --repository model_repository --out model_repository_python
-
-Every served variant becomes <triton_name>/config.pbtxt (backend "python") + 1/model.py (ONNX Runtime)
-+ 1/model.onnx (a hard link to the same file); manifest.json is copied. The production repository
-(backend "onnxruntime", for NVIDIA's container) is left as it is.
+A thin wrapper over `adaptive_quant.cli.triton_repo` (installed as the console script `aq-triton-repo` too);
+`--help` explains the options.
 """
 
-from __future__ import annotations
-
-import argparse
-import logging
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from a checkout without install
-
-from adaptive_quant.core.manifest import ManifestError  # noqa: E402
-from adaptive_quant.export.triton_python import write_python_flavor  # noqa: E402
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--repository", default="model_repository", help="repository made by scripts/export.py (default: %(default)s)")
-    p.add_argument("--out", help="output folder (default: <repository>_python)")
-    p.add_argument("--intra-op-threads", type=int, default=1, help="ONNX Runtime threads per model instance (default: %(default)s)")
-    args = p.parse_args(argv)
-    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    out = Path(args.out) if args.out else Path(f"{Path(args.repository).resolve()}_python")
-    try:
-        dst = write_python_flavor(args.repository, out, intra_op_threads=args.intra_op_threads)
-    except (ManifestError, FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"python flavour written to {dst}")
-    return 0
-
+from adaptive_quant.cli.triton_repo import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -19,9 +19,16 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from adaptive_quant.core.images import encode_png
-from adaptive_quant.data import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD
-from adaptive_quant.core.manifest import LatencyPoint, LatencyProfile, Manifest, VariantEntry, save_manifest, sha256_file
+from adaptive_quant.core.manifest import (
+    LatencyPoint,
+    LatencyProfile,
+    Manifest,
+    VariantEntry,
+    save_manifest,
+    sha256_file,
+)
 from adaptive_quant.core.precision import Precision, triton_model_name
+from adaptive_quant.data import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD
 
 MODEL = "tiny"
 # p95 ms at batch 1, deliberately far above what these tiny graphs take (~0.1 ms) so that
@@ -134,39 +141,59 @@ def build_repo(root: str | Path, with_predictor: bool = False) -> Path:
         onnx.save(model, path)
         (root / name / "config.pbtxt").write_text(CONFIG_PBTXT.format(name=name))
         variants[key] = VariantEntry(
-            key=key, precision=key, triton_name=name, path=str(path.relative_to(root)),
-            sha256=sha256_file(path), size_bytes=path.stat().st_size, val_accuracy=VAL_ACCURACY[key],
-            agreement_with_fp32=1.0 if key == "fp32" else 0.98, latency=_profile(key),
-        )  # fmt: skip
+            key=key,
+            precision=key,
+            triton_name=name,
+            path=str(path.relative_to(root)),
+            sha256=sha256_file(path),
+            size_bytes=path.stat().st_size,
+            val_accuracy=VAL_ACCURACY[key],
+            agreement_with_fp32=1.0 if key == "fp32" else 0.98,
+            latency=_profile(key),
+        )
     manifest = Manifest(
-        model_name=MODEL, classes=list(CIFAR10_CLASSES), input_name="images", output_name="logits",
-        image_size=32, mean=list(CIFAR10_MEAN), std=list(CIFAR10_STD), variants=variants,
+        model_name=MODEL,
+        classes=list(CIFAR10_CLASSES),
+        input_name="images",
+        output_name="logits",
+        image_size=32,
+        mean=list(CIFAR10_MEAN),
+        std=list(CIFAR10_STD),
+        variants=variants,
         training={"mlflow_run_id": None, "git_commit": "test"},
         predictor={"path": "accuracy_predictor"} if with_predictor else None,
         created_at="2026-11-22T00:00:00Z",
-    )  # fmt: skip
+    )
     save_manifest(root, manifest)
     return root
 
 
 def add_mlp_predictor(root: str | Path, hidden: int = 16, seed: int = 0) -> dict:
     """Write a random-weight MLP predictor through adaptive_quant.predictor.model and name it in the manifest."""
-    from adaptive_quant.predictor.features import FEATURE_NAMES, FEATURE_VERSION
     from adaptive_quant.core.manifest import load_manifest
+    from adaptive_quant.predictor.features import FEATURE_NAMES, FEATURE_VERSION
     from adaptive_quant.predictor.model import save_predictor
 
     rng = np.random.default_rng(seed)
     keys = ["fp32", "fp16", "int8"]
     f = len(FEATURE_NAMES)
     weights = {
-        "feat_mean": np.zeros(f, np.float32), "feat_std": np.full(f, 50.0, np.float32),
+        "feat_mean": np.zeros(f, np.float32),
+        "feat_std": np.full(f, 50.0, np.float32),
         "calib_scale": np.ones(len(keys), np.float32),
         "calib_bias": np.zeros(len(keys), np.float32),
-        "w0": rng.normal(0, 0.3, (f, hidden)).astype(np.float32), "b0": np.zeros(hidden, np.float32),
-        "w1": rng.normal(0, 0.3, (hidden, len(keys))).astype(np.float32), "b1": np.full(len(keys), 2.0, np.float32),
-    }  # fmt: skip
-    spec = {"variant_keys": keys, "feature_version": FEATURE_VERSION, "feature_names": list(FEATURE_NAMES),
-            "version": 1, "metrics": {}}  # fmt: skip
+        "w0": rng.normal(0, 0.3, (f, hidden)).astype(np.float32),
+        "b0": np.zeros(hidden, np.float32),
+        "w1": rng.normal(0, 0.3, (hidden, len(keys))).astype(np.float32),
+        "b1": np.full(len(keys), 2.0, np.float32),
+    }
+    spec = {
+        "variant_keys": keys,
+        "feature_version": FEATURE_VERSION,
+        "feature_names": list(FEATURE_NAMES),
+        "version": 1,
+        "metrics": {},
+    }
     entry = save_predictor(root, weights, spec)
     manifest = load_manifest(root)
     manifest.predictor = entry

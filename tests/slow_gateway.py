@@ -11,11 +11,11 @@ import argparse
 import logging
 import sys
 
-from adaptive_quant.serving.backends.embedded import EmbeddedBackend
+from adaptive_quant.core.manifest import load_manifest
 from adaptive_quant.serving.app import create_app
+from adaptive_quant.serving.backends.embedded import EmbeddedBackend
 from adaptive_quant.serving.server import run
 from adaptive_quant.serving.settings import load_settings
-from adaptive_quant.core.manifest import load_manifest
 from fake_backends import FakeSlowBackend  # tests/ is on sys.path: this script lives there
 
 
@@ -27,9 +27,14 @@ def main() -> int:
     p.add_argument("--drain-timeout-s", type=float, default=30.0)
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    settings = load_settings(overrides={
-        "repository": args.repository, "server.port": args.port, "server.drain_timeout_s": args.drain_timeout_s,
-    }, environ={})  # fmt: skip
+    settings = load_settings(
+        overrides={
+            "repository": args.repository,
+            "server.port": args.port,
+            "server.drain_timeout_s": args.drain_timeout_s,
+        },
+        environ={},
+    )
     backend = FakeSlowBackend(EmbeddedBackend(settings.repository, load_manifest(settings.repository)), args.delay_s)
     run(create_app(settings, backend=backend), settings)
     return 0

@@ -10,12 +10,12 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from adaptive_quant.core.manifest import load_manifest
 from adaptive_quant.serving.backends.base import BackendError, VariantUnavailable
 from adaptive_quant.serving.backends.batcher import DynamicBatcher
 from adaptive_quant.serving.backends.embedded import EmbeddedBackend
 from adaptive_quant.serving.backends.triton import TritonBackend
 from adaptive_quant.serving.decode import to_model_input
-from adaptive_quant.core.manifest import load_manifest
 from gateway_repo import build_repo, images
 
 
@@ -206,9 +206,12 @@ class FakeTritonClient:
 
 
 def triton_config(name, dims=("3", "32", "32"), dtype="TYPE_FP32", input_name="images"):
-    return {"name": name, "max_batch_size": 8,
-            "input": [{"name": input_name, "data_type": dtype, "dims": list(dims)}],
-            "output": [{"name": "logits", "data_type": "TYPE_FP32", "dims": ["10"]}]}  # fmt: skip
+    return {
+        "name": name,
+        "max_batch_size": 8,
+        "input": [{"name": input_name, "data_type": dtype, "dims": list(dims)}],
+        "output": [{"name": "logits", "data_type": "TYPE_FP32", "dims": ["10"]}],
+    }
 
 
 def test_triton_backend_checks_readiness_and_configs_once(repo):

@@ -15,7 +15,9 @@ def test_shipped_configs_load(name: str) -> None:
 
 
 def test_override_changes_value_and_keeps_type() -> None:
-    cfg = load_config(ROOT / "configs" / "default.yaml", ["train.epochs=5", "train.lr=1", "model.widths=[16, 32, 64, 128]"])
+    cfg = load_config(
+        ROOT / "configs" / "default.yaml", ["train.epochs=5", "train.lr=1", "model.widths=[16, 32, 64, 128]"]
+    )
     assert cfg.train.epochs == 5
     assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)  # an int is accepted where a float is expected
     assert cfg.model.widths == [16, 32, 64, 128]

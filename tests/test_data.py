@@ -24,7 +24,9 @@ def _write_folder(root: Path, per_class: int = 3, fmt: str = "JPEG") -> dict[str
             d = root / split / c
             d.mkdir(parents=True)
             for i in range(per_class):
-                img = np.full((32, 32, 3), CIFAR10_CLASSES.index(c) * 20, np.uint8) + rng.integers(0, 10, (32, 32, 3), dtype=np.uint8)
+                img = np.full((32, 32, 3), CIFAR10_CLASSES.index(c) * 20, np.uint8) + rng.integers(
+                    0, 10, (32, 32, 3), dtype=np.uint8
+                )
                 path = d / f"{i:04d}.{'jpg' if fmt == 'JPEG' else 'png'}"
                 Image.fromarray(img).save(path, format=fmt, quality=95)
                 written[str(path)] = img

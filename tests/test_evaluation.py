@@ -14,15 +14,15 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from http_server import serve_in_thread  # tests/http_server.py
 from adaptive_quant.config import TrackingConfig
+from adaptive_quant.core.manifest import VariantEntry, load_manifest, save_manifest, sha256_file
+from adaptive_quant.core.routing import Priority, RoutingConfig
 from adaptive_quant.data import make_synthetic
 from adaptive_quant.evaluation.offline import EvalOptions, EvaluationError, evaluate_repository, pick_samples
-from adaptive_quant.core.manifest import VariantEntry, load_manifest, save_manifest, sha256_file
 from adaptive_quant.evaluation.render import log_report_to_mlflow, write_report
-from adaptive_quant.core.routing import Priority, RoutingConfig
 from adaptive_quant.evaluation.strategies import adaptive_point, cascade_point, oracle_point
 from gateway_repo import _weights, add_mlp_predictor, build_repo, make_int8
+from http_server import serve_in_thread  # tests/http_server.py
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -38,9 +38,15 @@ def _add_ptq_baseline(root: Path) -> None:
     onnx.save(make_int8(w), path)
     manifest = load_manifest(root)
     manifest.variants["int8_ptq"] = VariantEntry(
-        key="int8_ptq", precision="int8", triton_name="tiny_int8_ptq", path=str(path.relative_to(root)),
-        sha256=sha256_file(path), size_bytes=path.stat().st_size, served=False, val_accuracy=0.9,
-    )  # fmt: skip
+        key="int8_ptq",
+        precision="int8",
+        triton_name="tiny_int8_ptq",
+        path=str(path.relative_to(root)),
+        sha256=sha256_file(path),
+        size_bytes=path.stat().st_size,
+        served=False,
+        val_accuracy=0.9,
+    )
     save_manifest(root, manifest)
 
 
@@ -76,8 +82,16 @@ def test_every_section_and_plot(report, tmp_path):
     for f in files:
         assert (tmp_path / f).stat().st_size > 0
     md = (tmp_path / "report.md").read_text()
-    for heading in ("## Verdict", "## Setup", "How latency is modelled", "## Per variant", "### int8_ptq: per class",
-                    "## Adaptive routing", "## Baselines", "## Pareto frontier"):  # fmt: skip
+    for heading in (
+        "## Verdict",
+        "## Setup",
+        "How latency is modelled",
+        "## Per variant",
+        "### int8_ptq: per class",
+        "## Adaptive routing",
+        "## Baselines",
+        "## Pareto frontier",
+    ):
         assert heading in md
     for name in ("airplane", "truck", "oracle", "cascade int8→fp32", "random at the mix of", "no (baseline)"):
         assert name in md
@@ -146,8 +160,10 @@ def test_routed_and_baseline_points_agree_with_routing_eval(repo, test_split, re
 def test_frontier_marks_no_dominated_point(report):
     cand = [p for p in report.points if p.deployable]
     for p in cand:
-        dominated = any(q.accuracy >= p.accuracy and q.mean_ms <= p.mean_ms and
-                        (q.accuracy > p.accuracy or q.mean_ms < p.mean_ms) for q in cand)  # fmt: skip
+        dominated = any(
+            q.accuracy >= p.accuracy and q.mean_ms <= p.mean_ms and (q.accuracy > p.accuracy or q.mean_ms < p.mean_ms)
+            for q in cand
+        )
         assert p.on_latency_frontier == (not dominated)
     assert not any(p.on_latency_frontier for p in report.points if not p.deployable)
 
@@ -184,10 +200,25 @@ def test_cli_writes_report_and_names_missing_things(repo, tmp_path, capsys):
     import evaluate
 
     cfg = tmp_path / "eval.yaml"
-    cfg.write_text("seed: 1\ndata: {source: synthetic, synthetic_train: 300, synthetic_test: 80, val_size: 50}\n"
-                   "tracking: {enabled: false}\n")  # fmt: skip
-    common = ["--config", str(cfg), "--serve-config", str(ROOT / "configs" / "serve.yaml"), "--latency-iters", "10",
-              "--throughput-seconds", "0.05", "--threads", "1", "--no-progress", "--log-level", "WARNING"]  # fmt: skip
+    cfg.write_text(
+        "seed: 1\ndata: {source: synthetic, synthetic_train: 300, synthetic_test: 80, val_size: 50}\n"
+        "tracking: {enabled: false}\n"
+    )
+    common = [
+        "--config",
+        str(cfg),
+        "--serve-config",
+        str(ROOT / "configs" / "serve.yaml"),
+        "--latency-iters",
+        "10",
+        "--throughput-seconds",
+        "0.05",
+        "--threads",
+        "1",
+        "--no-progress",
+        "--log-level",
+        "WARNING",
+    ]
     assert evaluate.main(["--repository", str(repo), "--out", str(tmp_path / "r"), "--limit", "30", *common]) == 0
     assert (tmp_path / "r" / "report.md").is_file()
     assert "Pareto frontier" in capsys.readouterr().out
@@ -213,8 +244,11 @@ def test_url_mode_against_a_real_server(repo, test_split, tmp_path):
     # ewma 0: routing follows the manifest's profiles (int8 30 ms, fp32 80 ms, fp16 90 ms p95 at batch 1)
     settings = load_settings(overrides={"repository": str(repo), "latency.ewma_alpha": 0.0}, environ={})
     with http_server(settings) as url:
-        r = evaluate_url(url, test_split, EvalOptions(**FAST, limit=12, budgets=[40.0],
-                                                      priorities=(Priority.BALANCED, Priority.QUALITY)))  # fmt: skip
+        r = evaluate_url(
+            url,
+            test_split,
+            EvalOptions(**FAST, limit=12, budgets=[40.0], priorities=(Priority.BALANCED, Priority.QUALITY)),
+        )
     floor = r.points_of("fixed")[0]
     assert floor.mix["fp32"] == 1.0  # X-Min-Precision fp32 pins the service to fp32
     at40 = [p for p in r.points_of("http") if p.budget_ms == 40.0]

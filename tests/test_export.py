@@ -1,17 +1,16 @@
 """Export of the smoke model: variants, Triton configs against the ONNX files, manifest, the gate."""
 
-
 import numpy as np
 import onnx
 import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from adaptive_quant.export import pipeline as export_mod
-from adaptive_quant.export import onnx_export
 from adaptive_quant.config import ExportConfig
-from adaptive_quant.export.pipeline import ExportGateError, build_repository
 from adaptive_quant.core.manifest import ManifestError, load_manifest, sha256_file
+from adaptive_quant.export import onnx_export
+from adaptive_quant.export import pipeline as export_mod
+from adaptive_quant.export.pipeline import ExportGateError, build_repository
 
 ONNX_TO_TRITON = {onnx.TensorProto.FLOAT: model_config_pb2.TYPE_FP32}
 FAST = dict(profile_seconds=0.05, profile_batch_sizes=[1, 8], ptq_calibration_images=64, register=False)

@@ -24,8 +24,7 @@ from http_server import serve_in_thread
 
 # small limits so the fuzzers reach them; fixed-seed examples keep CI reproducible
 LIMITS = {"limits.max_instances": 4, "limits.max_request_bytes": 65536}
-FUZZ = settings(max_examples=60, deadline=None, derandomize=True,
-                suppress_health_check=list(HealthCheck))  # fmt: skip
+FUZZ = settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 
 
 @pytest.fixture(scope="module")
@@ -86,13 +85,20 @@ def test_schema_driven_fuzz_finds_no_5xx(base_url, mode):
 # ----------------------------------------------------------------------------- hypothesis on classify
 
 json_leaf = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text(max_size=20)
-json_tree = st.recursive(json_leaf, lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=8), kids, max_size=4),
-                         max_leaves=20)  # fmt: skip
-pixel_value = st.integers(-300, 300) | st.floats(allow_nan=True, allow_infinity=True) | st.sampled_from(["7", None, True])
+json_tree = st.recursive(
+    json_leaf,
+    lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=8), kids, max_size=4),
+    max_leaves=20,
+)
+pixel_value = (
+    st.integers(-300, 300) | st.floats(allow_nan=True, allow_infinity=True) | st.sampled_from(["7", None, True])
+)
 pixels = st.one_of(
     st.lists(st.lists(st.lists(pixel_value, min_size=1, max_size=4), max_size=3), max_size=3),  # wrong shapes
-    st.builds(lambda v, i, j, c: _patched(i, j, c, v), pixel_value, st.integers(0, 31), st.integers(0, 31), st.integers(0, 2)),
-)  # fmt: skip
+    st.builds(
+        lambda v, i, j, c: _patched(i, j, c, v), pixel_value, st.integers(0, 31), st.integers(0, 31), st.integers(0, 2)
+    ),
+)
 b64 = st.one_of(
     st.text(max_size=40),  # not base64 at all
     st.binary(max_size=300).map(lambda b: base64.b64encode(b).decode()),  # base64 of junk
@@ -100,9 +106,11 @@ b64 = st.one_of(
     st.just(base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\x00" * 64).decode()),  # PNG signature, no image
 )
 instance = st.one_of(
-    st.fixed_dictionaries({"b64": b64}), st.fixed_dictionaries({"pixels": pixels}),
-    st.fixed_dictionaries({"b64": b64, "pixels": pixels}), json_tree,
-)  # fmt: skip
+    st.fixed_dictionaries({"b64": b64}),
+    st.fixed_dictionaries({"pixels": pixels}),
+    st.fixed_dictionaries({"b64": b64, "pixels": pixels}),
+    json_tree,
+)
 body = st.one_of(
     st.fixed_dictionaries({"instances": st.lists(instance, max_size=6)}),
     st.fixed_dictionaries({"instances": json_tree}),
@@ -110,11 +118,14 @@ body = st.one_of(
 )
 # printable ASCII without surrounding blanks: what HTTP can carry in a header value at all
 header_text = st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=12).map(str.strip)
-headers = st.fixed_dictionaries({}, optional={
-    "X-Latency-Budget-Ms": header_text | st.sampled_from(["0", "-1", "nan", "inf", "1e309", "1e-300", "5"]),
-    "X-Priority": header_text | st.sampled_from(["speed", "QUALITY", "balanced"]),
-    "X-Min-Precision": header_text | st.sampled_from(["fp32", "int4", "FP16"]),
-})  # fmt: skip
+headers = st.fixed_dictionaries(
+    {},
+    optional={
+        "X-Latency-Budget-Ms": header_text | st.sampled_from(["0", "-1", "nan", "inf", "1e309", "1e-300", "5"]),
+        "X-Priority": header_text | st.sampled_from(["speed", "QUALITY", "balanced"]),
+        "X-Min-Precision": header_text | st.sampled_from(["fp32", "int4", "FP16"]),
+    },
+)
 
 
 def _patched(i: int, j: int, c: int, v) -> list:

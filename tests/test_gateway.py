@@ -18,13 +18,13 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from http_server import serve_in_thread  # tests/http_server.py
-from adaptive_quant.serving.backends.embedded import EmbeddedBackend
-from adaptive_quant.serving.app import create_app
-from adaptive_quant.serving.settings import SettingsError, load_settings
 from adaptive_quant.core.manifest import load_manifest, save_manifest, sha256_file
+from adaptive_quant.serving.app import create_app
+from adaptive_quant.serving.backends.embedded import EmbeddedBackend
+from adaptive_quant.serving.settings import SettingsError, load_settings
 from fake_backends import FakeFlakyBackend
 from gateway_repo import b64_instance, build_repo, images, pixels_instance
+from http_server import serve_in_thread  # tests/http_server.py
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -131,8 +131,9 @@ def test_each_sample_is_routed_on_its_own_and_same_variant_samples_go_together(r
     backend = flaky(repo)
     with serve(repo, backend=backend, predictor=FakeBrightnessPredictor()) as client:
         backend.calls.clear()  # forget the start-up warm-up calls
-        r = classify(client, [b64_instance(bright[0]), b64_instance(dark[0]), pixels_instance(bright[1])],
-                     X_Priority="quality")  # fmt: skip
+        r = classify(
+            client, [b64_instance(bright[0]), b64_instance(dark[0]), pixels_instance(bright[1])], X_Priority="quality"
+        )
         assert r.status_code == 200, r.text
         assert [p["precision"] for p in r.json()["predictions"]] == ["int8", "fp32", "int8"]
         assert r.headers["X-Precision"] == "fp32,int8"  # the set, most precise first
@@ -256,23 +257,58 @@ BAD_BODIES = [
     ("unknown field", json.dumps({"instances": [], "extra": 1}).encode(), 422, "unknown field"),
     ("instances not a list", json.dumps({"instances": "cat.png"}).encode(), 422, "must be a list"),
     ("empty instances", json.dumps({"instances": []}).encode(), 422, "empty"),
-    ("neither b64 nor pixels", json.dumps({"instances": [{"url": "http://x/cat.png"}]}).encode(), 422, "neither 'b64' nor 'pixels'"),
+    (
+        "neither b64 nor pixels",
+        json.dumps({"instances": [{"url": "http://x/cat.png"}]}).encode(),
+        422,
+        "neither 'b64' nor 'pixels'",
+    ),
     ("both b64 and pixels", json.dumps({"instances": [{"b64": _png(), "pixels": PIX}]}).encode(), 422, "exactly one"),
     ("instance not an object", json.dumps({"instances": [3]}).encode(), 422, "not an object"),
     ("not base64", json.dumps({"instances": [{"b64": "%%%not-base64%%%"}]}).encode(), 422, "not valid base64"),
-    ("base64 of junk", json.dumps({"instances": [{"b64": base64.b64encode(b"hello world").decode()}]}).encode(), 422, "does not decode"),
+    (
+        "base64 of junk",
+        json.dumps({"instances": [{"b64": base64.b64encode(b"hello world").decode()}]}).encode(),
+        422,
+        "does not decode",
+    ),
     ("GIF image", json.dumps({"instances": [{"b64": _png(fmt="GIF")}]}).encode(), 422, "GIF is not accepted"),
-    ("wrong image size", json.dumps({"instances": [{"b64": _png((64, 48))}]}).encode(), 422, "64×48 pixels, expected 32×32"),
-    ("pixels wrong shape", json.dumps({"instances": [{"pixels": GOOD[:, :, 0].tolist()}]}).encode(), 422, "shape 32×32;"),
+    (
+        "wrong image size",
+        json.dumps({"instances": [{"b64": _png((64, 48))}]}).encode(),
+        422,
+        "64×48 pixels, expected 32×32",
+    ),
+    (
+        "pixels wrong shape",
+        json.dumps({"instances": [{"pixels": GOOD[:, :, 0].tolist()}]}).encode(),
+        422,
+        "shape 32×32;",
+    ),
     ("pixels ragged", json.dumps({"instances": [{"pixels": [[1, 2, 3], [4, 5]]}]}).encode(), 422, "ragged"),
     ("pixels floats", json.dumps({"instances": [{"pixels": (GOOD / 255.0).tolist()}]}).encode(), 422, "non-integer"),
-    ("pixels NaN", json.dumps({"instances": [{"pixels": np.where(GOOD > 100, np.nan, GOOD).tolist()}]}).encode(), 422, "NaN"),
-    ("pixels out of range", json.dumps({"instances": [{"pixels": (GOOD.astype(int) + 100).tolist()}]}).encode(), 422, "0..255"),
+    (
+        "pixels NaN",
+        json.dumps({"instances": [{"pixels": np.where(GOOD > 100, np.nan, GOOD).tolist()}]}).encode(),
+        422,
+        "NaN",
+    ),
+    (
+        "pixels out of range",
+        json.dumps({"instances": [{"pixels": (GOOD.astype(int) + 100).tolist()}]}).encode(),
+        422,
+        "0..255",
+    ),
     ("pixels strings", json.dumps({"instances": [{"pixels": [[["a"] * 3] * 32] * 32}]}).encode(), 422, "non-numeric"),
     ("pixels null", json.dumps({"instances": [{"pixels": None}]}).encode(), 422, "must be a 32×32×3"),
     ("too many instances", json.dumps({"instances": [{"b64": _png()}] * 9}).encode(), 413, "at most 8"),
-    ("oversized body", json.dumps({"instances": [{"pixels": PIX}] * 5, "pad": "x" * 150_000}).encode(), 413, "at most 150000"),
-]  # fmt: skip
+    (
+        "oversized body",
+        json.dumps({"instances": [{"pixels": PIX}] * 5, "pad": "x" * 150_000}).encode(),
+        413,
+        "at most 150000",
+    ),
+]
 
 BAD_HEADERS = [
     ({"X-Latency-Budget-Ms": "-5"}, "X-Latency-Budget-Ms must be a positive number"),
@@ -429,8 +465,11 @@ def test_settings_reject_unknown_keys_and_wrong_types_and_read_env():
         load_settings(overrides={"server.port": "eighty"}, environ={})
     with pytest.raises(SettingsError, match="backend.kind must be one of"):
         load_settings(environ={"AQ_BACKEND__KIND": "tensorrt"})
-    s = load_settings(ROOT / "configs" / "serve.yaml", overrides={"server.port": "9001"},
-                      environ={"AQ_BACKEND__KIND": "triton", "AQ_SERVER__PORT": "9000"})  # fmt: skip
+    s = load_settings(
+        ROOT / "configs" / "serve.yaml",
+        overrides={"server.port": "9001"},
+        environ={"AQ_BACKEND__KIND": "triton", "AQ_SERVER__PORT": "9000"},
+    )
     assert (s.backend.kind, s.server.port, s.server.host) == ("triton", 9001, "127.0.0.1")
 
 
@@ -450,9 +489,9 @@ def test_over_real_http_with_concurrent_callers(repo):
 
         async def fire():
             async with httpx.AsyncClient(base_url=url, timeout=30) as client:
-                return await asyncio.gather(*(
-                    client.post("/v1/classify", json=b, headers={"X-Latency-Budget-Ms": "5000"}) for b in bodies
-                ))  # fmt: skip
+                return await asyncio.gather(
+                    *(client.post("/v1/classify", json=b, headers={"X-Latency-Budget-Ms": "5000"}) for b in bodies)
+                )
 
         responses = asyncio.run(fire())
         assert [r.status_code for r in responses] == [200] * 16
@@ -480,8 +519,10 @@ def test_over_real_http_with_concurrent_callers(repo):
 def test_serve_script_fails_clearly_without_a_repository(tmp_path):
     r = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "serve.py"), "--repository", str(tmp_path / "missing")],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 2
     assert "manifest.json does not exist" in r.stderr and "scripts/export.py" in r.stderr
 
@@ -502,20 +543,30 @@ def test_serving_code_imports_no_torch(repo):
 
 def test_predict_script_prints_a_table_in_process_and_against_a_running_service(repo, tmp_path):
     sample = tmp_path / "sample.json"
-    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "make_sample.py"), "--synthetic", "--n", "3",
-                        "--out", str(sample)], capture_output=True, text=True, timeout=60)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "make_sample.py"), "--synthetic", "--n", "3", "--out", str(sample)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stderr
     assert len(json.loads(sample.read_text())["instances"]) == 3
     predict = [sys.executable, str(ROOT / "scripts" / "predict.py"), "--input", str(sample), "--latency-budget", "60"]
-    r = subprocess.run(predict + ["--repository", str(repo), "--config", str(ROOT / "configs" / "serve.yaml")],
-                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    r = subprocess.run(
+        predict + ["--repository", str(repo), "--config", str(ROOT / "configs" / "serve.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert lines[0].split() == ["sample", "label", "confidence", "precision", "latency", "ms", "budget", "met"]
     assert len([ln for ln in lines if " int8 " in ln]) == 3  # 60 ms fits only int8 (30 ms profiled)
     assert "3/3 answered" in r.stdout and "budget met for 3/3" in r.stdout
     with http_server(make_settings(repo)) as url:
-        r = subprocess.run(predict + ["--url", url, "--min-precision", "fp32"], capture_output=True, text=True, timeout=60)
+        r = subprocess.run(
+            predict + ["--url", url, "--min-precision", "fp32"], capture_output=True, text=True, timeout=60
+        )
     assert r.returncode == 0, r.stderr
     assert len([ln for ln in r.stdout.splitlines() if " fp32 " in ln]) == 3 and url in r.stdout
     assert "budget met for 0/3" in r.stdout  # fp32 (80 ms profiled) cannot meet 60 ms, and says so

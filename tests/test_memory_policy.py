@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from adaptive_quant.core.memory_policy import MemoryPolicyConfig, MemorySample, VariantFacts, decide, dominated_by
 from adaptive_quant.serving.memory_control import parse_triton_memory
 from adaptive_quant.serving.settings import SettingsError, load_settings
-from adaptive_quant.core.memory_policy import MemoryPolicyConfig, MemorySample, VariantFacts, decide, dominated_by
 
 CFG = MemoryPolicyConfig(enabled=True, cooldown_s=10.0, min_loaded=1)
 HIGH = MemorySample(system_pct=95.0, process_pct=5.0)
@@ -18,8 +18,10 @@ def facts(loaded=("fp32", "fp16", "int8"), usage=None, by_policy=()):
     usage = usage or {}
     # a CPU host: fp16 is no faster than fp32 and a little less accurate; int8 is 3× faster
     table = {"fp32": (2, 0.92, 0.76, 1_000_000), "fp16": (1, 0.919, 0.80, 500_000), "int8": (0, 0.91, 0.25, 250_000)}
-    return [VariantFacts(k, rank, acc, ms, size, usage.get(k, 0.0), k in loaded, k in by_policy)
-            for k, (rank, acc, ms, size) in table.items()]  # fmt: skip
+    return [
+        VariantFacts(k, rank, acc, ms, size, usage.get(k, 0.0), k in loaded, k in by_policy)
+        for k, (rank, acc, ms, size) in table.items()
+    ]
 
 
 def test_pressure_unloads_the_dominated_variant_first_then_the_least_used():

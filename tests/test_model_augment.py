@@ -1,7 +1,7 @@
 import torch
 
-from adaptive_quant.training.augment import cutout, random_crop, random_flip, to_normalized_tensor
 from adaptive_quant.config import ModelConfig
+from adaptive_quant.training.augment import cutout, random_crop, random_flip, to_normalized_tensor
 from adaptive_quant.training.model import build_model, count_parameters
 
 
@@ -32,7 +32,12 @@ def test_random_crop_is_a_shifted_window_of_the_padded_image() -> None:
     assert out.shape == x.shape
     padded = torch.nn.functional.pad(x, (2, 2, 2, 2), mode="reflect")
     for i in range(2):
-        hits = [(dy, dx) for dy in range(5) for dx in range(5) if torch.equal(padded[i, :, dy : dy + 8, dx : dx + 8], out[i])]
+        hits = [
+            (dy, dx)
+            for dy in range(5)
+            for dx in range(5)
+            if torch.equal(padded[i, :, dy : dy + 8, dx : dx + 8], out[i])
+        ]
         assert hits, "each crop must be a window of the padded image"
 
 

@@ -8,11 +8,11 @@ import pytest
 
 from adaptive_quant.config import ExportConfig
 from adaptive_quant.core.images import encode_png
+from adaptive_quant.core.manifest import load_manifest
 from adaptive_quant.data import load_dataset, make_synthetic
 from adaptive_quant.predictor.features import FEATURE_NAMES, NUM_FEATURES, compute_features
-from adaptive_quant.core.manifest import load_manifest
-from adaptive_quant.predictor.model import auroc, expected_calibration_error, fit_platt, load_predictor, sigmoid
 from adaptive_quant.predictor.fit import train_predictor
+from adaptive_quant.predictor.model import auroc, expected_calibration_error, fit_platt, load_predictor, sigmoid
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,9 @@ def predictor_repo(smoke_run, tmp_path_factory):
 
     cfg, result, _ = smoke_run
     repo = tmp_path_factory.mktemp("pred") / "repo"
-    fast = ExportConfig(repository=str(repo), profile_seconds=0.05, profile_batch_sizes=[1, 8], ptq_baseline=False, register=False)
+    fast = ExportConfig(
+        repository=str(repo), profile_seconds=0.05, profile_batch_sizes=[1, 8], ptq_baseline=False, register=False
+    )
     build_repository(result.checkpoint, fast, tracking=False)
     cfg.predictor.epochs = 30
     report = train_predictor(cfg, repo, tracking=False)
@@ -132,6 +134,8 @@ def test_predictor_onnx_and_triton_config_agree_with_numpy(predictor_repo) -> No
     sess = ort.InferenceSession(str(repo / m.predictor["onnx_path"]), providers=["CPUExecutionProvider"])
     (onnx_p,) = sess.run(None, {"features": feats})
     assert np.allclose(onnx_p, predictor.predict_features(feats), atol=1e-5)
-    config = text_format.Parse((repo / "accuracy_predictor" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    config = text_format.Parse(
+        (repo / "accuracy_predictor" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig()
+    )
     assert config.name == "accuracy_predictor" and list(config.input[0].dims) == [NUM_FEATURES]
     assert list(config.output[0].dims) == [3]

@@ -68,8 +68,9 @@ def test_score_choice_counts():
     correct = np.array([[1, 0], [1, 1], [0, 1], [0, 0]], dtype=bool)
     lat = np.array([[10.0, 1.0], [10.0, 1.0], [10.0, 2.0], [10.0, 3.0]])  # ms, (N, V)
     choice = np.array([0, 1, 1, 1])
-    p = score_choice(choice, correct, lat, np.array([100.0, 1000.0]), ["fp32", "int8"], 2.5, "adaptive", "x",
-                     share_budgets=[2.5])  # fmt: skip
+    p = score_choice(
+        choice, correct, lat, np.array([100.0, 1000.0]), ["fp32", "int8"], 2.5, "adaptive", "x", share_budgets=[2.5]
+    )
     assert p.accuracy == pytest.approx(3 / 4)  # right, right, right, wrong
     assert p.mean_ms == pytest.approx((10 + 1 + 2 + 3) / 4)
     assert p.within_budget == pytest.approx(2 / 4)  # 1 ms and 2 ms samples
@@ -79,18 +80,46 @@ def test_score_choice_counts():
 
 
 def _pt(strategy, label, acc, ms, mix, budget=None, prio=None, within=None, deployable=True, wb=None):
-    return StrategyPoint(strategy, label, acc, ms, ms * 1.2, within, 1000.0 / ms, mix, budget_ms=budget,
-                         priority=prio, deployable=deployable, within_by_budget=wb or {})  # fmt: skip
+    return StrategyPoint(
+        strategy,
+        label,
+        acc,
+        ms,
+        ms * 1.2,
+        within,
+        1000.0 / ms,
+        mix,
+        budget_ms=budget,
+        priority=prio,
+        deployable=deployable,
+        within_by_budget=wb or {},
+    )
 
 
 def test_recommend_and_verdict_from_numbers():
     fp32 = _pt("fixed", "fixed fp32", 0.93, 3.0, {"fp32": 1.0, "int8": 0.0}, wb={"1": 0.0, "2": 0.0, "4": 1.0})
     int8 = _pt("fixed", "fixed int8", 0.91, 1.0, {"fp32": 0.0, "int8": 1.0}, wb={"1": 0.96, "2": 1.0, "4": 1.0})
     ptq = _pt("fixed", "fixed int8_ptq (baseline, not served)", 0.88, 1.0, {"int8_ptq": 1.0}, deployable=False)
-    ad = _pt("adaptive", "adaptive balanced @ 2 ms", 0.925, 1.6, {"fp32": 0.3, "int8": 0.7}, budget=2.0,
-             prio="balanced", within=0.97)  # fmt: skip
-    rnd = _pt("random-same-mix", "random at the mix of adaptive balanced @ 2 ms", 0.916, 1.6,
-              {"fp32": 0.3, "int8": 0.7}, budget=2.0, prio="balanced", within=0.97)  # fmt: skip
+    ad = _pt(
+        "adaptive",
+        "adaptive balanced @ 2 ms",
+        0.925,
+        1.6,
+        {"fp32": 0.3, "int8": 0.7},
+        budget=2.0,
+        prio="balanced",
+        within=0.97,
+    )
+    rnd = _pt(
+        "random-same-mix",
+        "random at the mix of adaptive balanced @ 2 ms",
+        0.916,
+        1.6,
+        {"fp32": 0.3, "int8": 0.7},
+        budget=2.0,
+        prio="balanced",
+        within=0.97,
+    )
     recs = dict(recommend([fp32, int8, ad], [0.5, 1.0, 2.0, 4.0, None]))
     assert recs[0.5] is None  # nothing finishes 95% of samples within 0.5 ms
     assert recs[1.0] is int8

@@ -126,7 +126,10 @@ class FakeClock:
 
 
 def profile(p95_b1: float) -> LatencyProfile:
-    pts = {str(b): LatencyPoint(p50_ms=p95_b1 * f * 0.8, p95_ms=p95_b1 * f, throughput=1.0) for b, f in {1: 1, 8: 3, 32: 8}.items()}
+    pts = {
+        str(b): LatencyPoint(p50_ms=p95_b1 * f * 0.8, p95_ms=p95_b1 * f, throughput=1.0)
+        for b, f in {1: 1, 8: 3, 32: 8}.items()
+    }
     return LatencyProfile(host={"cpu": "test"}, batches=pts)
 
 
@@ -215,8 +218,16 @@ def test_balanced_prices_compute_higher_under_load():
     busy = route_batch(acc, cost, np.array([True, True]), None, Priority.BALANCED, cfg, cost_ms=cost, load=1.0)
     assert idle.index[0] == 0  # 3 points > 2 halvings × 1 point: worth FP32 on an idle server
     assert busy.index[0] == 1  # one full batch waiting: 2 halvings × 2 points > 3 points
-    flat = route_batch(acc, cost, np.array([True, True]), None, Priority.BALANCED,
-                       RoutingConfig(load_price=0.0), cost_ms=cost, load=5.0)  # fmt: skip
+    flat = route_batch(
+        acc,
+        cost,
+        np.array([True, True]),
+        None,
+        Priority.BALANCED,
+        RoutingConfig(load_price=0.0),
+        cost_ms=cost,
+        load=5.0,
+    )
     assert flat.index[0] == 0
 
 

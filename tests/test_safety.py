@@ -16,13 +16,13 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from gateway_repo import b64_instance, build_repo, images
-from http_server import serve_in_thread
 
+from adaptive_quant.core.net import is_loopback
 from adaptive_quant.data import DataError, read_cifar_split
 from adaptive_quant.serving.app import create_app
 from adaptive_quant.serving.settings import ServeSettings, SettingsError, load_settings
-from adaptive_quant.core.net import is_loopback
+from gateway_repo import b64_instance, build_repo, images
+from http_server import serve_in_thread
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,8 +43,13 @@ def test_with_an_api_key_a_missing_or_wrong_key_gets_401_and_the_right_one_is_se
     settings = load_settings(overrides={"repository": str(repo)}, environ={"AQ_SERVER__API_KEY": "0x1F"})
     assert settings.server.api_key == "0x1F"  # typed text stays text (YAML would read 31)
     with serve_in_thread(create_app(settings)) as url, httpx.Client(base_url=url) as c:
-        for headers in ({}, {"X-API-Key": "0x1E"}, {"X-API-Key": ""}, {"Authorization": "Bearer nope"},
-                        {"Authorization": "Basic MHgxRg=="}):  # fmt: skip
+        for headers in (
+            {},
+            {"X-API-Key": "0x1E"},
+            {"X-API-Key": ""},
+            {"Authorization": "Bearer nope"},
+            {"Authorization": "Basic MHgxRg=="},
+        ):
             r = c.post("/v1/classify", json=body(), headers=headers)
             assert r.status_code == 401, (headers, r.text)
             assert "X-API-Key" in r.json()["error"]["message"] and r.json()["error"]["type"] == "unauthorized"
@@ -117,10 +122,23 @@ def _start_slow_gateway(repo: Path, delay_s: float, drain_timeout_s: float) -> t
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "tests" / "slow_gateway.py"), "--repository", str(repo), "--port", str(port),
-         "--delay-s", str(delay_s), "--drain-timeout-s", str(drain_timeout_s)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(ROOT / "tests" / "slow_gateway.py"),
+            "--repository",
+            str(repo),
+            "--port",
+            str(port),
+            "--delay-s",
+            str(delay_s),
+            "--drain-timeout-s",
+            str(drain_timeout_s),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while True:
@@ -176,7 +194,9 @@ def test_sigterm_lets_requests_in_flight_finish_then_exits(repo):
 def test_the_drain_is_bounded_by_its_timeout(repo):
     proc, url = _start_slow_gateway(repo, delay_s=60.0, drain_timeout_s=1.0)
     try:
-        caller = threading.Thread(target=lambda: _swallow(lambda: httpx.post(f"{url}/v1/classify", json=body(), timeout=90)))
+        caller = threading.Thread(
+            target=lambda: _swallow(lambda: httpx.post(f"{url}/v1/classify", json=body(), timeout=90))
+        )
         caller.start()
         _in_flight(url, 1)
         t = time.monotonic()

@@ -4,8 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from adaptive_quant.training.checkpoint import CheckpointError, load_checkpoint, restore_converted_model, restore_float_model
 from adaptive_quant.data import load_dataset
+from adaptive_quant.training.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    restore_converted_model,
+    restore_float_model,
+)
 from adaptive_quant.training.engine import predict_logits
 from adaptive_quant.training.quantize import prepare_qat, set_qat_mode
 

@@ -22,16 +22,16 @@ from fastapi.testclient import TestClient
 
 pytest.importorskip("pytriton", reason="needs nvidia-pytriton (pinned in requirements.txt)")
 
-from http_server import serve_in_thread  # tests/http_server.py
-from adaptive_quant.serving.backends.embedded import EmbeddedBackend  # noqa: E402
-from adaptive_quant.serving.backends.triton import TritonBackend  # noqa: E402
-from adaptive_quant.serving.app import create_app  # noqa: E402
-from adaptive_quant.serving.settings import load_settings  # noqa: E402
 from adaptive_quant.core.manifest import load_manifest, sha256_file  # noqa: E402
 from adaptive_quant.core.memory_policy import MemorySample  # noqa: E402
 from adaptive_quant.export.triton_python import served_model_names, write_python_flavor  # noqa: E402
+from adaptive_quant.serving.app import create_app  # noqa: E402
+from adaptive_quant.serving.backends.embedded import EmbeddedBackend  # noqa: E402
+from adaptive_quant.serving.backends.triton import TritonBackend  # noqa: E402
+from adaptive_quant.serving.settings import load_settings  # noqa: E402
 from adaptive_quant.tools.triton_server import LocalTriton, TritonServerConfig, free_port  # noqa: E402
 from gateway_repo import b64_instance, build_repo, images  # noqa: E402
+from http_server import serve_in_thread  # tests/http_server.py
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,9 +49,14 @@ def pyrepo(repo, tmp_path_factory):
 @pytest.fixture(scope="module")
 def triton(pyrepo, tmp_path_factory):
     cfg = TritonServerConfig(
-        pyrepo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
-        model_control="explicit", load_models=served_model_names(pyrepo), exit_timeout_s=1,
-    )  # fmt: skip
+        pyrepo,
+        http_port=free_port(),
+        grpc_port=free_port(),
+        metrics_port=free_port(),
+        model_control="explicit",
+        load_models=served_model_names(pyrepo),
+        exit_timeout_s=1,
+    )
     server = LocalTriton(cfg, workdir=tmp_path_factory.mktemp("triton"))
     server.start(timeout_s=60)
     yield server
@@ -60,10 +65,14 @@ def triton(pyrepo, tmp_path_factory):
 
 def settings_for(repo, triton, **overrides):
     tree = {
-        "repository": str(repo), "latency.ewma_alpha": 0.0,  # routing follows the profiles exactly
-        "backend.kind": "triton", "backend.triton_url": triton.grpc_url, "backend.health_interval_s": 0.2,
-        "breaker.cooldown_s": 0.5, **overrides,
-    }  # fmt: skip
+        "repository": str(repo),
+        "latency.ewma_alpha": 0.0,  # routing follows the profiles exactly
+        "backend.kind": "triton",
+        "backend.triton_url": triton.grpc_url,
+        "backend.health_interval_s": 0.2,
+        "breaker.cooldown_s": 0.5,
+        **overrides,
+    }
     return load_settings(overrides=tree, environ={})
 
 
@@ -141,12 +150,22 @@ def test_backend_logits_equal_embedded_for_every_variant_over_grpc_and_http(repo
 
 def test_gateway_on_triton_answers_like_embedded_and_triton_counts_the_inferences(repo, triton):
     imgs = images(12, seed=3)
-    cases = [({"X_Priority": "quality"}, imgs[:6]), ({"X_Priority": "speed"}, imgs[6:]),
-             ({"X_Latency_Budget_Ms": "40"}, imgs[:3])]  # fmt: skip
-    with TestClient(create_app(load_settings(overrides={"repository": str(repo), "latency.ewma_alpha": 0.0},
-                                             environ={}))) as embedded:  # fmt: skip
-        expected = [embedded.post("/v1/classify", json={"instances": [b64_instance(i) for i in im]}, headers={
-            k.replace("_", "-"): v for k, v in h.items()}).json()["predictions"] for h, im in cases]  # fmt: skip
+    cases = [
+        ({"X_Priority": "quality"}, imgs[:6]),
+        ({"X_Priority": "speed"}, imgs[6:]),
+        ({"X_Latency_Budget_Ms": "40"}, imgs[:3]),
+    ]
+    with TestClient(
+        create_app(load_settings(overrides={"repository": str(repo), "latency.ewma_alpha": 0.0}, environ={}))
+    ) as embedded:
+        expected = [
+            embedded.post(
+                "/v1/classify",
+                json={"instances": [b64_instance(i) for i in im]},
+                headers={k.replace("_", "-"): v for k, v in h.items()},
+            ).json()["predictions"]
+            for h, im in cases
+        ]
     with http_gateway(settings_for(repo, triton)) as url:
         status = httpx.get(f"{url}/v1/status").json()
         assert status["backend"] == "triton" and status["ready"], status
@@ -166,8 +185,10 @@ def test_gateway_on_triton_answers_like_embedded_and_triton_counts_the_inference
 
     def counted():
         after = triton_counts(triton)
-        delta = {k: after.get(("nv_inference_count", f"tiny_{k}"), 0) - before.get(("nv_inference_count", f"tiny_{k}"), 0)
-                 for k in ("fp32", "fp16", "int8")}  # fmt: skip
+        delta = {
+            k: after.get(("nv_inference_count", f"tiny_{k}"), 0) - before.get(("nv_inference_count", f"tiny_{k}"), 0)
+            for k in ("fp32", "fp16", "int8")
+        }
         return delta if delta == routed else None
 
     assert wait_for(counted, 5, f"Triton's nv_inference_count to match {routed}")
@@ -191,10 +212,17 @@ class FakeMemory:
 
 def test_memory_policy_unloads_the_least_useful_variants_and_loads_them_back(repo, triton):
     probe = FakeMemory()
-    settings = settings_for(repo, triton, **{
-        "backend.model_control": "explicit", "memory.enabled": True, "memory.interval_s": 0.1,
-        "memory.cooldown_s": 0.0, "memory.min_loaded": 1,
-    })  # fmt: skip
+    settings = settings_for(
+        repo,
+        triton,
+        **{
+            "backend.model_control": "explicit",
+            "memory.enabled": True,
+            "memory.interval_s": 0.1,
+            "memory.cooldown_s": 0.0,
+            "memory.min_loaded": 1,
+        },
+    )
     with http_gateway(settings, memory_probe=probe) as url:
         img = images(1, seed=9)
         for _ in range(3):  # callers mostly want quality (fp32), a few want speed (int8); nobody needs fp16
@@ -207,16 +235,26 @@ def test_memory_policy_unloads_the_least_useful_variants_and_loads_them_back(rep
             return {v["key"] for v in httpx.get(f"{url}/v1/status").json()["variants"] if v["loaded"]}
 
         wait_for(lambda: loaded() == {"fp32"}, 20, "the policy to unload fp16 and int8")
-        status = wait_for(lambda: (s := httpx.get(f"{url}/v1/status").json())["memory"]["last_decision"]["action"]
-                          == "hold" and s, 5, "the policy to hold at min_loaded")  # fmt: skip
+        status = wait_for(
+            lambda: (s := httpx.get(f"{url}/v1/status").json())["memory"]["last_decision"]["action"] == "hold" and s,
+            5,
+            "the policy to hold at min_loaded",
+        )
         memory = status["memory"]
         assert [(a["action"], a["variant"]) for a in memory["history"]] == [("unload", "fp16"), ("unload", "int8")]
-        assert "dominated by fp32" in memory["history"][0]["reason"] and "system memory 95.0% > 90%" in memory["history"][0]["reason"]
+        assert (
+            "dominated by fp32" in memory["history"][0]["reason"]
+            and "system memory 95.0% > 90%" in memory["history"][0]["reason"]
+        )
         assert memory["last_decision"]["action"] == "hold" and "min_loaded" in memory["last_decision"]["reason"]
         int8 = next(v for v in status["variants"] if v["key"] == "int8")
         assert not int8["routable"] and "memory policy" in int8["loaded_reason"]
-        index = {m["name"]: m.get("state") for m in json.loads(urllib.request.urlopen(
-            f"http://{triton.http_url}/v2/repository/index", data=b"{}", timeout=5).read())}  # fmt: skip
+        index = {
+            m["name"]: m.get("state")
+            for m in json.loads(
+                urllib.request.urlopen(f"http://{triton.http_url}/v2/repository/index", data=b"{}", timeout=5).read()
+            )
+        }
         assert index["tiny_int8"] != "READY" and index["tiny_fp16"] != "READY" and index["tiny_fp32"] == "READY"
         r = post(url, img, X_Priority="speed")  # the router no longer sends anything to int8
         assert r.status_code == 200 and r.json()["predictions"][0]["variant"] == "fp32" and r.json()["fallbacks"] == 0
@@ -268,16 +306,21 @@ def test_triton_killed_mid_traffic_then_restarted(repo, triton):
         t0 = time.monotonic()
         triton.start(timeout_s=60)  # same ports; the gateway is not restarted
         wait_for(lambda: httpx.get(f"{url}/readyz").status_code == 200, 10, "/readyz to turn true again")
-        r = wait_for(lambda: (r := post(url, images(2, seed=1), X_Priority="speed")).status_code == 200 and r, 10,
-                     "classify to answer again")  # fmt: skip
+        r = wait_for(
+            lambda: (r := post(url, images(2, seed=1), X_Priority="speed")).status_code == 200 and r,
+            10,
+            "classify to answer again",
+        )
         assert r.json()["fallbacks"] == 0 and r.json()["predictions"][0]["variant"] == "int8"
         assert time.monotonic() - t0 < 30
 
 
 def test_triton_local_script_says_how_to_install_when_pytriton_is_missing(tmp_path):
-    code = ("import runpy, sys; sys.modules['pytriton'] = None; "
-            f"sys.argv = ['triton_local.py', '--repository', {str(build_repo(tmp_path / 'r'))!r}, '--python-repository', "
-            f"{str(tmp_path / 'py')!r}]; runpy.run_path({str(ROOT / 'scripts' / 'triton_local.py')!r}, run_name='__main__')")  # fmt: skip
+    code = (
+        "import runpy, sys; sys.modules['pytriton'] = None; "
+        f"sys.argv = ['triton_local.py', '--repository', {str(build_repo(tmp_path / 'r'))!r}, '--python-repository', "
+        f"{str(tmp_path / 'py')!r}]; runpy.run_path({str(ROOT / 'scripts' / 'triton_local.py')!r}, run_name='__main__')"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2, r.stdout + r.stderr
     assert "pip install nvidia-pytriton==0.7.0" in r.stderr

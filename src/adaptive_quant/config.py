@@ -59,7 +59,9 @@ class ModelConfig:
         _check(all(b >= 0 for b in self.blocks), "model.blocks", "entries must be >= 0")
         _check(self.num_classes >= 2, "model.num_classes", "must be >= 2")
         _check(self.head_scale > 0, "model.head_scale", "must be > 0")
-        _check(self.name.replace("_", "").isalnum(), "model.name", "letters, digits and '_' only (it names Triton models)")
+        _check(
+            self.name.replace("_", "").isalnum(), "model.name", "letters, digits and '_' only (it names Triton models)"
+        )
 
 
 @dataclass
@@ -151,10 +153,16 @@ class ExportConfig:
         _check(self.max_batch_size >= 1, "export.max_batch_size", "must be >= 1")
         _check(self.max_queue_delay_us >= 0, "export.max_queue_delay_us", "must be >= 0")
         _check(self.instance_count >= 1, "export.instance_count", "must be >= 1")
-        _check(self.instance_kind in ("KIND_AUTO", "KIND_CPU", "KIND_GPU"), "export.instance_kind",
-               "must be KIND_AUTO, KIND_CPU or KIND_GPU")
-        _check(bool(self.profile_batch_sizes) and all(b >= 1 for b in self.profile_batch_sizes),
-               "export.profile_batch_sizes", "must be a non-empty list of sizes >= 1")
+        _check(
+            self.instance_kind in ("KIND_AUTO", "KIND_CPU", "KIND_GPU"),
+            "export.instance_kind",
+            "must be KIND_AUTO, KIND_CPU or KIND_GPU",
+        )
+        _check(
+            bool(self.profile_batch_sizes) and all(b >= 1 for b in self.profile_batch_sizes),
+            "export.profile_batch_sizes",
+            "must be a non-empty list of sizes >= 1",
+        )
         _check(self.profile_seconds > 0, "export.profile_seconds", "must be > 0")
         _check(self.ptq_calibration_images >= 1, "export.ptq_calibration_images", "must be >= 1")
 

@@ -7,7 +7,6 @@ Normalisation and augmentation happen later, on tensors, in the training loop.
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import pickle
 from concurrent.futures import ThreadPoolExecutor
@@ -22,9 +21,17 @@ from adaptive_quant.config import DataConfig
 log = logging.getLogger(__name__)
 
 CIFAR10_CLASSES = [
-    "airplane", "automobile", "bird", "cat", "deer",
-    "dog", "frog", "horse", "ship", "truck",
-]  # fmt: skip
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+]
 # per-channel statistics of the CIFAR-10 training set (RGB, on a 0..1 scale)
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -99,15 +106,21 @@ class _BatchUnpickler(pickle.Unpickler):
     arrays): any other global, e.g. a function a crafted file would call, is refused, so a
     batch file cannot run code."""
 
-    ALLOWED = frozenset({
-        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"), ("numpy", "dtype"),
-        ("_codecs", "encode"),  # protocol-2 pickles written by Python 3 store bytes through it; harmless
-    })  # fmt: skip
+    ALLOWED = frozenset(
+        {
+            ("numpy.core.multiarray", "_reconstruct"),
+            ("numpy._core.multiarray", "_reconstruct"),
+            ("numpy", "ndarray"),
+            ("numpy", "dtype"),
+            ("_codecs", "encode"),  # protocol-2 pickles written by Python 3 store bytes through it; harmless
+        }
+    )
 
     def find_class(self, module: str, name: str) -> object:
         if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name}: a CIFAR-10 batch holds only arrays and lists")
+            raise pickle.UnpicklingError(
+                f"refusing to load {module}.{name}: a CIFAR-10 batch holds only arrays and lists"
+            )
         return super().find_class(module, name)
 
 
@@ -192,9 +205,13 @@ def make_synthetic(n: int, seed: int, size: int = 32, num_classes: int = 10) -> 
     for i, c in enumerate(labels):
         freq = 1 + c % 5  # stripes per image
         angle = (c // 5) * np.pi / 2 + rng.normal(0, 0.15)
-        stripes = np.sin(2 * np.pi * freq * (np.cos(angle) * xx + np.sin(angle) * yy) / size + rng.uniform(0, 2 * np.pi))
+        stripes = np.sin(
+            2 * np.pi * freq * (np.cos(angle) * xx + np.sin(angle) * yy) / size + rng.uniform(0, 2 * np.pi)
+        )
         shift = rng.normal(0, 20)  # grey levels, whole image
-        img = palette[c][None, None, :] + shift + 30 * stripes[..., None] + rng.normal(0, sigma[i], size=(size, size, 3))
+        img = (
+            palette[c][None, None, :] + shift + 30 * stripes[..., None] + rng.normal(0, sigma[i], size=(size, size, 3))
+        )
         images[i] = np.clip(img, 0, 255).astype(np.uint8)
     return Split(images, labels)
 

@@ -100,7 +100,9 @@ def manifest_from_dict(data: dict[str, Any]) -> Manifest:
     try:
         d = dict(data)
         if d.get("schema_version") != SCHEMA_VERSION:
-            raise ManifestError(f"manifest schema_version {d.get('schema_version')!r}; this code reads {SCHEMA_VERSION}")
+            raise ManifestError(
+                f"manifest schema_version {d.get('schema_version')!r}; this code reads {SCHEMA_VERSION}"
+            )
         d["variants"] = {k: _variant_from_dict(k, v) for k, v in d["variants"].items()}
         return Manifest(**d)
     except (KeyError, TypeError) as exc:
@@ -123,7 +125,9 @@ def load_manifest(repo: str | Path, verify_files: bool = False) -> Manifest:
             if not f.is_file():
                 raise ManifestError(f"variant {v.key}: file {f} is missing")
             if sha256_file(f) != v.sha256:
-                raise ManifestError(f"variant {v.key}: {f} does not match its sha256 in the manifest (damaged or replaced)")
+                raise ManifestError(
+                    f"variant {v.key}: {f} does not match its sha256 in the manifest (damaged or replaced)"
+                )
     return manifest
 
 

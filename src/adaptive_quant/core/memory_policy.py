@@ -42,8 +42,9 @@ class MemoryPolicyConfig:
         for name in ("system", "process", "server"):
             high, low = getattr(self, f"{name}_high_pct"), getattr(self, f"{name}_low_pct")
             if not 0 <= low < high <= 100:
-                raise ValueError(f"memory.{name}_low_pct must be < memory.{name}_high_pct, both in [0, 100]; "
-                                 f"got {low} and {high}")  # fmt: skip
+                raise ValueError(
+                    f"memory.{name}_low_pct must be < memory.{name}_high_pct, both in [0, 100]; got {low} and {high}"
+                )
         if self.interval_s <= 0 or self.cooldown_s < 0 or self.usage_half_life_s <= 0:
             raise ValueError("memory.interval_s and usage_half_life_s must be > 0, cooldown_s >= 0")
         if self.min_loaded < 1:
@@ -81,7 +82,11 @@ def pressure_level(sample: MemorySample, cfg: MemoryPolicyConfig) -> tuple[str, 
     """('high' | 'normal' | 'low', the figures that decided it, in words)."""
     figures = [("system", sample.system_pct), ("process", sample.process_pct), ("server", sample.server_pct)]
     measured = [(n, v) for n, v in figures if v is not None]
-    above = [f"{n} memory {v:.1f}% > {getattr(cfg, f'{n}_high_pct'):g}%" for n, v in measured if v > getattr(cfg, f"{n}_high_pct")]
+    above = [
+        f"{n} memory {v:.1f}% > {getattr(cfg, f'{n}_high_pct'):g}%"
+        for n, v in measured
+        if v > getattr(cfg, f"{n}_high_pct")
+    ]
     if above:
         return "high", "; ".join(above)
     if all(v < getattr(cfg, f"{n}_low_pct") for n, v in measured):
@@ -101,15 +106,18 @@ def dominated_by(v: VariantFacts, others: Sequence[VariantFacts]) -> str | None:
     return None
 
 
-def usefulness_order(candidates: Sequence[VariantFacts], loaded: Sequence[VariantFacts]) -> list[tuple[VariantFacts, str]]:
+def usefulness_order(
+    candidates: Sequence[VariantFacts], loaded: Sequence[VariantFacts]
+) -> list[tuple[VariantFacts, str]]:
     """`candidates` from least to most useful against the `loaded` set, each with why, in words."""
     total = sum(v.usage for v in loaded) + sum(v.usage for v in candidates if not v.loaded) or 1.0
     rows = []
     for v in candidates:
         dom = dominated_by(v, [u for u in loaded if u.key != v.key])
         share = v.usage / total
-        why = (f"dominated by {dom} (≥ precision, ≥ accuracy, ≤ latency)" if dom else "not dominated") + \
-              f", {share:.0%} of recent samples"  # fmt: skip
+        why = (
+            f"dominated by {dom} (≥ precision, ≥ accuracy, ≤ latency)" if dom else "not dominated"
+        ) + f", {share:.0%} of recent samples"
         rows.append(((dom is None, share, v.rank, -v.size_bytes), v, why))
     rows.sort(key=lambda r: r[0])
     return [(v, why) for _, v, why in rows]
@@ -127,10 +135,20 @@ def decide(
     if level == "normal":
         return Decision("hold", None, f"memory between the marks ({figures})", level)
     if since_last_action_s < cfg.cooldown_s:
-        return Decision("hold", None, f"cooling down ({since_last_action_s:.1f} of {cfg.cooldown_s:g} s) after the last action", level)
+        return Decision(
+            "hold",
+            None,
+            f"cooling down ({since_last_action_s:.1f} of {cfg.cooldown_s:g} s) after the last action",
+            level,
+        )
     if level == "high":
         if len(loaded) <= cfg.min_loaded:
-            return Decision("hold", None, f"{figures}, but only {len(loaded)} variant(s) loaded (min_loaded {cfg.min_loaded})", level)
+            return Decision(
+                "hold",
+                None,
+                f"{figures}, but only {len(loaded)} variant(s) loaded (min_loaded {cfg.min_loaded})",
+                level,
+            )
         victim, why = usefulness_order(loaded, loaded)[0]
         return Decision("unload", victim.key, f"{figures}; least useful loaded variant: {why}", level)
     back = [v for v in variants if not v.loaded and v.unloaded_by_policy]

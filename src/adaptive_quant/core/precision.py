@@ -16,7 +16,7 @@ class Precision(str, Enum):
         return {"int8": 0, "fp16": 1, "fp32": 2}[self.value]
 
     @classmethod
-    def parse(cls, value: str) -> "Precision":
+    def parse(cls, value: str) -> Precision:
         try:
             return cls(value.strip().lower())
         except ValueError:

@@ -42,7 +42,7 @@ class Priority(str, Enum):
     SPEED = "speed"
 
     @classmethod
-    def parse(cls, value: str) -> "Priority":
+    def parse(cls, value: str) -> Priority:
         try:
             return cls(value.strip().lower())
         except ValueError:

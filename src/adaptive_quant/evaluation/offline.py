@@ -26,11 +26,10 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from adaptive_quant.data import Split
 from adaptive_quant.core.latency import LatencyConfig, LatencyEstimator
 from adaptive_quant.core.manifest import LatencyPoint, LatencyProfile, Manifest, ManifestError, load_manifest
-from adaptive_quant.export.ort_eval import host_info, make_session, profile_session, run_batched
-from adaptive_quant.predictor.runtime import PriorPredictor, accuracy_matrix, load_accuracy_predictor
+from adaptive_quant.core.routing import Priority, RoutingConfig, allowed_mask, route_batch
+from adaptive_quant.data import Split
 from adaptive_quant.evaluation.report import (
     ClassificationMetrics,
     StrategyPoint,
@@ -39,8 +38,9 @@ from adaptive_quant.evaluation.report import (
     score_choice,
     verdict,
 )
-from adaptive_quant.core.routing import Priority, RoutingConfig, allowed_mask, route_batch
 from adaptive_quant.evaluation.strategies import PolicyPoint, random_same_mix, softmax_confidence
+from adaptive_quant.export.ort_eval import host_info, make_session, profile_session, run_batched
+from adaptive_quant.predictor.runtime import PriorPredictor, accuracy_matrix, load_accuracy_predictor
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ def time_batch1(session: Any, x: np.ndarray, iters: int, warmup: int = 5) -> np.
 def default_budgets(estimates_ms: list[float]) -> list[float]:
     """Budgets (ms) that cut between the variants: below the fastest, at each estimate, the geometric
     midpoints between neighbours, and well above the slowest."""
-    e = sorted(set(float(v) for v in estimates_ms))
+    e = sorted({float(v) for v in estimates_ms})
     out = [0.8 * e[0]]
     for lo, hi in zip(e, e[1:]):
         out += [lo, float(np.sqrt(lo * hi))]
@@ -187,23 +187,46 @@ def sweep_points(
     share_budgets = [b for b in budgets if b is not None]
     out: list[StrategyPoint] = []
     grid = [(b, p) for b in budgets for p in opts.priorities]
-    for budget, priority in tqdm(grid, desc="routing sweep", unit="point", disable=not opts.progress, dynamic_ncols=True):
+    for budget, priority in tqdm(
+        grid, desc="routing sweep", unit="point", disable=not opts.progress, dynamic_ncols=True
+    ):
         decision = route_batch(pred_acc, estimates, allowed, budget, priority, opts.routing)
         choice = np.asarray(served)[decision.index]  # served column → global column
         where = "no budget" if budget is None else f"{budget:.3g} ms"
         label = f"adaptive {priority.value} @ {where}"
-        point = score_choice(choice, correct, lat, throughput, keys, budget, "adaptive", label,
-                             priority=priority.value, share_budgets=share_budgets,
-                             extra={"router_budget_met": float(decision.budget_met.mean())})  # fmt: skip
+        point = score_choice(
+            choice,
+            correct,
+            lat,
+            throughput,
+            keys,
+            budget,
+            "adaptive",
+            label,
+            priority=priority.value,
+            share_budgets=share_budgets,
+            extra={"router_budget_met": float(decision.budget_met.mean())},
+        )
         out.append(point)
         # random assignment with exactly the same number of samples per variant
         counts = np.bincount(choice, minlength=len(keys))
         shuffled = rng.permutation(np.repeat(np.arange(len(keys)), counts))
-        rand = score_choice(shuffled, correct, lat, throughput, keys, budget, "random-same-mix",
-                            f"random at the mix of {label}", priority=priority.value, share_budgets=share_budgets)  # fmt: skip
+        rand = score_choice(
+            shuffled,
+            correct,
+            lat,
+            throughput,
+            keys,
+            budget,
+            "random-same-mix",
+            f"random at the mix of {label}",
+            priority=priority.value,
+            share_budgets=share_budgets,
+        )
         # its accuracy in expectation (exact, no sampling noise), via routing_eval
-        expected = random_same_mix(PolicyPoint("adaptive", None, point.accuracy, point.mean_ms, point.mix),
-                                   correct, lat.mean(axis=0), keys)  # fmt: skip
+        expected = random_same_mix(
+            PolicyPoint("adaptive", None, point.accuracy, point.mean_ms, point.mix), correct, lat.mean(axis=0), keys
+        )
         rand.extra["sampled_accuracy"] = rand.accuracy
         rand.accuracy = expected.accuracy
         out.append(rand)
@@ -236,12 +259,35 @@ def baseline_points(
     for j, k in enumerate(keys):
         is_served = k in served_keys
         label = f"fixed {k}" if is_served else f"fixed {k} (baseline, not served)"
-        out.append(score_choice(np.full(n, j), correct, lat, throughput, keys, None, "fixed", label,
-                                deployable=is_served, share_budgets=share_budgets))  # fmt: skip
+        out.append(
+            score_choice(
+                np.full(n, j),
+                correct,
+                lat,
+                throughput,
+                keys,
+                None,
+                "fixed",
+                label,
+                deployable=is_served,
+                share_budgets=share_budgets,
+            )
+        )
     served_cols = [keys.index(k) for k in served_keys]
-    out.append(score_choice(oracle_choice(correct, lat.mean(axis=0), served_cols), correct, lat, throughput, keys,
-                            None, "oracle", "oracle (knows the labels)", deployable=False,
-                            share_budgets=share_budgets))  # fmt: skip
+    out.append(
+        score_choice(
+            oracle_choice(correct, lat.mean(axis=0), served_cols),
+            correct,
+            lat,
+            throughput,
+            keys,
+            None,
+            "oracle",
+            "oracle (knows the labels)",
+            deployable=False,
+            share_budgets=share_budgets,
+        )
+    )
     if "int8" in served_keys and "fp32" in served_keys:
         c, e = keys.index("int8"), keys.index("fp32")
         conf = softmax_confidence(logits["int8"])  # (N,) top-1 probability of the cheap answer
@@ -250,10 +296,22 @@ def baseline_points(
             choice = np.where(escalate, e, c)
             extra_share = np.zeros(len(keys))
             extra_share[c] = escalate.mean()  # escalated samples ran on int8 first
-            out.append(score_choice(choice, correct, lat, throughput, keys, None, "cascade",
-                                    f"cascade int8→fp32 (threshold {thr:g})", param=thr,
-                                    extra_latency=escalate * lat[:, c], extra_share=extra_share,
-                                    share_budgets=share_budgets))  # fmt: skip
+            out.append(
+                score_choice(
+                    choice,
+                    correct,
+                    lat,
+                    throughput,
+                    keys,
+                    None,
+                    "cascade",
+                    f"cascade int8→fp32 (threshold {thr:g})",
+                    param=thr,
+                    extra_latency=escalate * lat[:, c],
+                    extra_share=extra_share,
+                    share_budgets=share_budgets,
+                )
+            )
     return out
 
 
@@ -272,8 +330,10 @@ def mark_frontiers(points: list[StrategyPoint]) -> None:
 
 def _check_repository(repo: Path) -> Manifest:
     if not repo.is_dir():
-        raise EvaluationError(f"model repository {repo} does not exist (scripts/export.py makes one, "
-                              f"or pass --checkpoint runs/<run>/best.pt to export one on the fly)")  # fmt: skip
+        raise EvaluationError(
+            f"model repository {repo} does not exist (scripts/export.py makes one, "
+            f"or pass --checkpoint runs/<run>/best.pt to export one on the fly)"
+        )
     try:
         manifest = load_manifest(repo, verify_files=True)
     except ManifestError as exc:
@@ -301,9 +361,18 @@ def evaluate_repository(repo: str | Path, test: Split, opts: EvalOptions) -> Eva
         session = make_session(str(repo / manifest.variants[k].path), opts.threads)
         logits[k] = run_batched(session, x)
         timings[k] = time_batch1(session, x, opts.latency_iters)
-        thr[k] = profile_session(session, x[:64], [64], opts.throughput_seconds, min_iters=3, threads=opts.threads).batches["64"].throughput
-        log.info("%s: accuracy %.4f, batch-1 p50 %.3f ms, batch-64 %.0f samples/s",
-                 k, (logits[k].argmax(1) == test.labels).mean(), np.percentile(timings[k], 50), thr[k])  # fmt: skip
+        thr[k] = (
+            profile_session(session, x[:64], [64], opts.throughput_seconds, min_iters=3, threads=opts.threads)
+            .batches["64"]
+            .throughput
+        )
+        log.info(
+            "%s: accuracy %.4f, batch-1 p50 %.3f ms, batch-64 %.0f samples/s",
+            k,
+            (logits[k].argmax(1) == test.labels).mean(),
+            np.percentile(timings[k], 50),
+            thr[k],
+        )
 
     correct = np.stack([logits[k].argmax(1) == test.labels for k in keys], axis=1)  # (N, V) bool
     lat = latency_matrix(timings, keys, len(test), opts.seed)  # (N, V) ms
@@ -313,9 +382,15 @@ def evaluate_repository(repo: str | Path, test: Split, opts: EvalOptions) -> Eva
     loaded = load_accuracy_predictor(repo, manifest)
     prior = PriorPredictor.from_manifest(manifest)
     pred_acc = accuracy_matrix(loaded.predictor, test.images, served_keys, prior)  # (N, S)
-    profiles = {k: LatencyProfile(host={}, batches={"1": LatencyPoint(float(np.percentile(timings[k], 50)),
-                                                                      float(np.percentile(timings[k], 95)), 0.0)})
-                for k in served_keys}  # fmt: skip
+    profiles = {
+        k: LatencyProfile(
+            host={},
+            batches={
+                "1": LatencyPoint(float(np.percentile(timings[k], 50)), float(np.percentile(timings[k], 95)), 0.0)
+            },
+        )
+        for k in served_keys
+    }
     estimates = router_estimates(profiles, served_keys)
     budgets: list[float | None] = [*(opts.budgets or default_budgets(list(estimates))), None]
     served_cols = [keys.index(k) for k in served_keys]
@@ -325,10 +400,13 @@ def evaluate_repository(repo: str | Path, test: Split, opts: EvalOptions) -> Eva
     points += sweep_points(pred_acc, correct, lat, throughput, keys, served_cols, precisions, estimates, budgets, opts)
     mark_frontiers(points)
     text = verdict(
-        [p for p in points if p.strategy == "fixed"], [p for p in points if p.strategy == "adaptive"],
-        [p for p in points if p.strategy == "random-same-mix"], [p for p in points if p.strategy == "cascade"],
-        next((p for p in points if p.strategy == "oracle"), None), budgets,
-    )  # fmt: skip
+        [p for p in points if p.strategy == "fixed"],
+        [p for p in points if p.strategy == "adaptive"],
+        [p for p in points if p.strategy == "random-same-mix"],
+        [p for p in points if p.strategy == "cascade"],
+        next((p for p in points if p.strategy == "oracle"), None),
+        budgets,
+    )
     meta = {
         "repository": str(repo.resolve()),
         "model": manifest.model_name,
@@ -338,10 +416,15 @@ def evaluate_repository(repo: str | Path, test: Split, opts: EvalOptions) -> Eva
         "split": "test",
         "host": host_info(opts.threads),
         # the manifest's predictor entry is long (feature names); the path says which one
-        "predictor": {"kind": loaded.kind, "path": (manifest.predictor or {}).get("path"),
-                      **({"why": loaded.detail} if loaded.kind == "prior" else {})},
-        "routing": {"speed_tolerance": opts.routing.speed_tolerance,
-                    "accuracy_per_halving": opts.routing.accuracy_per_halving},
+        "predictor": {
+            "kind": loaded.kind,
+            "path": (manifest.predictor or {}).get("path"),
+            **({"why": loaded.detail} if loaded.kind == "prior" else {}),
+        },
+        "routing": {
+            "speed_tolerance": opts.routing.speed_tolerance,
+            "accuracy_per_halving": opts.routing.accuracy_per_halving,
+        },
         "router_estimates_ms": {k: float(e) for k, e in zip(served_keys, estimates)},
         "budgets_ms": [b for b in budgets if b is not None],
         "latency_model": LATENCY_MODEL.format(iters=opts.latency_iters),
@@ -367,11 +450,23 @@ def _variant_results(
     for k in keys:
         v = manifest.variants[k]
         t = timings[k]
-        out.append(VariantResult(
-            key=k, precision=v.precision, served=v.served, path=v.path, size_bytes=v.size_bytes, metrics=metrics[k],
-            accuracy_drop_points=None if ref is None else 100.0 * (ref - metrics[k].accuracy),
-            latency_ms={"p50": float(np.percentile(t, 50)), "p95": float(np.percentile(t, 95)),
-                        "p99": float(np.percentile(t, 99)), "mean": float(t.mean())},
-            throughput_b64=float(thr[k]), val_accuracy=v.val_accuracy,
-        ))  # fmt: skip
+        out.append(
+            VariantResult(
+                key=k,
+                precision=v.precision,
+                served=v.served,
+                path=v.path,
+                size_bytes=v.size_bytes,
+                metrics=metrics[k],
+                accuracy_drop_points=None if ref is None else 100.0 * (ref - metrics[k].accuracy),
+                latency_ms={
+                    "p50": float(np.percentile(t, 50)),
+                    "p95": float(np.percentile(t, 95)),
+                    "p99": float(np.percentile(t, 99)),
+                    "mean": float(t.mean()),
+                },
+                throughput_b64=float(thr[k]),
+                val_accuracy=v.val_accuracy,
+            )
+        )
     return out

@@ -20,9 +20,16 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from adaptive_quant.data import Split
-from adaptive_quant.evaluation.offline import EvalOptions, EvaluationError, EvaluationReport, default_budgets, mark_frontiers, pick_samples
-from adaptive_quant.tools.client import headers_for, request_body
+from adaptive_quant.evaluation.offline import (
+    EvalOptions,
+    EvaluationError,
+    EvaluationReport,
+    default_budgets,
+    mark_frontiers,
+    pick_samples,
+)
 from adaptive_quant.evaluation.report import StrategyPoint, classification_metrics, verdict
+from adaptive_quant.tools.client import headers_for, request_body
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +51,13 @@ def _get(client: httpx.Client, path: str) -> dict[str, Any]:
 
 
 def _run_point(
-    client: httpx.Client, bodies: list[dict[str, Any]], labels: np.ndarray, keys: list[str],
-    headers: dict[str, str], desc: str, progress: bool,
+    client: httpx.Client,
+    bodies: list[dict[str, Any]],
+    labels: np.ndarray,
+    keys: list[str],
+    headers: dict[str, str],
+    desc: str,
+    progress: bool,
 ) -> dict[str, np.ndarray]:
     """One request per sample; returns per-sample arrays: predicted class (−1 = error), variant column, ms."""
     n = len(bodies)
@@ -67,8 +79,15 @@ def _run_point(
     return {"pred": pred, "variant": variant, "client_ms": client_ms, "server_ms": server_ms}
 
 
-def _point(run: dict[str, np.ndarray], labels: np.ndarray, keys: list[str], budget: float | None,
-           priority: str | None, strategy: str, label: str) -> StrategyPoint:
+def _point(
+    run: dict[str, np.ndarray],
+    labels: np.ndarray,
+    keys: list[str],
+    budget: float | None,
+    priority: str | None,
+    strategy: str,
+    label: str,
+) -> StrategyPoint:
     ms = run["client_ms"]
     served = run["variant"] >= 0
     mix = np.bincount(run["variant"][served], minlength=len(keys)) / max(1, len(ms))
@@ -76,13 +95,21 @@ def _point(run: dict[str, np.ndarray], labels: np.ndarray, keys: list[str], budg
     if budget is not None:  # an error is not an answer within budget
         within = float(np.where(np.isnan(run["server_ms"]), False, run["server_ms"] <= budget).mean())
     return StrategyPoint(
-        strategy=strategy, label=label, accuracy=float((run["pred"] == labels).mean()),
-        mean_ms=float(ms.mean()), p99_ms=float(np.percentile(ms, 99)), within_budget=within,
-        throughput=float(1e3 / ms.mean()), mix={k: float(s) for k, s in zip(keys, mix)},
-        budget_ms=budget, priority=priority,
-        extra={"server_mean_ms": float(np.nanmean(run["server_ms"])) if served.any() else float("nan"),
-               "errors": float((run["pred"] < 0).sum())},
-    )  # fmt: skip
+        strategy=strategy,
+        label=label,
+        accuracy=float((run["pred"] == labels).mean()),
+        mean_ms=float(ms.mean()),
+        p99_ms=float(np.percentile(ms, 99)),
+        within_budget=within,
+        throughput=float(1e3 / ms.mean()),
+        mix={k: float(s) for k, s in zip(keys, mix)},
+        budget_ms=budget,
+        priority=priority,
+        extra={
+            "server_mean_ms": float(np.nanmean(run["server_ms"])) if served.any() else float("nan"),
+            "errors": float((run["pred"] < 0).sum()),
+        },
+    )
 
 
 def evaluate_url(url: str, test: Split, opts: EvalOptions, timeout_s: float = 30.0) -> EvaluationReport:
@@ -101,12 +128,21 @@ def evaluate_url(url: str, test: Split, opts: EvalOptions, timeout_s: float = 30
         points: list[StrategyPoint] = []
         default_run = None
         if any(v.get("precision") == "fp32" for v in status["variants"]):
-            run = _run_point(client, bodies, test.labels, keys, headers_for(None, None, "fp32"), "fp32 floor", opts.progress)
+            run = _run_point(
+                client, bodies, test.labels, keys, headers_for(None, None, "fp32"), "fp32 floor", opts.progress
+            )
             points.append(_point(run, test.labels, keys, None, None, "fixed", "service with X-Min-Precision fp32"))
         grid = [(b, p) for b in budgets for p in opts.priorities]
         for budget, prio in tqdm(grid, desc="http sweep", unit="point", disable=not opts.progress, dynamic_ncols=True):
-            run = _run_point(client, bodies, test.labels, keys, headers_for(budget, prio.value, None),
-                             f"{prio.value} @ {budget}", opts.progress)  # fmt: skip
+            run = _run_point(
+                client,
+                bodies,
+                test.labels,
+                keys,
+                headers_for(budget, prio.value, None),
+                f"{prio.value} @ {budget}",
+                opts.progress,
+            )
             where = "no budget" if budget is None else f"{budget:.3g} ms"
             points.append(_point(run, test.labels, keys, budget, prio.value, "http", f"service {prio.value} @ {where}"))
             if budget is None and prio.value == "balanced":
@@ -116,11 +152,21 @@ def evaluate_url(url: str, test: Split, opts: EvalOptions, timeout_s: float = 30
     if default_run is not None:
         ok = default_run["pred"] >= 0
         service = classification_metrics(test.labels[ok], default_run["pred"][ok], classes)
-    text = verdict([p for p in points if p.strategy == "fixed"], [p for p in points if p.strategy == "http"], [], [], None, budgets)
+    text = verdict(
+        [p for p in points if p.strategy == "fixed"], [p for p in points if p.strategy == "http"], [], [], None, budgets
+    )
     meta = {
-        "url": url, "model": models.get("model"), "classes": classes, "samples": len(test), "limit": opts.limit,
-        "split": "test", "predictor": status.get("predictor"), "routing": status.get("routing"),
-        "router_estimates_ms": dict(zip(keys, estimates)), "budgets_ms": [b for b in budgets if b is not None],
-        "latency_model": HTTP_LATENCY_MODEL, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }  # fmt: skip
+        "url": url,
+        "model": models.get("model"),
+        "classes": classes,
+        "samples": len(test),
+        "limit": opts.limit,
+        "split": "test",
+        "predictor": status.get("predictor"),
+        "routing": status.get("routing"),
+        "router_estimates_ms": dict(zip(keys, estimates)),
+        "budgets_ms": [b for b in budgets if b is not None],
+        "latency_model": HTTP_LATENCY_MODEL,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     return EvaluationReport("http", meta, [], points, text, service_metrics=service)

@@ -51,8 +51,15 @@ def plot_confusion(metrics: ClassificationMetrics, title: str, path: Path) -> Pa
     for i in range(len(names)):
         for j in range(len(names)):
             if cm[i, j]:
-                ax.text(j, i, f"{int(cm[i, j])}", ha="center", va="center", fontsize=7,
-                        color="white" if share[i, j] > 0.5 else "black")  # fmt: skip
+                ax.text(
+                    j,
+                    i,
+                    f"{int(cm[i, j])}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if share[i, j] > 0.5 else "black",
+                )
     ax.set_title(f"{title}: accuracy {metrics.accuracy:.2%}")
     fig.colorbar(im, ax=ax, fraction=0.046, label="share of true class")
     fig.tight_layout()
@@ -73,13 +80,26 @@ def plot_pareto(points: list[StrategyPoint], axis: str, path: Path, title: str) 
             ax.scatter([xs(p) for p in group], [100 * p.accuracy for p in group], label=strategy, zorder=3, **style)
     for p in points:
         if p.strategy in ("fixed", "oracle"):
-            ax.annotate(p.label.replace("fixed ", "").replace(" (baseline, not served)", " (PTQ)"),
-                        (xs(p), 100 * p.accuracy), textcoords="offset points", xytext=(6, 4), fontsize=8)  # fmt: skip
+            ax.annotate(
+                p.label.replace("fixed ", "").replace(" (baseline, not served)", " (PTQ)"),
+                (xs(p), 100 * p.accuracy),
+                textcoords="offset points",
+                xytext=(6, 4),
+                fontsize=8,
+            )
     front = sorted((p for p in points if on(p)), key=xs)
     if front:
         ax.plot([xs(p) for p in front], [100 * p.accuracy for p in front], "k--", lw=1, zorder=2)
-        ax.scatter([xs(p) for p in front], [100 * p.accuracy for p in front], s=180, facecolors="none",
-                   edgecolors="black", linewidths=1.3, zorder=4, label="Pareto frontier")  # fmt: skip
+        ax.scatter(
+            [xs(p) for p in front],
+            [100 * p.accuracy for p in front],
+            s=180,
+            facecolors="none",
+            edgecolors="black",
+            linewidths=1.3,
+            zorder=4,
+            label="Pareto frontier",
+        )
     ax.set_xlabel("mean latency per sample, ms (batch 1)" if axis == "latency" else "throughput, samples/s (batch 64)")
     ax.set_ylabel("accuracy, %")
     ax.set_title(title)
@@ -126,13 +146,17 @@ def _opt(x: float | None, fmt: str) -> str:
 
 
 def _points_table(points: list[StrategyPoint]) -> list[str]:
-    lines = ["| configuration | accuracy | mean ms | p99 ms | within budget | router budget met | samples/s (b64) | mix | frontier (lat / thr) |",
-             "|---|---:|---:|---:|---:|---:|---:|---|---|"]  # fmt: skip
+    lines = [
+        "| configuration | accuracy | mean ms | p99 ms | within budget | router budget met | samples/s (b64) | mix | frontier (lat / thr) |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---|",
+    ]
     for p in points:
         front = f"{'●' if p.on_latency_frontier else '·'} / {'●' if p.on_throughput_frontier else '·'}"
-        lines.append(f"| {p.label} | {p.accuracy:.2%} | {p.mean_ms:.3f} | {p.p99_ms:.3f} | "
-                     f"{_opt(p.within_budget, '.1%')} | {_opt(p.extra.get('router_budget_met'), '.1%')} | "
-                     f"{p.throughput:,.0f} | {_mix(p)} | {front} |")  # fmt: skip
+        lines.append(
+            f"| {p.label} | {p.accuracy:.2%} | {p.mean_ms:.3f} | {p.p99_ms:.3f} | "
+            f"{_opt(p.within_budget, '.1%')} | {_opt(p.extra.get('router_budget_met'), '.1%')} | "
+            f"{p.throughput:,.0f} | {_mix(p)} | {front} |"
+        )
     return lines
 
 
@@ -142,9 +166,14 @@ def _class_table(m: ClassificationMetrics) -> list[str]:
     return lines
 
 
-def render_markdown(report: "EvaluationReport", plots: dict[str, str]) -> str:
+def render_markdown(report: EvaluationReport, plots: dict[str, str]) -> str:
     m = report.meta
-    out = [f"# Evaluation report: {m.get('model', m.get('url', ''))}", "", f"Generated {m['created_at']} ({report.mode}).", ""]
+    out = [
+        f"# Evaluation report: {m.get('model', m.get('url', ''))}",
+        "",
+        f"Generated {m['created_at']} ({report.mode}).",
+        "",
+    ]
     out += ["## Verdict", "", report.verdict, ""]
     out += ["## Setup", ""]
     for key in ("repository", "url", "split", "samples", "predictor", "routing", "router_estimates_ms", "budgets_ms"):
@@ -152,58 +181,96 @@ def render_markdown(report: "EvaluationReport", plots: dict[str, str]) -> str:
             out.append(f"- **{key}**: {m[key]}")
     if "host" in m:
         h = m["host"]
-        out.append(f"- **host**: {h.get('cpu')}, {h.get('cores')} cores, {h.get('threads')} ORT threads, onnxruntime {h.get('onnxruntime')}")
+        out.append(
+            f"- **host**: {h.get('cpu')}, {h.get('cores')} cores, {h.get('threads')} ORT threads, onnxruntime {h.get('onnxruntime')}"
+        )
     out += ["", f"**How latency is modelled.** {m['latency_model']}", ""]
     if report.variants:
-        out += ["## Per variant (test split)", "",
-                "| variant | served | accuracy | drop vs fp32, points | macro P | macro R | macro F1 | p50 ms | p95 ms | p99 ms | samples/s (b64) | size KB | val acc |",
-                "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+        out += [
+            "## Per variant (test split)",
+            "",
+            "| variant | served | accuracy | drop vs fp32, points | macro P | macro R | macro F1 | p50 ms | p95 ms | p99 ms | samples/s (b64) | size KB | val acc |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
         for v in report.variants:
             mm, lat = v.metrics, v.latency_ms
-            out.append(f"| {v.key} | {'yes' if v.served else 'no (baseline)'} | {mm.accuracy:.2%} | "
-                       f"{_opt(v.accuracy_drop_points, '+.2f')} | {mm.macro_precision:.4f} | {mm.macro_recall:.4f} | "
-                       f"{mm.macro_f1:.4f} | {lat['p50']:.3f} | {lat['p95']:.3f} | {lat['p99']:.3f} | "
-                       f"{v.throughput_b64:,.0f} | {v.size_bytes / 1e3:,.1f} | {_opt(v.val_accuracy, '.2%')} |")  # fmt: skip
+            out.append(
+                f"| {v.key} | {'yes' if v.served else 'no (baseline)'} | {mm.accuracy:.2%} | "
+                f"{_opt(v.accuracy_drop_points, '+.2f')} | {mm.macro_precision:.4f} | {mm.macro_recall:.4f} | "
+                f"{mm.macro_f1:.4f} | {lat['p50']:.3f} | {lat['p95']:.3f} | {lat['p99']:.3f} | "
+                f"{v.throughput_b64:,.0f} | {v.size_bytes / 1e3:,.1f} | {_opt(v.val_accuracy, '.2%')} |"
+            )
         out.append("")
-        out.append("INT8 (QAT) is the served INT8 variant; int8_ptq is the post-training-quantized baseline of the same FP32 network.")
+        out.append(
+            "INT8 (QAT) is the served INT8 variant; int8_ptq is the post-training-quantized baseline of the same FP32 network."
+        )
         out.append("")
         for v in report.variants:
-            out += [f"### {v.key}: per class", "", *_class_table(v.metrics), "",
-                    f"![confusion matrix {v.key}]({plots[f'confusion_{v.key}']})", ""]  # fmt: skip
+            out += [
+                f"### {v.key}: per class",
+                "",
+                *_class_table(v.metrics),
+                "",
+                f"![confusion matrix {v.key}]({plots[f'confusion_{v.key}']})",
+                "",
+            ]
     if report.service_metrics is not None:
-        out += ["## The service as callers see it (balanced, no budget)", "",
-                f"accuracy {report.service_metrics.accuracy:.2%}, macro P/R/F1 {report.service_metrics.macro_precision:.4f} / "
-                f"{report.service_metrics.macro_recall:.4f} / {report.service_metrics.macro_f1:.4f}", "",
-                *_class_table(report.service_metrics), "", f"![confusion matrix]({plots['confusion_service']})", ""]  # fmt: skip
+        out += [
+            "## The service as callers see it (balanced, no budget)",
+            "",
+            f"accuracy {report.service_metrics.accuracy:.2%}, macro P/R/F1 {report.service_metrics.macro_precision:.4f} / "
+            f"{report.service_metrics.macro_recall:.4f} / {report.service_metrics.macro_f1:.4f}",
+            "",
+            *_class_table(report.service_metrics),
+            "",
+            f"![confusion matrix]({plots['confusion_service']})",
+            "",
+        ]
     adaptive = [p for p in report.points if p.strategy in ("adaptive", "http")]
-    out += ["## Adaptive routing: budgets × priorities", "",
-            "Within budget = share of samples whose modelled latency is at most the budget. "
-            "Router budget met = share for which the router's estimate fitted (else it took the fastest variant).", "",
-            *_points_table(adaptive), ""]  # fmt: skip
+    out += [
+        "## Adaptive routing: budgets × priorities",
+        "",
+        "Within budget = share of samples whose modelled latency is at most the budget. "
+        "Router budget met = share for which the router's estimate fitted (else it took the fastest variant).",
+        "",
+        *_points_table(adaptive),
+        "",
+    ]
     if "sweep" in plots:
         out += [f"![sweep]({plots['sweep']})", ""]
     base = [p for p in report.points if p.strategy not in ("adaptive", "http")]
     if base:
-        out += ["## Baselines", "",
-                "Random-same-mix: each adaptive point's variant shares, assigned at random (accuracy: its exact expectation; "
-                "latency: one seeded assignment). Oracle: the cheapest variant that is right (needs the labels; a ceiling). "
-                "Cascade: INT8 first, FP32 when INT8's top softmax probability is below the threshold (pays both).", "",
-                *_points_table(base), ""]  # fmt: skip
-    out += ["## Pareto frontier", "",
-            "Over deployable configurations (every point except the oracle and the non-served PTQ baseline). "
-            "Ringed points in the plots; ● in the tables.", ""]  # fmt: skip
+        out += [
+            "## Baselines",
+            "",
+            "Random-same-mix: each adaptive point's variant shares, assigned at random (accuracy: its exact expectation; "
+            "latency: one seeded assignment). Oracle: the cheapest variant that is right (needs the labels; a ceiling). "
+            "Cascade: INT8 first, FP32 when INT8's top softmax probability is below the threshold (pays both).",
+            "",
+            *_points_table(base),
+            "",
+        ]
+    out += [
+        "## Pareto frontier",
+        "",
+        "Over deployable configurations (every point except the oracle and the non-served PTQ baseline). "
+        "Ringed points in the plots; ● in the tables.",
+        "",
+    ]
     for axis, attr in (("mean latency", "on_latency_frontier"), ("throughput", "on_throughput_frontier")):
         front = [p for p in report.points if getattr(p, attr)]
         front.sort(key=lambda p: p.mean_ms if axis == "mean latency" else -p.throughput)
-        out.append(f"- **accuracy vs {axis}**: " + "; ".join(
-            f"{p.label} ({p.accuracy:.2%}, {p.mean_ms:.3g} ms, {p.throughput:,.0f}/s)" for p in front))  # fmt: skip
+        out.append(
+            f"- **accuracy vs {axis}**: "
+            + "; ".join(f"{p.label} ({p.accuracy:.2%}, {p.mean_ms:.3g} ms, {p.throughput:,.0f}/s)" for p in front)
+        )
     out += ["", f"![accuracy vs latency]({plots['pareto_latency']})", ""]
     if "pareto_throughput" in plots:
         out += [f"![accuracy vs throughput]({plots['pareto_throughput']})", ""]
     return "\n".join(out) + "\n"
 
 
-def write_report(report: "EvaluationReport", out_dir: str | Path) -> list[Path]:
+def write_report(report: EvaluationReport, out_dir: str | Path) -> list[Path]:
     """report.json, report.md and the PNGs into out_dir (created); returns every file written."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -230,20 +297,36 @@ def write_report(report: "EvaluationReport", out_dir: str | Path) -> list[Path]:
     return files
 
 
-def log_report_to_mlflow(tracking_cfg, report: "EvaluationReport", files: list[Path]) -> str | None:
+def log_report_to_mlflow(tracking_cfg, report: EvaluationReport, files: list[Path]) -> str | None:
     """An MLflow evaluation run with the headline numbers and every report file; returns its run id."""
     from adaptive_quant.tracking import git_commit, start_run
 
     with start_run(tracking_cfg, run_name=f"evaluation-{report.mode}") as tracker:
-        tracker.set_tags({"phase": "evaluation", "mode": report.mode, "git_commit": git_commit(),
-                          "training_run": str(report.meta.get("training", {}).get("mlflow_run_id"))})  # fmt: skip
-        tracker.log_params({k: report.meta.get(k) for k in ("repository", "url", "samples", "limit", "latency_iters",
-                                                              "throughput_seconds", "budgets_ms") if k in report.meta})  # fmt: skip
+        tracker.set_tags(
+            {
+                "phase": "evaluation",
+                "mode": report.mode,
+                "git_commit": git_commit(),
+                "training_run": str(report.meta.get("training", {}).get("mlflow_run_id")),
+            }
+        )
+        tracker.log_params(
+            {
+                k: report.meta.get(k)
+                for k in ("repository", "url", "samples", "limit", "latency_iters", "throughput_seconds", "budgets_ms")
+                if k in report.meta
+            }
+        )
         metrics: dict[str, float] = {}
         for v in report.variants:
-            metrics |= {f"{v.key}/accuracy": v.metrics.accuracy, f"{v.key}/macro_f1": v.metrics.macro_f1,
-                        f"{v.key}/p50_ms": v.latency_ms["p50"], f"{v.key}/p99_ms": v.latency_ms["p99"],
-                        f"{v.key}/throughput_b64": v.throughput_b64, f"{v.key}/size_bytes": float(v.size_bytes)}  # fmt: skip
+            metrics |= {
+                f"{v.key}/accuracy": v.metrics.accuracy,
+                f"{v.key}/macro_f1": v.metrics.macro_f1,
+                f"{v.key}/p50_ms": v.latency_ms["p50"],
+                f"{v.key}/p99_ms": v.latency_ms["p99"],
+                f"{v.key}/throughput_b64": v.throughput_b64,
+                f"{v.key}/size_bytes": float(v.size_bytes),
+            }
         if report.service_metrics is not None:
             metrics["service/accuracy"] = report.service_metrics.accuracy
         adaptive = [p for p in report.points if p.strategy in ("adaptive", "http")]

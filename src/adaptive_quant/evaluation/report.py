@@ -45,7 +45,9 @@ def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, num_classes: int
     predicted = np.asarray(predicted, dtype=np.int64)
     if labels.shape != predicted.shape:
         raise ValueError(f"labels {labels.shape} and predictions {predicted.shape} differ in shape")
-    return np.bincount(labels * num_classes + predicted, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+    return np.bincount(labels * num_classes + predicted, minlength=num_classes * num_classes).reshape(
+        num_classes, num_classes
+    )
 
 
 def classification_metrics(labels: np.ndarray, predicted: np.ndarray, classes: Sequence[str]) -> ClassificationMetrics:
@@ -66,7 +68,10 @@ def classification_metrics(labels: np.ndarray, predicted: np.ndarray, classes: S
         macro_precision=float(precision.mean()),
         macro_recall=float(recall.mean()),
         macro_f1=float(f1.mean()),
-        per_class=[ClassMetrics(classes[i], float(precision[i]), float(recall[i]), float(f1[i]), int(support[i])) for i in range(c)],
+        per_class=[
+            ClassMetrics(classes[i], float(precision[i]), float(recall[i]), float(f1[i]), int(support[i]))
+            for i in range(c)
+        ],
         confusion=cm.tolist(),
         samples=n,
     )
@@ -250,7 +255,9 @@ def verdict(
     qat = next((p for p in served if p.mix.get("int8") == 1.0), None)
     if ptq and qat:
         d = 100 * (qat.accuracy - ptq[0].accuracy)
-        parts.append(f"Quantization-aware training {'gains' if d >= 0 else 'loses'} {abs(d):.2f} points against post-training INT8 quantization ({_pct(qat.accuracy)} vs {_pct(ptq[0].accuracy)}).")
+        parts.append(
+            f"Quantization-aware training {'gains' if d >= 0 else 'loses'} {abs(d):.2f} points against post-training INT8 quantization ({_pct(qat.accuracy)} vs {_pct(ptq[0].accuracy)})."
+        )
     # recommendations per budget, merged into ranges of equal choice
     recs = recommend([*served, *adaptive, *cascade], budgets)
     ranges: list[tuple[str | None, list[float], StrategyPoint | None]] = []  # (choice, budgets, its point)
@@ -266,15 +273,19 @@ def verdict(
     for name, bs, p in ranges:
         span = f"{bs[0]:.3g} ms" if len(bs) == 1 else f"{bs[0]:.3g}–{bs[-1]:.3g} ms"
         if name is None or p is None:
-            sentences.append(f"at {span} nothing keeps 95% of samples within budget (the service then answers "
-                             "with the fastest variant and reports the budget as missed)")
+            sentences.append(
+                f"at {span} nothing keeps 95% of samples within budget (the service then answers "
+                "with the fastest variant and reports the budget as missed)"
+            )
         else:
             sentences.append(f"at {span} run {name} ({_pct(p.accuracy)}, {p.mean_ms:.3g} ms mean)")
     if sentences:
         parts.append("Per latency budget: " + "; ".join(sentences) + ".")
     none_rec = next((p for b, p in recs if b is None), None)
     if none_rec is not None:
-        parts.append(f"Without a budget, {none_rec.label.split(' @ ')[0]} is the most accurate choice ({_pct(none_rec.accuracy)}, {none_rec.mean_ms:.3g} ms mean).")
+        parts.append(
+            f"Without a budget, {none_rec.label.split(' @ ')[0]} is the most accurate choice ({_pct(none_rec.accuracy)}, {none_rec.mean_ms:.3g} ms mean)."
+        )
     # does the predictor earn its keep? adaptive vs random assignment at the same mix
     pairs = [(a, r) for a, r in zip(adaptive, random_mix) if max(a.mix.values()) < 0.999]
     if not random_mix:
@@ -285,13 +296,23 @@ def verdict(
         parts.append(
             f"Where adaptive routing mixes variants ({len(pairs)} sweep points), it {verb} random assignment at the same mix by "
             f"{100 * gains.mean():+.2f} points on average (best {100 * gains.max():+.2f}), "
-            + ("so the per-sample predictor adds accuracy at no latency cost." if verb == "beats" else "so the per-sample predictor does not pay here; the mix alone explains the result.")
+            + (
+                "so the per-sample predictor adds accuracy at no latency cost."
+                if verb == "beats"
+                else "so the per-sample predictor does not pay here; the mix alone explains the result."
+            )
         )
     else:
-        parts.append("Adaptive routing never mixed variants in this sweep (each budget and priority sent every sample to one variant), so it reduces to a fixed precision per budget.")
+        parts.append(
+            "Adaptive routing never mixed variants in this sweep (each budget and priority sent every sample to one variant), so it reduces to a fixed precision per budget."
+        )
     if cascade:
         best_c = max(cascade, key=lambda p: (p.accuracy, -p.mean_ms))
-        parts.append(f"The INT8→FP32 confidence cascade reaches at best {_pct(best_c.accuracy)} at {best_c.mean_ms:.3g} ms mean ({best_c.label}).")
+        parts.append(
+            f"The INT8→FP32 confidence cascade reaches at best {_pct(best_c.accuracy)} at {best_c.mean_ms:.3g} ms mean ({best_c.label})."
+        )
     if oracle is not None:
-        parts.append(f"An oracle that knew which variant is right would reach {_pct(oracle.accuracy)} at {oracle.mean_ms:.3g} ms: the ceiling for any router over these variants.")
+        parts.append(
+            f"An oracle that knew which variant is right would reach {_pct(oracle.accuracy)} at {oracle.mean_ms:.3g} ms: the ceiling for any router over these variants."
+        )
     return " ".join(parts)

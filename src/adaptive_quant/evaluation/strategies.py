@@ -32,7 +32,9 @@ def _mix(index: np.ndarray, keys: list[str]) -> dict[str, float]:
 def fixed_points(correct: np.ndarray, latency_ms: np.ndarray, keys: list[str]) -> list[PolicyPoint]:
     """Every sample to one variant. correct: (N, V) bool; latency_ms: (V,)."""
     return [
-        PolicyPoint("fixed", None, float(correct[:, j].mean()), float(latency_ms[j]), {k: float(k == keys[j]) for k in keys})
+        PolicyPoint(
+            "fixed", None, float(correct[:, j].mean()), float(latency_ms[j]), {k: float(k == keys[j]) for k in keys}
+        )
         for j in range(len(keys))
     ]
 
@@ -62,7 +64,11 @@ def random_same_mix(point: PolicyPoint, correct: np.ndarray, latency_ms: np.ndar
     """Random assignment with the same variant shares: its expected accuracy and latency (exact, no sampling)."""
     shares = np.array([point.mix.get(k, 0.0) for k in keys])
     return PolicyPoint(
-        "random-same-mix", point.param, float(shares @ correct.mean(axis=0)), float(shares @ latency_ms), dict(point.mix)
+        "random-same-mix",
+        point.param,
+        float(shares @ correct.mean(axis=0)),
+        float(shares @ latency_ms),
+        dict(point.mix),
     )
 
 

@@ -48,10 +48,16 @@ def _export(model: nn.Module, path: Path, image_size: int) -> Path:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter is chatty about decompositions it handles fine
         torch.onnx.export(
-            model, example, str(path),
-            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-            dynamic_shapes=({0: batch},), dynamo=True, external_data=False, opset_version=OPSET,
-        )  # fmt: skip
+            model,
+            example,
+            str(path),
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_shapes=({0: batch},),
+            dynamo=True,
+            external_data=False,
+            opset_version=OPSET,
+        )
     onnx.checker.check_model(str(path))
     return path
 
@@ -103,11 +109,15 @@ def export_ptq_int8(fp32_path: Path, path: Path, calibration: np.ndarray) -> Pat
     pre = path.with_name("preprocessed.onnx")
     quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
     quantize_static(
-        str(pre), str(path), _CalibrationReader(calibration),
-        quant_format=QuantFormat.QDQ, per_channel=True,
-        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+        str(pre),
+        str(path),
+        _CalibrationReader(calibration),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
         calibrate_method=CalibrationMethod.MinMax,
-    )  # fmt: skip
+    )
     pre.unlink(missing_ok=True)
     onnx.checker.check_model(str(path))
     return path

@@ -45,9 +45,7 @@ class GateResult:
     reason: str  # empty when passed
 
 
-def gate_variant(
-    logits: np.ndarray, fp32_logits: np.ndarray, labels: np.ndarray, max_drop_points: float
-) -> GateResult:
+def gate_variant(logits: np.ndarray, fp32_logits: np.ndarray, labels: np.ndarray, max_drop_points: float) -> GateResult:
     """The publication gate: finite outputs and an accuracy drop against FP32 within the limit."""
     non_finite = int((~np.isfinite(logits)).sum())
     acc = float((logits.argmax(1) == labels).mean())

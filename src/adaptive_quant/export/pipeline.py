@@ -18,13 +18,11 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from adaptive_quant.export import onnx_export
-from adaptive_quant.training.augment import to_normalized_tensor
-from adaptive_quant.training.checkpoint import load_checkpoint, restore_converted_model, restore_float_model
 from adaptive_quant.config import ExperimentConfig, ExportConfig, config_from_dict
-from adaptive_quant.data import CIFAR10_MEAN, CIFAR10_STD, Dataset, load_dataset
-from adaptive_quant.training.engine import predict_logits
 from adaptive_quant.core.manifest import Manifest, VariantEntry, save_manifest, sha256_file
+from adaptive_quant.core.precision import Precision, triton_model_name
+from adaptive_quant.data import CIFAR10_MEAN, CIFAR10_STD, Dataset, load_dataset
+from adaptive_quant.export import onnx_export
 from adaptive_quant.export.ort_eval import (
     GateResult,
     gate_variant,
@@ -32,8 +30,10 @@ from adaptive_quant.export.ort_eval import (
     profile_session,
     run_batched,
 )
-from adaptive_quant.core.precision import Precision, triton_model_name
 from adaptive_quant.export.triton_config import TritonModelSpec, render_config
+from adaptive_quant.training.augment import to_normalized_tensor
+from adaptive_quant.training.checkpoint import load_checkpoint, restore_converted_model, restore_float_model
+from adaptive_quant.training.engine import predict_logits
 
 log = logging.getLogger(__name__)
 
@@ -86,12 +86,18 @@ def write_variant_files(
 def _spec(cfg: ExperimentConfig, name: str) -> TritonModelSpec:
     e = cfg.export
     return TritonModelSpec(
-        name=name, input_name=onnx_export.INPUT_NAME, output_name=onnx_export.OUTPUT_NAME,
-        image_size=cfg.data.image_size, num_classes=cfg.model.num_classes,
-        max_batch_size=e.max_batch_size, preferred_batch_sizes=tuple(e.preferred_batch_sizes),
-        max_queue_delay_us=e.max_queue_delay_us, instance_count=e.instance_count,
-        instance_kind=e.instance_kind, flavor="onnxruntime",
-    )  # fmt: skip
+        name=name,
+        input_name=onnx_export.INPUT_NAME,
+        output_name=onnx_export.OUTPUT_NAME,
+        image_size=cfg.data.image_size,
+        num_classes=cfg.model.num_classes,
+        max_batch_size=e.max_batch_size,
+        preferred_batch_sizes=tuple(e.preferred_batch_sizes),
+        max_queue_delay_us=e.max_queue_delay_us,
+        instance_count=e.instance_count,
+        instance_kind=e.instance_kind,
+        flavor="onnxruntime",
+    )
 
 
 def build_repository(
@@ -152,23 +158,36 @@ def _validate_profile_describe(
     e = cfg.export
     labels = data.val.labels
     sessions = {k: make_session(str(p), e.ort_threads) for k, p in paths.items()}
-    logits = {k: run_batched(s, val_x) for k, s in tqdm(sessions.items(), desc="validate", unit="variant", dynamic_ncols=True)}
+    logits = {
+        k: run_batched(s, val_x) for k, s in tqdm(sessions.items(), desc="validate", unit="variant", dynamic_ncols=True)
+    }
     gates = {k: gate_variant(logits[k], logits["fp32"], labels, e.max_accuracy_drop) for k in logits}
 
     # ORT against the torch networks it came from: same numbers, same accuracy
     torch_fp32 = predict_logits(torch_models["fp32"], data.val.images)
     torch_int8 = predict_logits(torch_models["int8"], data.val.images)
     parity = {
-        "fp32": {"max_abs_diff_vs_torch": float(np.abs(logits["fp32"] - torch_fp32).max()),
-                 "torch_accuracy": float((torch_fp32.argmax(1) == labels).mean())},
-        "int8": {"max_abs_diff_vs_torch": float(np.abs(logits["int8"] - torch_int8).max()),
-                 "mean_abs_diff_vs_torch": float(np.abs(logits["int8"] - torch_int8).mean()),
-                 "top1_agreement_vs_torch": float((logits["int8"].argmax(1) == torch_int8.argmax(1)).mean()),
-                 "torch_accuracy": float((torch_int8.argmax(1) == labels).mean())},
-    }  # fmt: skip
+        "fp32": {
+            "max_abs_diff_vs_torch": float(np.abs(logits["fp32"] - torch_fp32).max()),
+            "torch_accuracy": float((torch_fp32.argmax(1) == labels).mean()),
+        },
+        "int8": {
+            "max_abs_diff_vs_torch": float(np.abs(logits["int8"] - torch_int8).max()),
+            "mean_abs_diff_vs_torch": float(np.abs(logits["int8"] - torch_int8).mean()),
+            "top1_agreement_vs_torch": float((logits["int8"].argmax(1) == torch_int8.argmax(1)).mean()),
+            "torch_accuracy": float((torch_int8.argmax(1) == labels).mean()),
+        },
+    }
     for k, g in gates.items():
-        log.info("gate %-8s acc %.4f agree %.4f max|Δ| %.3f non-finite %d → %s", k, g.accuracy,
-                 g.agreement_with_fp32, g.max_abs_logit_diff, g.non_finite, "pass" if g.passed else g.reason)  # fmt: skip
+        log.info(
+            "gate %-8s acc %.4f agree %.4f max|Δ| %.3f non-finite %d → %s",
+            k,
+            g.accuracy,
+            g.agreement_with_fp32,
+            g.max_abs_logit_diff,
+            g.non_finite,
+            "pass" if g.passed else g.reason,
+        )
     failed = {k: g for k, g in gates.items() if not g.passed and k != PTQ_KEY}  # the baseline is not served
     if failed and not force:
         lines = "; ".join(f"{k}: {g.reason}" for k, g in failed.items())
@@ -186,21 +205,36 @@ def _validate_profile_describe(
         (path.parent.parent / "config.pbtxt").write_text(render_config(_spec(cfg, tname)))
         g = gates[k]
         variants[k] = VariantEntry(
-            key=k, precision=Precision.INT8.value if k == PTQ_KEY else k, triton_name=tname,
-            path=str(path.relative_to(repo)), sha256=sha256_file(path), size_bytes=path.stat().st_size,
+            key=k,
+            precision=Precision.INT8.value if k == PTQ_KEY else k,
+            triton_name=tname,
+            path=str(path.relative_to(repo)),
+            sha256=sha256_file(path),
+            size_bytes=path.stat().st_size,
             served=k != PTQ_KEY and (g.passed or force),
-            val_accuracy=g.accuracy, agreement_with_fp32=g.agreement_with_fp32,
-            max_abs_logit_diff=g.max_abs_logit_diff, latency=profiles[k],
-        )  # fmt: skip
+            val_accuracy=g.accuracy,
+            agreement_with_fp32=g.agreement_with_fp32,
+            max_abs_logit_diff=g.max_abs_logit_diff,
+            latency=profiles[k],
+        )
     manifest = Manifest(
-        model_name=cfg.model.name, classes=list(payload.get("classes") or data.classes),
-        input_name=onnx_export.INPUT_NAME, output_name=onnx_export.OUTPUT_NAME,
-        image_size=cfg.data.image_size, mean=list(CIFAR10_MEAN), std=list(CIFAR10_STD), variants=variants,
-        training={"mlflow_run_id": payload.get("mlflow_run_id"), "git_commit": payload.get("git_commit"),
-                  "metrics": payload.get("metrics", {}), "parity": parity,
-                  "config": {"model": payload["config"]["model"], "seed": payload["config"]["seed"]}},
+        model_name=cfg.model.name,
+        classes=list(payload.get("classes") or data.classes),
+        input_name=onnx_export.INPUT_NAME,
+        output_name=onnx_export.OUTPUT_NAME,
+        image_size=cfg.data.image_size,
+        mean=list(CIFAR10_MEAN),
+        std=list(CIFAR10_STD),
+        variants=variants,
+        training={
+            "mlflow_run_id": payload.get("mlflow_run_id"),
+            "git_commit": payload.get("git_commit"),
+            "metrics": payload.get("metrics", {}),
+            "parity": parity,
+            "config": {"model": payload["config"]["model"], "seed": payload["config"]["seed"]},
+        },
         created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    )  # fmt: skip
+    )
     save_manifest(repo, manifest)
     return ExportResult(repository=repo, manifest=manifest, gates=gates, parity=parity)
 
@@ -236,9 +270,14 @@ def _log_to_mlflow(cfg: ExperimentConfig, payload: dict[str, Any], repo: Path, r
         tracker.set_tags({"exported": "true"})
         for k, v in result.manifest.variants.items():
             g = result.gates[k]
-            tracker.log_metrics({f"export/{k}_val_acc": g.accuracy, f"export/{k}_agreement": g.agreement_with_fp32,
-                                 f"export/{k}_size_bytes": float(v.size_bytes),
-                                 f"export/{k}_b64_throughput": v.latency.at(64).throughput if v.latency else 0.0})  # fmt: skip
+            tracker.log_metrics(
+                {
+                    f"export/{k}_val_acc": g.accuracy,
+                    f"export/{k}_agreement": g.agreement_with_fp32,
+                    f"export/{k}_size_bytes": float(v.size_bytes),
+                    f"export/{k}_b64_throughput": v.latency.at(64).throughput if v.latency else 0.0,
+                }
+            )
         tracker.log_artifact(repo / "manifest.json", artifact_path="model_repository")
         if not cfg.export.register:
             return
@@ -246,7 +285,9 @@ def _log_to_mlflow(cfg: ExperimentConfig, payload: dict[str, Any], repo: Path, r
         for k, v in result.manifest.variants.items():
             if not v.served:
                 continue
-            info = mlflow.onnx.log_model(onnx.load(str(repo / v.path)), name=v.triton_name, registered_model_name=v.triton_name)
+            info = mlflow.onnx.log_model(
+                onnx.load(str(repo / v.path)), name=v.triton_name, registered_model_name=v.triton_name
+            )
             version = info.registered_model_version
             if version is not None and result.gates[k].passed:
                 client.set_registered_model_alias(v.triton_name, "champion", str(version))

@@ -34,7 +34,9 @@ def render_config(spec: TritonModelSpec) -> str:
     if spec.flavor not in ("onnxruntime", "python"):
         raise ValueError(f"unknown Triton flavor {spec.flavor!r}; accepted: onnxruntime, python")
     preferred = ", ".join(str(b) for b in spec.preferred_batch_sizes if b <= spec.max_batch_size)
-    header = 'backend: "onnxruntime"\nplatform: "onnxruntime_onnx"' if spec.flavor == "onnxruntime" else 'backend: "python"'
+    header = (
+        'backend: "onnxruntime"\nplatform: "onnxruntime_onnx"' if spec.flavor == "onnxruntime" else 'backend: "python"'
+    )
     kind = "KIND_CPU" if spec.flavor == "python" else spec.instance_kind  # the python stub runs ORT on CPU
     in_dims = ", ".join(str(d) for d in (spec.input_dims or (3, spec.image_size, spec.image_size)))
     out_dims = ", ".join(str(d) for d in (spec.output_dims or (spec.num_classes,)))

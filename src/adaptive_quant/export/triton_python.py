@@ -105,16 +105,29 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def python_config(name: str, src_config: str, input_name: str, output_name: str, image_size: int,
-                  num_classes: int, intra_op_threads: int = 1) -> str:
+def python_config(
+    name: str,
+    src_config: str,
+    input_name: str,
+    output_name: str,
+    image_size: int,
+    num_classes: int,
+    intra_op_threads: int = 1,
+) -> str:
     """config.pbtxt of the python flavour, keeping the production config's batching numbers."""
     max_batch = _config_int(src_config, "max_batch_size", 64)
     spec = TritonModelSpec(
-        name=name, input_name=input_name, output_name=output_name, image_size=image_size,
-        num_classes=num_classes, max_batch_size=max_batch, preferred_batch_sizes=_preferred(src_config, max_batch),
+        name=name,
+        input_name=input_name,
+        output_name=output_name,
+        image_size=image_size,
+        num_classes=num_classes,
+        max_batch_size=max_batch,
+        preferred_batch_sizes=_preferred(src_config, max_batch),
         max_queue_delay_us=_config_int(src_config, "max_queue_delay_microseconds", 500),
-        instance_count=_config_int(src_config, "count", 1), flavor="python",
-    )  # fmt: skip
+        instance_count=_config_int(src_config, "count", 1),
+        flavor="python",
+    )
     params = f'parameters: {{ key: "intra_op_threads" value: {{ string_value: "{intra_op_threads}" }} }}\n'
     return render_config(spec) + params
 
@@ -143,10 +156,17 @@ def write_python_flavor(src_repo: str | Path, dst_repo: str | Path, intra_op_thr
         (model_dir / "1" / "model.py").write_text(MODEL_PY)
         src_cfg_path = src / v.triton_name / "config.pbtxt"
         src_cfg = src_cfg_path.read_text() if src_cfg_path.is_file() else ""
-        (model_dir / "config.pbtxt").write_text(python_config(
-            v.triton_name, src_cfg, manifest.input_name, manifest.output_name, manifest.image_size,
-            len(manifest.classes), intra_op_threads,
-        ))  # fmt: skip
+        (model_dir / "config.pbtxt").write_text(
+            python_config(
+                v.triton_name,
+                src_cfg,
+                manifest.input_name,
+                manifest.output_name,
+                manifest.image_size,
+                len(manifest.classes),
+                intra_op_threads,
+            )
+        )
         v.path = f"{v.triton_name}/1/{ONNX_FILE}"  # where it now lies (the same bytes, so the same sha256)
     if manifest.predictor:  # the gateway loads the predictor from the repository it is given
         for rel in (manifest.predictor.get("path"), manifest.predictor.get("spec_path")):
@@ -154,8 +174,13 @@ def write_python_flavor(src_repo: str | Path, dst_repo: str | Path, intra_op_thr
                 _link_or_copy(src / rel, dst / rel)
     manifest.training = {**manifest.training, "triton_flavor": "python", "flavor_of": str(src)}
     save_manifest(dst, manifest)
-    log.info("python flavour of %s written to %s: %s%s", src, dst, ", ".join(v.triton_name for v in manifest.variants.values()),
-             f" (dropped unserved {', '.join(dropped)})" if dropped else "")
+    log.info(
+        "python flavour of %s written to %s: %s%s",
+        src,
+        dst,
+        ", ".join(v.triton_name for v in manifest.variants.values()),
+        f" (dropped unserved {', '.join(dropped)})" if dropped else "",
+    )
     return dst
 
 

@@ -21,15 +21,29 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from adaptive_quant.training.augment import to_normalized_tensor
 from adaptive_quant.config import ExperimentConfig, PredictorConfig
-from adaptive_quant.data import Split, load_dataset
-from adaptive_quant.predictor.features import FEATURE_NAMES, FEATURE_VERSION, NUM_FEATURES, compute_features
 from adaptive_quant.core.manifest import Manifest, load_manifest, save_manifest
-from adaptive_quant.export.ort_eval import make_session, run_batched
-from adaptive_quant.predictor.model import MLPPredictor, auroc, binary_nll, expected_calibration_error, fit_platt, save_predictor
 from adaptive_quant.core.routing import Priority, RoutingConfig
-from adaptive_quant.evaluation.strategies import PolicyPoint, adaptive_point, cascade_point, fixed_points, oracle_point, random_same_mix
+from adaptive_quant.data import Split, load_dataset
+from adaptive_quant.evaluation.strategies import (
+    PolicyPoint,
+    adaptive_point,
+    cascade_point,
+    fixed_points,
+    oracle_point,
+    random_same_mix,
+)
+from adaptive_quant.export.ort_eval import make_session, run_batched
+from adaptive_quant.predictor.features import FEATURE_NAMES, FEATURE_VERSION, NUM_FEATURES, compute_features
+from adaptive_quant.predictor.model import (
+    MLPPredictor,
+    auroc,
+    binary_nll,
+    expected_calibration_error,
+    fit_platt,
+    save_predictor,
+)
+from adaptive_quant.training.augment import to_normalized_tensor
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +72,9 @@ class PredictorReport:
         return asdict(self)
 
 
-def variant_logits(repo: Path, manifest: Manifest, keys: list[str], split: Split, threads: int = 0) -> dict[str, np.ndarray]:
+def variant_logits(
+    repo: Path, manifest: Manifest, keys: list[str], split: Split, threads: int = 0
+) -> dict[str, np.ndarray]:
     """Each variant's logits on a split, through ONNX Runtime (what serving runs)."""
     x = to_normalized_tensor(split.images).numpy()
     out = {}
@@ -131,8 +147,12 @@ def train_predictor(cfg: ExperimentConfig, repo: str | Path, tracking: bool = Tr
     weights["calib_scale"] = np.array([a for a, _ in platt], np.float32)
     weights["calib_bias"] = np.array([b for _, b in platt], np.float32)
     predictor = MLPPredictor(weights, keys)
-    log.info("predictor fitted in %.1f s on %d validation samples (%d held out for calibration)",
-             time.perf_counter() - t0, len(fit), len(cal))  # fmt: skip
+    log.info(
+        "predictor fitted in %.1f s on %d validation samples (%d held out for calibration)",
+        time.perf_counter() - t0,
+        len(fit),
+        len(cal),
+    )
 
     report = _report_on_test(repo, manifest, keys, predictor, raw, feats_val[cal], correct_val[cal], data.test, cfg)
     spec = {
@@ -175,8 +195,16 @@ def _report_on_test(
     routing: list[PolicyPoint] = fixed_points(correct, latency, keys)
     routing.append(oracle_point(correct, latency, keys))
     for knob in (0.0, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1):
-        point = adaptive_point(p_cal, correct, latency, keys, precisions, Priority.BALANCED,
-                               RoutingConfig(accuracy_per_halving=knob), param=knob)  # fmt: skip
+        point = adaptive_point(
+            p_cal,
+            correct,
+            latency,
+            keys,
+            precisions,
+            Priority.BALANCED,
+            RoutingConfig(accuracy_per_halving=knob),
+            param=knob,
+        )
         routing += [point, random_same_mix(point, correct, latency, keys)]
     if "int8" in keys and "fp32" in keys:
         for thr in (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99):
@@ -187,8 +215,12 @@ def _report_on_test(
         auroc_error={k: auroc(1 - p_cal[:, j], ~correct[:, j]) for j, k in enumerate(keys)},
         ece_raw={k: expected_calibration_error(p_raw[:, j], correct[:, j]) for j, k in enumerate(keys)},
         ece_calibrated={k: expected_calibration_error(p_cal[:, j], correct[:, j]) for j, k in enumerate(keys)},
-        ece_calibration_split_raw={k: expected_calibration_error(pc_raw[:, j], cal_correct[:, j]) for j, k in enumerate(keys)},
-        ece_calibration_split_calibrated={k: expected_calibration_error(pc_cal[:, j], cal_correct[:, j]) for j, k in enumerate(keys)},
+        ece_calibration_split_raw={
+            k: expected_calibration_error(pc_raw[:, j], cal_correct[:, j]) for j, k in enumerate(keys)
+        },
+        ece_calibration_split_calibrated={
+            k: expected_calibration_error(pc_cal[:, j], cal_correct[:, j]) for j, k in enumerate(keys)
+        },
         nll_calibration_split_raw={k: binary_nll(pc_raw[:, j], cal_correct[:, j]) for j, k in enumerate(keys)},
         nll_calibration_split_calibrated={k: binary_nll(pc_cal[:, j], cal_correct[:, j]) for j, k in enumerate(keys)},
         calibration={k: (float(a), float(b)) for k, a, b in zip(keys, predictor.calib_scale, predictor.calib_bias)},
@@ -206,8 +238,14 @@ def _log_to_mlflow(cfg: ExperimentConfig, manifest: Manifest, report: PredictorR
 
     with start_run(cfg.tracking, run_name="accuracy-predictor") as tracker:
         tracker.set_tags({"phase": "predictor", "training_run": str(manifest.training.get("mlflow_run_id"))})
-        tracker.log_params({"predictor.hidden": cfg.predictor.hidden, "predictor.epochs": cfg.predictor.epochs,
-                            "predictor.parameters": report.parameters, "features": len(FEATURE_NAMES)})  # fmt: skip
+        tracker.log_params(
+            {
+                "predictor.hidden": cfg.predictor.hidden,
+                "predictor.epochs": cfg.predictor.epochs,
+                "predictor.parameters": report.parameters,
+                "features": len(FEATURE_NAMES),
+            }
+        )
         metrics = {}
         for k in report.variant_keys:
             metrics[f"{k}/auroc_error"] = report.auroc_error[k]

@@ -15,8 +15,8 @@ import numpy as np
 if TYPE_CHECKING:
     import onnx
 
-from adaptive_quant.predictor.features import FEATURE_NAMES, FEATURE_VERSION, compute_features
 from adaptive_quant.core.manifest import Manifest, ManifestError, sha256_file
+from adaptive_quant.predictor.features import FEATURE_NAMES, FEATURE_VERSION, compute_features
 
 PREDICTOR_DIR = "accuracy_predictor"
 WEIGHTS_FILE = "predictor.npz"
@@ -41,7 +41,9 @@ class MLPPredictor:
         self.calib_scale = weights["calib_scale"].astype(np.float32)  # (V,) a, fitted on held-out samples
         self.calib_bias = weights["calib_bias"].astype(np.float32)  # (V,) b
         n_layers = sum(1 for k in weights if k.startswith("w"))
-        self.layers = [(weights[f"w{i}"].astype(np.float32), weights[f"b{i}"].astype(np.float32)) for i in range(n_layers)]
+        self.layers = [
+            (weights[f"w{i}"].astype(np.float32), weights[f"b{i}"].astype(np.float32)) for i in range(n_layers)
+        ]
         if self.layers[-1][0].shape[1] != len(self.variant_keys):
             raise ValueError("predictor output width does not match its variant keys")
 
@@ -144,33 +146,43 @@ def auroc(scores: np.ndarray, positives: np.ndarray) -> float:
 # ----------------------------------------------------------------------------- files
 
 
-def predictor_onnx(weights: dict[str, np.ndarray]) -> "onnx.ModelProto":
+def predictor_onnx(weights: dict[str, np.ndarray]) -> onnx.ModelProto:
     """The MLP as an ONNX graph, features (N, F) → p_correct (N, V), so Triton can load the folder
     as a model of its own (it treats every repository folder as one) and other clients can run it."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     n_layers = sum(1 for k in weights if k.startswith("w"))
-    inits = [numpy_helper.from_array(weights[k].astype(np.float32), k) for k in ("feat_mean", "feat_std", "calib_scale", "calib_bias")]
-    nodes = [helper.make_node("Sub", ["features", "feat_mean"], ["centred"]),
-             helper.make_node("Div", ["centred", "feat_std"], ["h0"])]  # fmt: skip
+    inits = [
+        numpy_helper.from_array(weights[k].astype(np.float32), k)
+        for k in ("feat_mean", "feat_std", "calib_scale", "calib_bias")
+    ]
+    nodes = [
+        helper.make_node("Sub", ["features", "feat_mean"], ["centred"]),
+        helper.make_node("Div", ["centred", "feat_std"], ["h0"]),
+    ]
     for i in range(n_layers):
-        inits += [numpy_helper.from_array(weights[f"w{i}"].astype(np.float32), f"w{i}"),
-                  numpy_helper.from_array(weights[f"b{i}"].astype(np.float32), f"b{i}")]  # fmt: skip
+        inits += [
+            numpy_helper.from_array(weights[f"w{i}"].astype(np.float32), f"w{i}"),
+            numpy_helper.from_array(weights[f"b{i}"].astype(np.float32), f"b{i}"),
+        ]
         nodes.append(helper.make_node("MatMul", [f"h{i}", f"w{i}"], [f"m{i}"]))
         nodes.append(helper.make_node("Add", [f"m{i}", f"b{i}"], [f"z{i}"]))
         if i < n_layers - 1:
             nodes.append(helper.make_node("Relu", [f"z{i}"], [f"h{i + 1}"]))
-    nodes += [helper.make_node("Mul", [f"z{n_layers - 1}", "calib_scale"], ["scaled"]),
-              helper.make_node("Add", ["scaled", "calib_bias"], ["calibrated"]),
-              helper.make_node("Sigmoid", ["calibrated"], ["p_correct"])]  # fmt: skip
+    nodes += [
+        helper.make_node("Mul", [f"z{n_layers - 1}", "calib_scale"], ["scaled"]),
+        helper.make_node("Add", ["scaled", "calib_bias"], ["calibrated"]),
+        helper.make_node("Sigmoid", ["calibrated"], ["p_correct"]),
+    ]
     n_feat, n_out = weights["w0"].shape[0], weights[f"w{n_layers - 1}"].shape[1]
     graph = helper.make_graph(
-        nodes, "accuracy_predictor",
+        nodes,
+        "accuracy_predictor",
         [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", n_feat])],
         [helper.make_tensor_value_info("p_correct", TensorProto.FLOAT, ["batch", n_out])],
         initializer=inits,
-    )  # fmt: skip
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     model.ir_version = 9  # readable by the ONNX Runtime in Triton 24.x images too
     onnx.checker.check_model(model)
@@ -190,9 +202,14 @@ def save_predictor(repo: str | Path, predictor_weights: dict[str, np.ndarray], s
     onnx.save(predictor_onnx(predictor_weights), str(folder / "model.onnx"))
     n_out = len(spec["variant_keys"])
     triton_spec = TritonModelSpec(
-        name=PREDICTOR_DIR, input_name="features", output_name="p_correct", image_size=0, num_classes=n_out,
-        input_dims=(int(predictor_weights["w0"].shape[0]),), output_dims=(n_out,),
-    )  # fmt: skip
+        name=PREDICTOR_DIR,
+        input_name="features",
+        output_name="p_correct",
+        image_size=0,
+        num_classes=n_out,
+        input_dims=(int(predictor_weights["w0"].shape[0]),),
+        output_dims=(n_out,),
+    )
     (folder.parent / "config.pbtxt").write_text(render_config(triton_spec))
     rel = f"{PREDICTOR_DIR}/1/{WEIGHTS_FILE}"
     return {

@@ -40,7 +40,7 @@ class PriorPredictor:
         self.row = np.array([accuracy[k] for k in self.variant_keys], dtype=np.float32)  # (V,) prior p(correct)
 
     @classmethod
-    def from_manifest(cls, manifest: Manifest) -> "PriorPredictor":
+    def from_manifest(cls, manifest: Manifest) -> PriorPredictor:
         # a variant without a measured accuracy ranks by precision: fp32 > fp16 > int8,
         # a small step apart so that speed/balanced still prefer the cheap one when in doubt
         acc = {}
@@ -69,7 +69,9 @@ def load_accuracy_predictor(repo: str | Path, manifest: Manifest) -> LoadedPredi
         module = importlib.import_module("adaptive_quant.predictor.model")
         loader = module.load_predictor
     except (ImportError, AttributeError) as exc:
-        log.warning("manifest names a predictor but adaptive_quant.predictor.model.load_predictor is unavailable: %s", exc)
+        log.warning(
+            "manifest names a predictor but adaptive_quant.predictor.model.load_predictor is unavailable: %s", exc
+        )
         return LoadedPredictor(prior, "prior", f"predictor module unavailable ({exc}); using validation accuracies")
     try:
         predictor = loader(Path(repo), manifest)
@@ -81,7 +83,9 @@ def load_accuracy_predictor(repo: str | Path, manifest: Manifest) -> LoadedPredi
     return LoadedPredictor(predictor, "mlp", f"loaded from {manifest.predictor}")
 
 
-def accuracy_matrix(loaded: AccuracyPredictor, images: np.ndarray, variant_keys: list[str], prior: PriorPredictor) -> np.ndarray:
+def accuracy_matrix(
+    loaded: AccuracyPredictor, images: np.ndarray, variant_keys: list[str], prior: PriorPredictor
+) -> np.ndarray:
     """(N, len(variant_keys)) predicted accuracies in the gateway's column order.
 
     A served variant the predictor does not know gets its prior column.

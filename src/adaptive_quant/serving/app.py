@@ -17,14 +17,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from adaptive_quant.serving.backends import Backend, make_backend
 from adaptive_quant.core.manifest import load_manifest
 from adaptive_quant.core.memory_policy import MemorySample
-from adaptive_quant.serving.metrics import GatewayMetrics
 from adaptive_quant.predictor.runtime import AccuracyPredictor, LoadedPredictor, load_accuracy_predictor
 from adaptive_quant.serving.auth import ApiKeyMiddleware
+from adaptive_quant.serving.backends import Backend, make_backend
 from adaptive_quant.serving.errors import InputError, ServiceUnavailable
 from adaptive_quant.serving.memory_control import MemoryController
+from adaptive_quant.serving.metrics import GatewayMetrics
 from adaptive_quant.serving.routes import router
 from adaptive_quant.serving.schemas import request_schemas
 from adaptive_quant.serving.service import ClassifierService
@@ -32,8 +32,15 @@ from adaptive_quant.serving.settings import ServeSettings, SettingsError
 
 log = logging.getLogger(__name__)
 
-_ERROR_TYPES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large",
-                422: "invalid_input", 503: "unavailable"}  # fmt: skip
+_ERROR_TYPES = {
+    400: "bad_request",
+    401: "unauthorized",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    422: "invalid_input",
+    503: "unavailable",
+}
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -77,8 +84,10 @@ def create_app(
     manifest = load_manifest(settings.repository)
     unknown = sorted(set(settings.variants) - {v.key for v in manifest.served_variants()})
     if unknown:
-        raise SettingsError(f"variants: {unknown} are not served variants of {settings.repository} "
-                            f"(served: {', '.join(v.key for v in manifest.served_variants())})")
+        raise SettingsError(
+            f"variants: {unknown} are not served variants of {settings.repository} "
+            f"(served: {', '.join(v.key for v in manifest.served_variants())})"
+        )
     metrics = GatewayMetrics()
 
     @asynccontextmanager
@@ -86,9 +95,12 @@ def create_app(
         b = backend
         if b is None:
             opts = (
-                {"url": settings.backend.triton_url, "protocol": settings.backend.triton_protocol,
-                 "model_control": settings.backend.model_control,
-                 "health_interval_s": settings.backend.health_interval_s}
+                {
+                    "url": settings.backend.triton_url,
+                    "protocol": settings.backend.triton_protocol,
+                    "model_control": settings.backend.model_control,
+                    "health_interval_s": settings.backend.health_interval_s,
+                }
                 if settings.backend.kind == "triton"
                 else {
                     "max_batch_size": settings.batching.max_batch_size,
@@ -117,10 +129,12 @@ def create_app(
         health = b.variants()
         log.info(
             "serving %s with the %s backend; variants: %s; predictor: %s (%s)",
-            manifest.model_name, b.name,
+            manifest.model_name,
+            b.name,
             ", ".join(f"{k}={'ok' if h.healthy else 'UNHEALTHY'}" for k, h in health.items()),
-            loaded.kind, loaded.detail,
-        )  # fmt: skip
+            loaded.kind,
+            loaded.detail,
+        )
         if not b.ready():
             log.error("no variant can serve: /readyz answers 503 and classify requests get 503")
         try:
@@ -149,7 +163,8 @@ def create_app(
     def openapi() -> dict:  # the request schema depends on this service's image size and limits
         schema = generate_openapi()  # cached by FastAPI after the first call
         schema.setdefault("components", {}).setdefault("schemas", {}).update(
-            request_schemas(manifest.image_size, settings.limits.max_instances))
+            request_schemas(manifest.image_size, settings.limits.max_instances)
+        )
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]

@@ -60,11 +60,24 @@ class ApiKeyMiddleware:
         log.warning("401 for %s %s from %s: %s", scope["method"], scope["path"], client[0], reason)
         if self.on_reject is not None:
             self.on_reject()
-        body = json.dumps({"error": {"type": "unauthorized", "message":
-                           f"this service needs an API key and the request carried {reason}; "
-                           "send it as X-API-Key: <key> or Authorization: Bearer <key>"}}).encode()  # fmt: skip
-        await send({"type": "http.response.start", "status": 401, "headers": [
-            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-            (b"www-authenticate", b'Bearer realm="adaptive-quant"'),
-        ]})  # fmt: skip
+        body = json.dumps(
+            {
+                "error": {
+                    "type": "unauthorized",
+                    "message": f"this service needs an API key and the request carried {reason}; "
+                    "send it as X-API-Key: <key> or Authorization: Bearer <key>",
+                }
+            }
+        ).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 401,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"www-authenticate", b'Bearer realm="adaptive-quant"'),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": body})

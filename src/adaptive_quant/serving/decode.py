@@ -68,7 +68,9 @@ def decode_instance(inst: Any, i: int, size: int) -> np.ndarray:
         return _decode_pixels(inst["pixels"], i, size)
     if not keys & {"b64", "pixels"}:
         raise InputError(f"instance {i} has neither 'b64' nor 'pixels' (keys: {sorted(keys)}); {accepted(size)}")
-    raise InputError(f"instance {i} must have exactly one of 'b64' or 'pixels', got keys {sorted(keys)}; {accepted(size)}")
+    raise InputError(
+        f"instance {i} must have exactly one of 'b64' or 'pixels', got keys {sorted(keys)}; {accepted(size)}"
+    )
 
 
 def _decode_b64(data: Any, i: int, size: int) -> np.ndarray:
@@ -90,7 +92,9 @@ def _decode_b64(data: Any, i: int, size: int) -> np.ndarray:
     except InputError:
         raise
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise InputError(f"instance {i}: 'b64' does not decode to an image ({type(exc).__name__}); {expected}") from None
+        raise InputError(
+            f"instance {i}: 'b64' does not decode to an image ({type(exc).__name__}); {expected}"
+        ) from None
     return arr
 
 
@@ -105,9 +109,13 @@ def _decode_pixels(data: Any, i: int, size: int) -> np.ndarray:
     except OverflowError:  # integers beyond int64
         raise InputError(f"instance {i}: 'pixels' has values far outside 0..255; expected {expected}") from None
     if arr.dtype == object or arr.dtype.kind in "USb":
-        raise InputError(f"instance {i}: 'pixels' holds non-numeric values ({_describe_kind(arr)}); expected {expected}")
+        raise InputError(
+            f"instance {i}: 'pixels' holds non-numeric values ({_describe_kind(arr)}); expected {expected}"
+        )
     if arr.shape != (size, size, 3):
-        raise InputError(f"instance {i}: 'pixels' has shape {'×'.join(map(str, arr.shape)) or 'scalar'}; expected {expected}")
+        raise InputError(
+            f"instance {i}: 'pixels' has shape {'×'.join(map(str, arr.shape)) or 'scalar'}; expected {expected}"
+        )
     if arr.dtype.kind == "f":
         if not np.isfinite(arr).all():
             raise InputError(f"instance {i}: 'pixels' contains NaN or infinity; expected {expected}")

@@ -81,23 +81,30 @@ class MemoryController:
         self.probe = probe or (lambda: measure(triton_metrics_url))
         self.backend = service.backend
         self.unloaded_by_policy: set[str] = set()
-        self.usage = {k: 0.0 for k in service.keys}  # decayed routed-sample counts
-        self._seen = {k: 0.0 for k in service.keys}  # last cumulative routed count
+        self.usage = dict.fromkeys(service.keys, 0.0)  # decayed routed-sample counts
+        self._seen = dict.fromkeys(service.keys, 0.0)  # last cumulative routed count
         self._last_update = time.monotonic()
         self._last_action = float("-inf")  # time.monotonic() of the last load/unload, s
         self.last_sample: MemorySample | None = None
         self.last_decision: Decision | None = None
         self.history: deque[dict[str, Any]] = deque(maxlen=20)  # the latest actions, newest last
         self._task: asyncio.Task | None = None
-        self.loaded_gauge = Gauge("aq_variant_loaded", "1 when the variant's model is loaded and serving, else 0",
-                                  ["variant"], registry=service.metrics.registry)  # fmt: skip
+        self.loaded_gauge = Gauge(
+            "aq_variant_loaded",
+            "1 when the variant's model is loaded and serving, else 0",
+            ["variant"],
+            registry=service.metrics.registry,
+        )
 
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
         if not getattr(self.backend, "supports_model_control", False):
-            log.warning("memory policy enabled, but the %s backend cannot load/unload models "
-                        "(needs backend.kind=triton and backend.model_control=explicit): it only observes", self.backend.name)
+            log.warning(
+                "memory policy enabled, but the %s backend cannot load/unload models "
+                "(needs backend.kind=triton and backend.model_control=explicit): it only observes",
+                self.backend.name,
+            )
         self._task = asyncio.create_task(self._run(), name="memory-policy")
 
     async def close(self) -> None:
@@ -137,11 +144,18 @@ class MemoryController:
         for k in self.service.keys:
             v = self.service.manifest.variants[k]
             loaded = states[k]["loaded"] if k in states else health[k].healthy
-            out.append(VariantFacts(
-                key=k, rank=Precision(v.precision).rank, accuracy=v.val_accuracy,
-                latency_ms=v.latency.at(1).p95_ms if v.latency else None, size_bytes=v.size_bytes,
-                usage=self.usage[k], loaded=loaded, unloaded_by_policy=k in self.unloaded_by_policy,
-            ))  # fmt: skip
+            out.append(
+                VariantFacts(
+                    key=k,
+                    rank=Precision(v.precision).rank,
+                    accuracy=v.val_accuracy,
+                    latency_ms=v.latency.at(1).p95_ms if v.latency else None,
+                    size_bytes=v.size_bytes,
+                    usage=self.usage[k],
+                    loaded=loaded,
+                    unloaded_by_policy=k in self.unloaded_by_policy,
+                )
+            )
         return out
 
     async def step(self) -> Decision:
@@ -165,8 +179,9 @@ class MemoryController:
                     self.unloaded_by_policy.discard(key)
                 else:
                     log.warning("memory policy could not load %s back: %s", key, health.detail)
-            self.history.append({"at": round(time.time(), 3), "action": decision.action, "variant": key,
-                                 "reason": decision.reason})  # fmt: skip
+            self.history.append(
+                {"at": round(time.time(), 3), "action": decision.action, "variant": key, "reason": decision.reason}
+            )
         health = self.backend.variants()
         for k in self.service.keys:
             self.loaded_gauge.labels(k).set(1.0 if health[k].healthy else 0.0)
@@ -178,12 +193,14 @@ class MemoryController:
         return {
             "enabled": True,
             "acts": bool(getattr(self.backend, "supports_model_control", False)),
-            "thresholds_pct": {n: {"high": getattr(c, f"{n}_high_pct"), "low": getattr(c, f"{n}_low_pct")}
-                               for n in ("system", "process", "server")},
+            "thresholds_pct": {
+                n: {"high": getattr(c, f"{n}_high_pct"), "low": getattr(c, f"{n}_low_pct")}
+                for n in ("system", "process", "server")
+            },
             "min_loaded": c.min_loaded,
             "last_sample_pct": asdict(self.last_sample) if self.last_sample else None,
             "last_decision": asdict(self.last_decision) if self.last_decision else None,
             "unloaded_by_policy": sorted(self.unloaded_by_policy),
             "recent_usage": {k: round(v, 2) for k, v in self.usage.items()},
             "history": list(self.history),
-        }  # fmt: skip
+        }

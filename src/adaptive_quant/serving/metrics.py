@@ -27,35 +27,45 @@ class GatewayMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
-            "aq_requests", "Classify requests by outcome (ok, client_error, unavailable, error, cancelled)", ["outcome"], registry=r
+            "aq_requests",
+            "Classify requests by outcome (ok, client_error, unavailable, error, cancelled)",
+            ["outcome"],
+            registry=r,
         )
         self.samples_routed = Counter(
             "aq_samples_routed", "Samples answered, by the variant that answered them", ["variant"], registry=r
         )
         self.backend_latency = Histogram(
-            "aq_backend_latency_seconds", "Backend call latency per variant, s", ["variant"],
-            buckets=LATENCY_BUCKETS, registry=r,
+            "aq_backend_latency_seconds",
+            "Backend call latency per variant, s",
+            ["variant"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.budget = Counter(
             "aq_budget", "Requests with a latency budget, by whether it was met", ["result"], registry=r
         )
         self.fallbacks = Counter(
-            "aq_fallbacks", "Backend calls retried on another variant, by failed variant and reason",
-            ["variant", "reason"], registry=r,
+            "aq_fallbacks",
+            "Backend calls retried on another variant, by failed variant and reason",
+            ["variant", "reason"],
+            registry=r,
         )
         self.decision_time = Histogram(
-            "aq_routing_decision_seconds", "Time to route one request's samples (predictor + policy), s",
-            buckets=DECISION_BUCKETS, registry=r,
+            "aq_routing_decision_seconds",
+            "Time to route one request's samples (predictor + policy), s",
+            buckets=DECISION_BUCKETS,
+            registry=r,
         )
         self.request_time = Histogram(
             "aq_request_duration_seconds", "Server time of classify requests, s", buckets=LATENCY_BUCKETS, registry=r
         )
-        self.unauthorized = Counter(
-            "aq_unauthorized", "Requests refused with 401 (no or wrong API key)", registry=r
-        )
+        self.unauthorized = Counter("aq_unauthorized", "Requests refused with 401 (no or wrong API key)", registry=r)
         self.in_flight = Gauge("aq_in_flight_requests", "Classify requests being served now", registry=r)
         self.variant_in_flight = Gauge(
-            "aq_variant_in_flight_samples", "Samples dispatched to a variant and not yet answered", ["variant"],
+            "aq_variant_in_flight_samples",
+            "Samples dispatched to a variant and not yet answered",
+            ["variant"],
             registry=r,
         )
         for outcome in OUTCOMES:  # export zeros from the start, so dashboards see every series

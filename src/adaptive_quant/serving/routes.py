@@ -11,10 +11,10 @@ import psutil
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
-from adaptive_quant.serving.metrics import OUTCOMES
 from adaptive_quant.core.precision import Precision
 from adaptive_quant.serving.decode import decode_instances, parse_json, to_model_input
 from adaptive_quant.serving.errors import InputError, PayloadTooLarge, ServiceUnavailable
+from adaptive_quant.serving.metrics import OUTCOMES
 from adaptive_quant.serving.options import parse_options
 from adaptive_quant.serving.schemas import ClassifyResponse, ErrorResponse, ModelsResponse, StatusResponse
 from adaptive_quant.serving.service import ClassifierService
@@ -41,16 +41,29 @@ _ERRORS = {
 
 # documented here for clients and schema-driven fuzzers; parsed by options.py (which explains a bad value)
 CLASSIFY_HEADERS = [
-    {"name": "X-Latency-Budget-Ms", "in": "header", "required": False,
-     "description": "server time the caller allows, ms; the router picks, per sample, a variant expected to fit",
-     "schema": {"type": "number", "exclusiveMinimum": 0}},
-    {"name": "X-Priority", "in": "header", "required": False,
-     "description": "quality: the most accurate variant that fits; speed: the fastest within tolerance; "
-                    "balanced (default): accuracy traded against latency",
-     "schema": {"type": "string", "enum": ["quality", "balanced", "speed"]}},
-    {"name": "X-Min-Precision", "in": "header", "required": False,
-     "description": "never answer below this precision", "schema": {"type": "string", "enum": ["int8", "fp16", "fp32"]}},
-]  # fmt: skip
+    {
+        "name": "X-Latency-Budget-Ms",
+        "in": "header",
+        "required": False,
+        "description": "server time the caller allows, ms; the router picks, per sample, a variant expected to fit",
+        "schema": {"type": "number", "exclusiveMinimum": 0},
+    },
+    {
+        "name": "X-Priority",
+        "in": "header",
+        "required": False,
+        "description": "quality: the most accurate variant that fits; speed: the fastest within tolerance; "
+        "balanced (default): accuracy traded against latency",
+        "schema": {"type": "string", "enum": ["quality", "balanced", "speed"]},
+    },
+    {
+        "name": "X-Min-Precision",
+        "in": "header",
+        "required": False,
+        "description": "never answer below this precision",
+        "schema": {"type": "string", "enum": ["int8", "fp16", "fp32"]},
+    },
+]
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -80,8 +93,10 @@ def precision_header(precisions: set[str]) -> str:
         "parameters": CLASSIFY_HEADERS,
         "requestBody": {
             "required": True,
-            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ClassifyRequest"}}},  # app.py adds it
-        }
+            "content": {
+                "application/json": {"schema": {"$ref": "#/components/schemas/ClassifyRequest"}}
+            },  # app.py adds it
+        },
     },
     summary="Classify images; each sample is routed to the precision that fits the latency budget",
 )
@@ -121,13 +136,15 @@ async def classify(request: Request, service: ServiceDep) -> Response:
     entries = service.manifest.variants
     predictions = []
     for i, (c, key) in enumerate(zip(class_ids, result.variants)):
-        predictions.append({
-            "label": service.manifest.classes[int(c)],
-            "class_id": int(c),
-            "confidence": round(float(probs[i, c]), 6),
-            "precision": entries[key].precision,
-            "variant": key,
-        })  # fmt: skip
+        predictions.append(
+            {
+                "label": service.manifest.classes[int(c)],
+                "class_id": int(c),
+                "confidence": round(float(probs[i, c]), 6),
+                "precision": entries[key].precision,
+                "variant": key,
+            }
+        )
     for key in set(result.variants):
         m.samples_routed.labels(key).inc(result.variants.count(key))
     if options.budget_ms is not None:
@@ -151,7 +168,9 @@ async def classify(request: Request, service: ServiceDep) -> Response:
     return JSONResponse(body_out, headers=headers)
 
 
-@router.get("/v1/status", response_model=StatusResponse, summary="Variants, health, live latency, load, memory, routing counts")
+@router.get(
+    "/v1/status", response_model=StatusResponse, summary="Variants, health, live latency, load, memory, routing counts"
+)
 async def status(service: ServiceDep) -> dict:
     m = service.metrics
     health = service.backend.variants()
@@ -161,15 +180,23 @@ async def status(service: ServiceDep) -> dict:
     variants = []
     for j, key in enumerate(service.keys):
         entry = service.manifest.variants[key]
-        variants.append({
-            "key": key, "precision": entry.precision, "triton_name": entry.triton_name,
-            "healthy": health[key].healthy, "detail": health[key].detail, "routable": bool(routable[j]),
-            "val_accuracy": entry.val_accuracy, "latency": service.estimator.snapshot(key),
-            "routed_samples": int(m.value("aq_samples_routed_total", variant=key)),
-            "failures": service.breakers[key].total_failures, "batching": batching.get(key),
-            "loaded": states[key]["loaded"] if key in states else health[key].healthy,
-            "loaded_reason": states[key]["reason"] if key in states else health[key].detail,
-        })  # fmt: skip
+        variants.append(
+            {
+                "key": key,
+                "precision": entry.precision,
+                "triton_name": entry.triton_name,
+                "healthy": health[key].healthy,
+                "detail": health[key].detail,
+                "routable": bool(routable[j]),
+                "val_accuracy": entry.val_accuracy,
+                "latency": service.estimator.snapshot(key),
+                "routed_samples": int(m.value("aq_samples_routed_total", variant=key)),
+                "failures": service.breakers[key].total_failures,
+                "batching": batching.get(key),
+                "loaded": states[key]["loaded"] if key in states else health[key].healthy,
+                "loaded_reason": states[key]["reason"] if key in states else health[key].detail,
+            }
+        )
     fallbacks = {
         key: int(sum(m.value("aq_fallbacks_total", variant=key, reason=r) for r in ("error", "timeout")))
         for key in service.keys
@@ -202,18 +229,30 @@ async def models(service: ServiceDep) -> dict:
     health = service.backend.variants()
     variants = []
     for v in man.variants.values():
-        variants.append({
-            "key": v.key, "precision": v.precision, "triton_name": v.triton_name, "served": v.served,
-            "healthy": health[v.key].healthy if v.key in health else False,
-            "size_bytes": v.size_bytes, "sha256": v.sha256, "val_accuracy": v.val_accuracy,
-            "agreement_with_fp32": v.agreement_with_fp32,
-            "latency_p95_ms": {b: p.p95_ms for b, p in v.latency.batches.items()} if v.latency else None,
-        })  # fmt: skip
+        variants.append(
+            {
+                "key": v.key,
+                "precision": v.precision,
+                "triton_name": v.triton_name,
+                "served": v.served,
+                "healthy": health[v.key].healthy if v.key in health else False,
+                "size_bytes": v.size_bytes,
+                "sha256": v.sha256,
+                "val_accuracy": v.val_accuracy,
+                "agreement_with_fp32": v.agreement_with_fp32,
+                "latency_p95_ms": {b: p.p95_ms for b, p in v.latency.batches.items()} if v.latency else None,
+            }
+        )
     return {
         "model": man.model_name,
         "classes": man.classes,
-        "input": {"name": man.input_name, "shape": ["N", 3, man.image_size, man.image_size], "dtype": "float32",
-                  "mean": man.mean, "std": man.std},
+        "input": {
+            "name": man.input_name,
+            "shape": ["N", 3, man.image_size, man.image_size],
+            "dtype": "float32",
+            "mean": man.mean,
+            "std": man.std,
+        },
         "output": {"name": man.output_name, "shape": ["N", len(man.classes)], "dtype": "float32"},
         "variants": variants,
         "training": man.training,

@@ -15,25 +15,57 @@ from pydantic import BaseModel, Field
 def request_schemas(image_size: int, max_instances: int) -> dict[str, dict[str, Any]]:
     """OpenAPI components: ClassifyRequest and ClassifyInstance, with this service's limits."""
     channel = {"type": "integer", "minimum": 0, "maximum": 255}
-    row = {"type": "array", "items": {"type": "array", "items": channel, "minItems": 3, "maxItems": 3},
-           "minItems": image_size, "maxItems": image_size}  # fmt: skip
+    row = {
+        "type": "array",
+        "items": {"type": "array", "items": channel, "minItems": 3, "maxItems": 3},
+        "minItems": image_size,
+        "maxItems": image_size,
+    }
     return {
         "ClassifyInstance": {
             "description": f"one {image_size}×{image_size} RGB image: exactly one of b64 or pixels",
             "oneOf": [
-                {"type": "object", "required": ["b64"], "additionalProperties": False, "properties": {
-                    "b64": {"type": "string", "contentEncoding": "base64",
-                            "description": f"PNG or JPEG bytes, base64 (standard alphabet, padded); {image_size}×{image_size}"}}},
-                {"type": "object", "required": ["pixels"], "additionalProperties": False, "properties": {
-                    "pixels": {"type": "array", "items": row, "minItems": image_size, "maxItems": image_size,
-                               "description": "height × width × RGB integers 0..255"}}},
+                {
+                    "type": "object",
+                    "required": ["b64"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "b64": {
+                            "type": "string",
+                            "contentEncoding": "base64",
+                            "description": f"PNG or JPEG bytes, base64 (standard alphabet, padded); {image_size}×{image_size}",
+                        }
+                    },
+                },
+                {
+                    "type": "object",
+                    "required": ["pixels"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "pixels": {
+                            "type": "array",
+                            "items": row,
+                            "minItems": image_size,
+                            "maxItems": image_size,
+                            "description": "height × width × RGB integers 0..255",
+                        }
+                    },
+                },
             ],
-        },  # fmt: skip
+        },
         "ClassifyRequest": {
-            "type": "object", "required": ["instances"], "additionalProperties": False,
-            "properties": {"instances": {"type": "array", "items": {"$ref": "#/components/schemas/ClassifyInstance"},
-                                         "minItems": 1, "maxItems": max_instances}},
-        },  # fmt: skip
+            "type": "object",
+            "required": ["instances"],
+            "additionalProperties": False,
+            "properties": {
+                "instances": {
+                    "type": "array",
+                    "items": {"$ref": "#/components/schemas/ClassifyInstance"},
+                    "minItems": 1,
+                    "maxItems": max_instances,
+                }
+            },
+        },
     }
 
 
@@ -47,7 +79,9 @@ class Prediction(BaseModel):
 
 class ClassifyResponse(BaseModel):
     predictions: list[Prediction]
-    precision: str = Field(..., description="as X-Precision: one precision, or the comma-joined set (most precise first)")
+    precision: str = Field(
+        ..., description="as X-Precision: one precision, or the comma-joined set (most precise first)"
+    )
     budget_ms: float | None
     budget_met: bool
     server_time_ms: float

@@ -28,15 +28,20 @@ class DrainingServer(uvicorn.Server):
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         service = getattr(self.app.state, "service", None)
         in_flight = service.in_flight if service is not None else 0
-        log.info("shutting down: no new connections; draining %d in-flight classify request(s), "
-                 "at most %.0f s", in_flight, self.config.timeout_graceful_shutdown or 0)  # fmt: skip
+        log.info(
+            "shutting down: no new connections; draining %d in-flight classify request(s), at most %.0f s",
+            in_flight,
+            self.config.timeout_graceful_shutdown or 0,
+        )
         metrics = self.app.state.metrics
         cancelled_before = metrics.value("aq_requests_total", outcome="cancelled")
         t = time.perf_counter()
         await super().shutdown(sockets)
         left = int(metrics.value("aq_requests_total", outcome="cancelled") - cancelled_before)
         if left:
-            log.error("drain ended after %.2f s with %d request(s) cut by the drain timeout", time.perf_counter() - t, left)
+            log.error(
+                "drain ended after %.2f s with %d request(s) cut by the drain timeout", time.perf_counter() - t, left
+            )
         else:
             log.info("drained in %.2f s; every request in flight was answered", time.perf_counter() - t)
 
@@ -44,11 +49,20 @@ class DrainingServer(uvicorn.Server):
 def make_server(app: FastAPI, settings: ServeSettings) -> DrainingServer:
     s = settings.server
     if not is_loopback(s.host) and not s.api_key:
-        log.warning("listening on %s without an API key: anyone who can reach this address can call "
-                    "the service (set server.api_key_file or AQ_SERVER__API_KEY)", s.host)  # fmt: skip
-    config = uvicorn.Config(app, host=s.host, port=s.port, log_level=s.log_level, access_log=s.access_log,
-                            timeout_keep_alive=s.keep_alive_s,  # type: ignore[arg-type]  # float s is fine
-                            timeout_graceful_shutdown=s.drain_timeout_s)  # type: ignore[arg-type]  # float s is fine
+        log.warning(
+            "listening on %s without an API key: anyone who can reach this address can call "
+            "the service (set server.api_key_file or AQ_SERVER__API_KEY)",
+            s.host,
+        )
+    config = uvicorn.Config(
+        app,
+        host=s.host,
+        port=s.port,
+        log_level=s.log_level,
+        access_log=s.access_log,
+        timeout_keep_alive=s.keep_alive_s,  # type: ignore[arg-type]  # float s is fine
+        timeout_graceful_shutdown=s.drain_timeout_s,
+    )  # type: ignore[arg-type]  # float s is fine
     return DrainingServer(config, app)
 
 

@@ -30,16 +30,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from adaptive_quant.serving.backends.base import Backend
 from adaptive_quant.core.images import encode_png
 from adaptive_quant.core.latency import LatencyEstimator
 from adaptive_quant.core.manifest import Manifest
-from adaptive_quant.serving.metrics import GatewayMetrics
 from adaptive_quant.core.precision import Precision
-from adaptive_quant.predictor.runtime import LoadedPredictor, PriorPredictor, accuracy_matrix
 from adaptive_quant.core.routing import NoVariantAllowed, route_batch
+from adaptive_quant.predictor.runtime import LoadedPredictor, PriorPredictor, accuracy_matrix
+from adaptive_quant.serving.backends.base import Backend
 from adaptive_quant.serving.decode import decode_instances
 from adaptive_quant.serving.errors import InputError, ServiceUnavailable
+from adaptive_quant.serving.metrics import GatewayMetrics
 from adaptive_quant.serving.options import ClassifyOptions
 from adaptive_quant.serving.settings import ServeSettings
 
@@ -129,7 +129,9 @@ class ClassifierService:
         """A floor above every precision this model offers is the caller's mistake (422)."""
         if floor is not None and not (self.ranks >= floor.rank).any():
             offered = ", ".join(sorted({p.value for p in self.precisions}))
-            raise InputError(f"X-Min-Precision {floor.value}: this service offers no variant at or above it (offers {offered})")
+            raise InputError(
+                f"X-Min-Precision {floor.value}: this service offers no variant at or above it (offers {offered})"
+            )
 
     def _record_success(self, key: str) -> None:
         self.breakers[key].failures = 0
@@ -140,8 +142,12 @@ class ClassifierService:
         b.total_failures += 1
         if b.failures >= self.settings.breaker.failures:
             b.open_until = time.monotonic() + self.settings.breaker.cooldown_s
-            log.warning("variant %s failed %d times in a row; out of routing for %.1f s",
-                        key, b.failures, self.settings.breaker.cooldown_s)
+            log.warning(
+                "variant %s failed %d times in a row; out of routing for %.1f s",
+                key,
+                b.failures,
+                self.settings.breaker.cooldown_s,
+            )
 
     async def warm_up(self) -> None:
         """One request's worth of work before serving, so the first caller does not pay for lazy
@@ -156,24 +162,32 @@ class ClassifierService:
         for key in self.keys:
             if health[key].healthy:
                 try:
-                    await asyncio.wait_for(self.backend.infer(key, x), self.settings.deadline.no_budget_timeout_ms / 1e3)
+                    await asyncio.wait_for(
+                        self.backend.infer(key, x), self.settings.deadline.no_budget_timeout_ms / 1e3
+                    )
                 except Exception as exc:  # a variant failing here will fail (and fall back) for callers too
                     log.warning("warm-up call on %s failed: %s", key, exc)
 
     # ------------------------------------------------------------------ classify
 
-    async def classify(self, images: np.ndarray, x: np.ndarray, options: ClassifyOptions, started: float) -> ClassifyResult:
+    async def classify(
+        self, images: np.ndarray, x: np.ndarray, options: ClassifyOptions, started: float
+    ) -> ClassifyResult:
         """images (N, H, W, 3) uint8 for the predictor, x (N, 3, H, W) float32 for the model."""
         self.check_floor(options.floor)
         n = images.shape[0]
         t = time.perf_counter()
         acc = accuracy_matrix(self.predictor.predictor, images, self.keys, self.prior)  # (N, V)
         state = _RequestState(
-            x=x, acc=acc, options=options, started=started,
+            x=x,
+            acc=acc,
+            options=options,
+            started=started,
             logits=np.empty((n, len(self.manifest.classes)), dtype=np.float32),
-            answered_by=np.full(n, -1), decision_met=np.ones(n, dtype=bool),
+            answered_by=np.full(n, -1),
+            decision_met=np.ones(n, dtype=bool),
             routing_s=time.perf_counter() - t,
-        )  # fmt: skip
+        )
         await self._serve(state, np.arange(n), frozenset())
         self.metrics.decision_time.observe(state.routing_s)
         server_ms = (time.perf_counter() - started) * 1e3
@@ -210,8 +224,16 @@ class ClassifierService:
         cost = np.array([self.estimator.service_ms(k, len(idx)) for k in self.keys])
         # remaining ≤ 0 (budget already spent on a failed call) makes nothing feasible → cheapest allowed
         try:
-            decision = route_batch(state.acc[idx], estimates, allowed, remaining, state.options.priority,
-                                   self.settings.routing, cost_ms=cost, load=self.estimator.load())
+            decision = route_batch(
+                state.acc[idx],
+                estimates,
+                allowed,
+                remaining,
+                state.options.priority,
+                self.settings.routing,
+                cost_ms=cost,
+                load=self.estimator.load(),
+            )
         except NoVariantAllowed as exc:  # unreachable after the check above; kept for safety
             raise ServiceUnavailable(str(exc), retry_after_s=self._retry_after()) from exc
         state.decision_met[idx] &= decision.budget_met
@@ -223,8 +245,15 @@ class ClassifierService:
             calls.append(self._call(state, int(j), sub, float(estimates[j]), tried, last_resort))
         await asyncio.gather(*calls)
 
-    async def _call(self, state: _RequestState, j: int, idx: np.ndarray, estimate_ms: float, tried: frozenset[str],
-                    last_resort: bool) -> None:  # fmt: skip
+    async def _call(
+        self,
+        state: _RequestState,
+        j: int,
+        idx: np.ndarray,
+        estimate_ms: float,
+        tried: frozenset[str],
+        last_resort: bool,
+    ) -> None:
         key = self.keys[j]
         remaining = self._remaining_ms(state)
         if remaining is None or last_resort:

@@ -111,19 +111,27 @@ class ServeSettings:
 
     def __post_init__(self) -> None:
         positive = {
-            "server.port": self.server.port, "backend.intra_op_threads": self.backend.intra_op_threads,
-            "backend.instances": self.backend.instances, "batching.max_batch_size": self.batching.max_batch_size,
-            "limits.max_request_bytes": self.limits.max_request_bytes, "limits.max_instances": self.limits.max_instances,
-            "deadline.no_budget_timeout_ms": self.deadline.no_budget_timeout_ms, "breaker.failures": self.breaker.failures,
-            "server.drain_timeout_s": self.server.drain_timeout_s, "server.keep_alive_s": self.server.keep_alive_s,
+            "server.port": self.server.port,
+            "backend.intra_op_threads": self.backend.intra_op_threads,
+            "backend.instances": self.backend.instances,
+            "batching.max_batch_size": self.batching.max_batch_size,
+            "limits.max_request_bytes": self.limits.max_request_bytes,
+            "limits.max_instances": self.limits.max_instances,
+            "deadline.no_budget_timeout_ms": self.deadline.no_budget_timeout_ms,
+            "breaker.failures": self.breaker.failures,
+            "server.drain_timeout_s": self.server.drain_timeout_s,
+            "server.keep_alive_s": self.server.keep_alive_s,
             "deadline.slow_factor": self.deadline.slow_factor,
-        }  # fmt: skip
+        }
         for key, value in positive.items():
             if value <= 0:
                 raise SettingsError(f"{key} must be > 0, got {value}")
-        for key, value in {"batching.max_queue_delay_us": self.batching.max_queue_delay_us,
-                           "deadline.grace_ms": self.deadline.grace_ms, "breaker.cooldown_s": self.breaker.cooldown_s,
-                           "backend.health_interval_s": self.backend.health_interval_s}.items():
+        for key, value in {
+            "batching.max_queue_delay_us": self.batching.max_queue_delay_us,
+            "deadline.grace_ms": self.deadline.grace_ms,
+            "breaker.cooldown_s": self.breaker.cooldown_s,
+            "backend.health_interval_s": self.backend.health_interval_s,
+        }.items():
             if value < 0:
                 raise SettingsError(f"{key} must be >= 0, got {value}")
         if self.server.api_key and self.server.api_key_file:
@@ -230,7 +238,7 @@ def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     out = {}
     for name, raw in environ.items():
         if name.startswith(ENV_PREFIX):
-            out[name[len(ENV_PREFIX):].lower().replace("__", ".")] = RawText(raw)
+            out[name[len(ENV_PREFIX) :].lower().replace("__", ".")] = RawText(raw)
     return out
 
 

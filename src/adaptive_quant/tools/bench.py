@@ -21,16 +21,16 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from adaptive_quant.serving.backends.embedded import EmbeddedBackend
 from adaptive_quant.core.latency import LatencyEstimator
 from adaptive_quant.core.manifest import load_manifest
-from adaptive_quant.predictor.runtime import load_accuracy_predictor, accuracy_matrix, PriorPredictor
 from adaptive_quant.core.precision import Precision
 from adaptive_quant.core.routing import Priority, allowed_mask, route_batch
+from adaptive_quant.predictor.runtime import PriorPredictor, accuracy_matrix, load_accuracy_predictor
 from adaptive_quant.serving.app import create_app
-from adaptive_quant.tools.client import request_body
+from adaptive_quant.serving.backends.embedded import EmbeddedBackend
 from adaptive_quant.serving.decode import to_model_input
 from adaptive_quant.serving.settings import ServeSettings
+from adaptive_quant.tools.client import request_body
 
 
 def _pcts(values_s: list[float], scale: float) -> dict[str, float]:
@@ -72,9 +72,13 @@ def bench_routing(settings: ServeSettings, iterations: int = 3000) -> dict[str, 
 
 async def _direct_backend(settings: ServeSettings, variant: str, x: np.ndarray, iterations: int) -> list[float]:
     manifest = load_manifest(settings.repository)
-    backend = EmbeddedBackend(settings.repository, manifest, max_batch_size=settings.batching.max_batch_size,
-                              max_queue_delay_us=settings.batching.max_queue_delay_us,
-                              intra_op_threads=settings.backend.intra_op_threads)  # fmt: skip
+    backend = EmbeddedBackend(
+        settings.repository,
+        manifest,
+        max_batch_size=settings.batching.max_batch_size,
+        max_queue_delay_us=settings.batching.max_queue_delay_us,
+        intra_op_threads=settings.backend.intra_op_threads,
+    )
     await backend.start()
     try:
         times = []
@@ -103,7 +107,9 @@ async def _through_gateway(settings: ServeSettings, body: dict, iterations: int)
     return client_s[k:], server_s[k:]
 
 
-def bench_overhead(settings: ServeSettings, variant: str = "int8", iterations: int = 500) -> dict[str, dict[str, float]]:
+def bench_overhead(
+    settings: ServeSettings, variant: str = "int8", iterations: int = 500
+) -> dict[str, dict[str, float]]:
     """ms at concurrency 1, one image: the backend alone vs through the gateway (pinned to `variant`)."""
     manifest = load_manifest(settings.repository)
     img = sample_images(1, seed=7)
@@ -116,7 +122,10 @@ def bench_overhead(settings: ServeSettings, variant: str = "int8", iterations: i
         "backend_direct_ms": d,
         "gateway_server_time_ms": s,
         "gateway_in_process_client_ms": c,
-        "overhead_p50_ms": {"server_time_minus_direct": s["p50"] - d["p50"], "client_minus_direct": c["p50"] - d["p50"]},
+        "overhead_p50_ms": {
+            "server_time_minus_direct": s["p50"] - d["p50"],
+            "client_minus_direct": c["p50"] - d["p50"],
+        },
     }
 
 
@@ -142,7 +151,16 @@ def start_server(repository: str, config: str | None, sets: list[str], nice: int
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     script = Path(__file__).resolve().parents[3] / "scripts" / "serve.py"
-    cmd = [sys.executable, str(script), "--repository", repository, "--port", str(port), "--set", "server.log_level=warning"]
+    cmd = [
+        sys.executable,
+        str(script),
+        "--repository",
+        repository,
+        "--port",
+        str(port),
+        "--set",
+        "server.log_level=warning",
+    ]
     if config:
         cmd += ["--config", config]
     for s in sets:
@@ -193,8 +211,13 @@ async def _load(url: str, body: dict, headers: dict[str, str], concurrency: int,
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed = time.perf_counter() - t0
     lat = _pcts(latencies, 1e3) if latencies else {"p50": float("nan"), "p99": float("nan")}
-    return {"samples_per_s": done / elapsed, "p50_ms": lat["p50"], "p99_ms": lat["p99"], "errors": errors,
-            "precisions": precisions}  # type: ignore[dict-item]  # fmt: skip
+    return {
+        "samples_per_s": done / elapsed,
+        "p50_ms": lat["p50"],
+        "p99_ms": lat["p99"],
+        "errors": errors,
+        "precisions": precisions,
+    }  # type: ignore[dict-item]
 
 
 MODES = {
@@ -204,8 +227,15 @@ MODES = {
 }
 
 
-def bench_throughput(repository: str, config: str | None, concurrencies: list[int], duration_s: float,
-                     budget_ms: float | None, modes: list[str], nice: int = 0) -> dict[str, dict[int, dict]]:  # fmt: skip
+def bench_throughput(
+    repository: str,
+    config: str | None,
+    concurrencies: list[int],
+    duration_s: float,
+    budget_ms: float | None,
+    modes: list[str],
+    nice: int = 0,
+) -> dict[str, dict[int, dict]]:
     """samples/s per mode and concurrency; one server process per mode, 1 image per request."""
     body = request_body(sample_images(1, seed=11))
     headers = {"X-Latency-Budget-Ms": f"{budget_ms:g}"} if budget_ms else {}

@@ -32,7 +32,7 @@ def load_request(path: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"{p} does not exist (scripts/make_sample.py writes one)")
     body = json.loads(p.read_text())
     if not isinstance(body, dict) or not isinstance(body.get("instances"), list):
-        raise ValueError(f"{p} is not a classify request: expected {{\"instances\": [...]}}")
+        raise ValueError(f'{p} is not a classify request: expected {{"instances": [...]}}')
     return body
 
 
@@ -90,7 +90,11 @@ def classify_rows(client: httpx.Client, body: dict[str, Any], headers: dict[str,
     for group in groups:
         r = client.post("/v1/classify", json={"instances": [instances[i] for i in group]}, headers=headers)
         if r.status_code != 200:
-            msg = r.json().get("error", {}).get("message", r.text) if r.headers.get("content-type", "").startswith("application/json") else r.text
+            msg = (
+                r.json().get("error", {}).get("message", r.text)
+                if r.headers.get("content-type", "").startswith("application/json")
+                else r.text
+            )
             rows += [Row(i, r.status_code, f"error: {msg}", None, "-", None, "-") for i in group]
             continue
         server_ms = float(r.headers["X-Server-Time-Ms"])

@@ -71,8 +71,12 @@ def find_distribution() -> TritonDistribution:
         stub=dist / "python_backend_stubs" / version / "triton_python_backend_stub",
         libs=root.parent / "nvidia_pytriton.libs",
     )
-    for what, path in (("tritonserver binary", found.binary), ("python backend", found.python_backend),
-                       (f"python backend stub for Python {version}", found.stub), ("server libraries", found.libs)):  # fmt: skip
+    for what, path in (
+        ("tritonserver binary", found.binary),
+        ("python backend", found.python_backend),
+        (f"python backend stub for Python {version}", found.stub),
+        ("server libraries", found.libs),
+    ):
         if not path.exists():
             raise TritonNotInstalled(f"nvidia-pytriton is installed at {root} but its {what} ({path}) is missing")
     return found
@@ -132,16 +136,21 @@ def server_args(cfg: TritonServerConfig, backends: Path, shm_prefix: str) -> lis
     args = [
         f"--model-repository={Path(cfg.repository).resolve()}",
         f"--backend-directory={backends}",
-        f"--http-address={cfg.host}", f"--http-port={cfg.http_port}",
-        f"--grpc-address={cfg.host}", f"--grpc-port={cfg.grpc_port}",
-        f"--metrics-address={cfg.host}", f"--metrics-port={cfg.metrics_port}",
-        "--allow-metrics=true", "--allow-cpu-metrics=true", "--allow-gpu-metrics=false",
+        f"--http-address={cfg.host}",
+        f"--http-port={cfg.http_port}",
+        f"--grpc-address={cfg.host}",
+        f"--grpc-port={cfg.grpc_port}",
+        f"--metrics-address={cfg.host}",
+        f"--metrics-port={cfg.metrics_port}",
+        "--allow-metrics=true",
+        "--allow-cpu-metrics=true",
+        "--allow-gpu-metrics=false",
         f"--model-control-mode={cfg.model_control}",
         f"--exit-timeout-secs={cfg.exit_timeout_s}",
         f"--log-verbose={cfg.log_verbose}",
         f"--backend-config=python,shm-region-prefix-name={shm_prefix}",
         "--strict-readiness=true",
-    ]  # fmt: skip
+    ]
     args += [f"--load-model={m}" for m in cfg.load_models]
     return args + list(cfg.extra_args)
 
@@ -184,23 +193,29 @@ class LocalTriton:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def start(self, timeout_s: float = 60.0) -> "LocalTriton":
+    def start(self, timeout_s: float = 60.0) -> LocalTriton:
         """Launch and wait until ready; raises TritonStartError with the log tail on failure."""
         if self.running():
             return self
         log.info("starting tritonserver: %s", " ".join(self.command))
         logfile = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            self.command, env=server_env(self.dist), stdout=logfile, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True,  # own process group: stubs stop with it
-        )  # fmt: skip
+            self.command,
+            env=server_env(self.dist),
+            stdout=logfile,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # own process group: stubs stop with it
+        )
         logfile.close()  # the child holds its own descriptor
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise TritonStartError(f"tritonserver exited with code {self.process.returncode}:\n{self.log_tail()}")
             if self.ready():
-                log.info("tritonserver ready (HTTP %s, gRPC %s, metrics %s)", self.http_url, self.grpc_url, self.metrics_url)
+                log.info(
+                    "tritonserver ready (HTTP %s, gRPC %s, metrics %s)", self.http_url, self.grpc_url, self.metrics_url
+                )
                 return self
             time.sleep(0.1)
         self.kill()
@@ -249,7 +264,7 @@ class LocalTriton:
         if self._own_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
-    def __enter__(self) -> "LocalTriton":
+    def __enter__(self) -> LocalTriton:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -31,8 +31,8 @@ def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator) -> to
     dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
     dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
     # gather rows then columns with index tensors: one vectorised op instead of N slices
-    rows = (dy[:, None] + torch.arange(h)[None, :])  # (N, H)
-    cols = (dx[:, None] + torch.arange(w)[None, :])  # (N, W)
+    rows = dy[:, None] + torch.arange(h)[None, :]  # (N, H)
+    cols = dx[:, None] + torch.arange(w)[None, :]  # (N, W)
     idx_n = torch.arange(n)[:, None, None]
     out = padded.permute(0, 2, 3, 1)[idx_n, rows[:, :, None], cols[:, None, :]]  # (N, H, W, C)
     return out.permute(0, 3, 1, 2).contiguous()

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from adaptive_quant.training.augment import augment_batch, to_normalized_tensor
 from adaptive_quant.config import AugmentConfig
 from adaptive_quant.data import Split
+from adaptive_quant.training.augment import augment_batch, to_normalized_tensor
 
 
 @dataclass

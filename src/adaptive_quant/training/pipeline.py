@@ -18,13 +18,13 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from adaptive_quant.training.checkpoint import save_checkpoint
 from adaptive_quant.config import ExperimentConfig, config_to_dict, flatten
 from adaptive_quant.data import Dataset, load_dataset
+from adaptive_quant.tracking import Tracker, git_commit, start_run
+from adaptive_quant.training.checkpoint import save_checkpoint
 from adaptive_quant.training.engine import cosine, evaluate, make_optimizer, one_cycle, steps_per_epoch, train_one_epoch
 from adaptive_quant.training.model import build_model, count_parameters
 from adaptive_quant.training.quantize import convert, prepare_qat, set_qat_mode
-from adaptive_quant.tracking import Tracker, git_commit, start_run
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,9 @@ def _state_copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def train_float(cfg: ExperimentConfig, data: Dataset, tracker: Tracker, gen: torch.Generator) -> tuple[torch.nn.Module, dict[str, float]]:
+def train_float(
+    cfg: ExperimentConfig, data: Dataset, tracker: Tracker, gen: torch.Generator
+) -> tuple[torch.nn.Module, dict[str, float]]:
     """Float phase: one-cycle Nesterov SGD; keeps the epoch with the best validation accuracy."""
     t = cfg.train
     model = build_model(cfg.model)
@@ -60,20 +62,43 @@ def train_float(cfg: ExperimentConfig, data: Dataset, tracker: Tracker, gen: tor
     bar = tqdm(range(t.epochs), desc="float", unit="epoch", dynamic_ncols=True)
     for epoch in bar:
         stats = train_one_epoch(
-            model, data.train, optimizer, scheduler, cfg.augment, t.batch_size, gen,
-            label_smoothing=t.label_smoothing, bf16=t.bf16, channels_last=t.channels_last,
-            max_steps=t.max_steps_per_epoch, desc=f"float {epoch + 1}/{t.epochs}",
-        )  # fmt: skip
+            model,
+            data.train,
+            optimizer,
+            scheduler,
+            cfg.augment,
+            t.batch_size,
+            gen,
+            label_smoothing=t.label_smoothing,
+            bf16=t.bf16,
+            channels_last=t.channels_last,
+            max_steps=t.max_steps_per_epoch,
+            desc=f"float {epoch + 1}/{t.epochs}",
+        )
         # validation in fp32 (no autocast): the number we select on is the FP32 model's
         val = evaluate(model, data.val, t.eval_batch_size, bf16=False, channels_last=t.channels_last)
         tracker.log_metrics(
-            {"float/train_loss": stats.loss, "float/train_acc": stats.accuracy, "float/lr": stats.lr,
-             "float/val_loss": val.loss, "float/val_acc": val.accuracy, "float/epoch_s": stats.seconds,
-             "float/images_per_s": stats.images_per_s},
+            {
+                "float/train_loss": stats.loss,
+                "float/train_acc": stats.accuracy,
+                "float/lr": stats.lr,
+                "float/val_loss": val.loss,
+                "float/val_acc": val.accuracy,
+                "float/epoch_s": stats.seconds,
+                "float/images_per_s": stats.images_per_s,
+            },
             step=epoch,
-        )  # fmt: skip
-        log.info("float epoch %d/%d: loss %.4f train %.4f val %.4f (%.0f s, %.0f img/s)", epoch + 1, t.epochs,
-                 stats.loss, stats.accuracy, val.accuracy, stats.seconds, stats.images_per_s)  # fmt: skip
+        )
+        log.info(
+            "float epoch %d/%d: loss %.4f train %.4f val %.4f (%.0f s, %.0f img/s)",
+            epoch + 1,
+            t.epochs,
+            stats.loss,
+            stats.accuracy,
+            val.accuracy,
+            stats.seconds,
+            stats.images_per_s,
+        )
         bar.set_postfix(loss=f"{stats.loss:.3f}", val=f"{val.accuracy:.4f}", s=f"{stats.seconds:.0f}")
         if val.accuracy > best_acc:
             best_acc, best_state, best_epoch = val.accuracy, _state_copy(model), epoch
@@ -103,24 +128,47 @@ def train_qat(
         freeze_obs = epoch >= q.freeze_observers_epoch
         set_qat_mode(prepared, train=True, freeze_bn=freeze_bn, freeze_observers=freeze_obs)
         stats = train_one_epoch(
-            prepared, data.train, optimizer, scheduler, cfg.augment, q.batch_size, gen,
-            label_smoothing=cfg.train.label_smoothing, bf16=False, channels_last=False,
-            max_steps=q.max_steps_per_epoch, desc=f"qat {epoch + 1}/{q.epochs}",
-        )  # fmt: skip
+            prepared,
+            data.train,
+            optimizer,
+            scheduler,
+            cfg.augment,
+            q.batch_size,
+            gen,
+            label_smoothing=cfg.train.label_smoothing,
+            bf16=False,
+            channels_last=False,
+            max_steps=q.max_steps_per_epoch,
+            desc=f"qat {epoch + 1}/{q.epochs}",
+        )
         set_qat_mode(prepared, train=False, freeze_bn=True, freeze_observers=True)
         fq_val = evaluate(prepared, data.val, cfg.train.eval_batch_size)
         converted = convert(prepared)
         int8_val = evaluate(converted, data.val, cfg.train.eval_batch_size)
         fq_val_acc = fq_val.accuracy
         tracker.log_metrics(
-            {"qat/train_loss": stats.loss, "qat/train_acc": stats.accuracy, "qat/lr": stats.lr,
-             "qat/fakequant_val_acc": fq_val.accuracy, "qat/int8_val_acc": int8_val.accuracy,
-             "qat/epoch_s": stats.seconds, "qat/images_per_s": stats.images_per_s,
-             "qat/bn_frozen": float(freeze_bn), "qat/observers_frozen": float(freeze_obs)},
+            {
+                "qat/train_loss": stats.loss,
+                "qat/train_acc": stats.accuracy,
+                "qat/lr": stats.lr,
+                "qat/fakequant_val_acc": fq_val.accuracy,
+                "qat/int8_val_acc": int8_val.accuracy,
+                "qat/epoch_s": stats.seconds,
+                "qat/images_per_s": stats.images_per_s,
+                "qat/bn_frozen": float(freeze_bn),
+                "qat/observers_frozen": float(freeze_obs),
+            },
             step=epoch,
-        )  # fmt: skip
-        log.info("qat epoch %d/%d: loss %.4f fake-quant val %.4f converted INT8 val %.4f (%.0f s)",
-                 epoch + 1, q.epochs, stats.loss, fq_val.accuracy, int8_val.accuracy, stats.seconds)  # fmt: skip
+        )
+        log.info(
+            "qat epoch %d/%d: loss %.4f fake-quant val %.4f converted INT8 val %.4f (%.0f s)",
+            epoch + 1,
+            q.epochs,
+            stats.loss,
+            fq_val.accuracy,
+            int8_val.accuracy,
+            stats.seconds,
+        )
         bar.set_postfix(fq=f"{fq_val.accuracy:.4f}", int8=f"{int8_val.accuracy:.4f}")
         if int8_val.accuracy > best[0]:
             best = (int8_val.accuracy, converted, _state_copy(prepared), epoch)
@@ -194,9 +242,13 @@ def run_training(cfg: ExperimentConfig, float_checkpoint: str | Path | None = No
             metrics["total_seconds"] += metrics.get("float_seconds", 0.0)
 
         ckpt = save_checkpoint(
-            out_dir / "best.pt", cfg, _state_copy(float_model), qat_state, metrics,
+            out_dir / "best.pt",
+            cfg,
+            _state_copy(float_model),
+            qat_state,
+            metrics,
             extra={"classes": data.classes, "git_commit": commit, "mlflow_run_id": tracker.run_id},
-        )  # fmt: skip
+        )
         tracker.log_metrics(metrics)
         tracker.log_artifact(ckpt, artifact_path="checkpoint")
         return TrainingResult(checkpoint=ckpt, run_id=tracker.run_id, metrics=metrics)

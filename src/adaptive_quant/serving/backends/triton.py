@@ -138,7 +138,9 @@ class TritonBackend(Backend):
             try:
                 server_ready = bool(await self._call(self._client.is_server_ready()))
             except Exception as exc:  # connection refused, DNS, TLS, timeout...
-                self._server_down(f"Triton at {self.url} ({self.protocol}) is unreachable: {type(exc).__name__}: {exc}", log_all)
+                self._server_down(
+                    f"Triton at {self.url} ({self.protocol}) is unreachable: {type(exc).__name__}: {exc}", log_all
+                )
                 return
             if not self._server_up:
                 log.info("Triton at %s answers (server ready: %s)", self.url, server_ready)
@@ -152,16 +154,25 @@ class TritonBackend(Backend):
                 if self.supports_model_control and not state.wanted:
                     continue  # deliberately unloaded: stays out until load_variant
                 health = await self._check_model(key, model)
-                if (not health.healthy and self.supports_model_control and state.wanted
-                        and time.monotonic() - state.last_load_attempt >= self.load_retry_s):
+                if (
+                    not health.healthy
+                    and self.supports_model_control
+                    and state.wanted
+                    and time.monotonic() - state.last_load_attempt >= self.load_retry_s
+                ):
                     health = await self._load(key, "loaded by the gateway: it should be loaded and was not")
                 if health.healthy and not state.loaded:
                     self._set_state(key, True, "ready on the server")
                 elif not health.healthy:
                     self._set_state(key, False, health.detail)
                 if health != self._health[key] or log_all:
-                    log.log(logging.INFO if health.healthy else logging.WARNING,
-                            "Triton model %s (variant %s): %s", model, key, health.detail)
+                    log.log(
+                        logging.INFO if health.healthy else logging.WARNING,
+                        "Triton model %s (variant %s): %s",
+                        model,
+                        key,
+                        health.detail,
+                    )
                 self._health[key] = health
 
     def _server_down(self, reason: str, log_all: bool) -> None:
@@ -254,13 +265,17 @@ class TritonBackend(Backend):
         if key not in self._model_name:
             raise KeyError(f"unknown variant {key!r}; served: {', '.join(self._model_name)}")
         if not self.supports_model_control:
-            raise BackendError("loading and unloading needs backend.model_control=explicit "
-                               "(and Triton started with --model-control-mode=explicit)")
+            raise BackendError(
+                "loading and unloading needs backend.model_control=explicit "
+                "(and Triton started with --model-control-mode=explicit)"
+            )
 
     def model_states(self) -> dict[str, dict[str, Any]]:
         """Per variant: loaded (bool), wanted (bool), reason, since (unix time s)."""
-        return {k: {"loaded": s.loaded, "wanted": s.wanted, "reason": s.reason, "since": round(s.since, 3)}
-                for k, s in self._states.items()}  # fmt: skip
+        return {
+            k: {"loaded": s.loaded, "wanted": s.wanted, "reason": s.reason, "since": round(s.since, 3)}
+            for k, s in self._states.items()
+        }
 
     async def _check_model(self, key: str, model: str) -> VariantHealth:
         try:

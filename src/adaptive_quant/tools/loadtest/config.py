@@ -19,9 +19,7 @@ MAX_WARMUP_S = 600.0
 MAX_CONCURRENCY = 1024  # closed-loop workers; also the connection pool size
 MAX_IN_FLIGHT = 4096
 MAX_TIMEOUT_S = 600.0
-MAX_BATCH = (
-    256  # images per request (the gateway's own limit, 64 by default, may be lower)
-)
+MAX_BATCH = 256  # images per request (the gateway's own limit, 64 by default, may be lower)
 # open loop: scheduled requests per phase (their times and records stay in memory)
 MAX_ARRIVALS = 2_000_000
 
@@ -85,12 +83,8 @@ class LoadTestConfig:
             if not self.calibrate:
                 raise LoadTestConfigError("--calibrate-url needs --calibrate")
         if self.mode not in MODES:
-            raise LoadTestConfigError(
-                f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}"
-            )
-        self._bounded(
-            "--duration", self.duration_s, 0, MAX_DURATION_S, "s", low_open=True
-        )
+            raise LoadTestConfigError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        self._bounded("--duration", self.duration_s, 0, MAX_DURATION_S, "s", low_open=True)
         self._bounded("--warmup", self.warmup_s, 0, MAX_WARMUP_S, "s")
         self._bounded("--timeout", self.timeout_s, 0, MAX_TIMEOUT_S, "s", low_open=True)
         self._bounded("--bin", self.bin_s, 0, MAX_DURATION_S, "s", low_open=True)
@@ -114,20 +108,14 @@ class LoadTestConfig:
         if not self.phases:
             raise LoadTestConfigError("--phases names no phase")
         if self.budget.needs_calibration and not self.calibrate:
-            raise LoadTestConfigError(
-                f"--budget {self.budget} needs --calibrate (it scales the calibrated p95)"
-            )
+            raise LoadTestConfigError(f"--budget {self.budget} needs --calibrate (it scales the calibrated p95)")
 
     @staticmethod
-    def _bounded(
-        name: str, v: float, lo: float, hi: float, unit: str, low_open: bool = False
-    ) -> None:
+    def _bounded(name: str, v: float, lo: float, hi: float, unit: str, low_open: bool = False) -> None:
         bad = not math.isfinite(v) or v > hi or (v <= lo if low_open else v < lo)
         if bad:
             rel = ">" if low_open else ">="
-            raise LoadTestConfigError(
-                f"{name} must be {rel} {lo:g} and <= {hi:g} {unit}, got {v:g}"
-            )
+            raise LoadTestConfigError(f"{name} must be {rel} {lo:g} and <= {hi:g} {unit}, got {v:g}")
 
     @staticmethod
     def _int(name: str, v: int, lo: int, hi: int) -> None:
@@ -136,9 +124,7 @@ class LoadTestConfig:
 
     @property
     def arrivals(self) -> ArrivalSpec:
-        return ArrivalSpec(
-            self.mode, self.rate, self.burst_factor, self.burst_s, self.period_s
-        )
+        return ArrivalSpec(self.mode, self.rate, self.burst_factor, self.burst_s, self.period_s)
 
     @property
     def pool_size(self) -> int:

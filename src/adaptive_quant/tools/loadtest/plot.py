@@ -14,16 +14,24 @@ from adaptive_quant.tools.loadtest.stats import RequestRecord
 
 VARIANT_COLOURS = {"fp32": "#1f77b4", "fp16": "#ff7f0e", "int8": "#2ca02c"}
 _OTHER = ["#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
-BARS = [("within_budget_share", "within budget (client)"), ("server_budget_met_share", "budget met (server)"),
-        ("effective_accuracy", "effective accuracy"), ("accuracy", "accuracy")]  # fmt: skip
+BARS = [
+    ("within_budget_share", "within budget (client)"),
+    ("server_budget_met_share", "budget met (server)"),
+    ("effective_accuracy", "effective accuracy"),
+    ("accuracy", "accuracy"),
+]
 
 
 def _variant_colour(name: str, order: Sequence[str]) -> str:
     return VARIANT_COLOURS.get(name, _OTHER[list(order).index(name) % len(_OTHER)])
 
 
-def plot_run(phases: Mapping[str, tuple[Sequence[RequestRecord], Mapping[str, Any]]], path: str | Path,
-             title: str = "", bin_s: float = 1.0) -> Path:  # fmt: skip
+def plot_run(
+    phases: Mapping[str, tuple[Sequence[RequestRecord], Mapping[str, Any]]],
+    path: str | Path,
+    title: str = "",
+    bin_s: float = 1.0,
+) -> Path:
     """`phases`: name → (records, summary) in run order → a PNG at `path`; `bin_s` is the
     summaries' bin width of the variant mix over time, s."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -48,21 +56,17 @@ def plot_run(phases: Mapping[str, tuple[Sequence[RequestRecord], Mapping[str, An
         ax_t.scatter(t, lat, s=3, alpha=0.35, label=name)
         if lat.size:
             ax_cdf.plot(np.sort(lat), np.arange(1, lat.size + 1) / lat.size, label=name)
-    budgets = {
-        r.budget_ms for n in names for r in phases[n][0] if r.budget_ms is not None
-    }
+    budgets = {r.budget_ms for n in names for r in phases[n][0] if r.budget_ms is not None}
     if len(budgets) == 1:  # one fixed budget: show it where the latencies are
         b = budgets.pop()
-        for ax, draw in ((ax_t, ax_t.axhline), (ax_cdf, ax_cdf.axvline)):
+        for draw in (ax_t.axhline, ax_cdf.axvline):
             draw(b, color="red", linestyle="--", linewidth=1, label=f"budget {b:g} ms")
     ax_t.set(
         xlabel="time in phase, s",
         ylabel="latency, ms (client, end to end)",
         title="latency over time",
     )
-    ax_cdf.set(
-        xlabel="latency, ms", ylabel="share of answered requests", title="latency CDF"
-    )
+    ax_cdf.set(xlabel="latency, ms", ylabel="share of answered requests", title="latency CDF")
     if any(len(phases[n][0]) for n in names):
         # log scale, labelled in plain ms (10, 20, 50) rather than 2×10¹
         ax_t.set_yscale("log")
@@ -102,13 +106,12 @@ def plot_run(phases: Mapping[str, tuple[Sequence[RequestRecord], Mapping[str, An
     for j, (key, label) in enumerate(BARS):
         vals = [phases[n][1].get(key) for n in names]
         heights = [v if v is not None else 0.0 for v in vals]
-        bars = ax_bar.bar(
-            x + (j - (len(BARS) - 1) / 2) * width, heights, width, label=label
-        )
+        bars = ax_bar.bar(x + (j - (len(BARS) - 1) / 2) * width, heights, width, label=label)
         for rect, v in zip(bars, vals):
             text = "n/a" if v is None else f"{v:.2f}"
-            ax_bar.annotate(text, (rect.get_x() + rect.get_width() / 2, rect.get_height()), ha="center",
-                            va="bottom", fontsize=7)  # fmt: skip
+            ax_bar.annotate(
+                text, (rect.get_x() + rect.get_width() / 2, rect.get_height()), ha="center", va="bottom", fontsize=7
+            )
     ax_bar.set_xticks(x, names)
     ax_bar.set(ylim=(0, 1.25), ylabel="share", title="per phase")
     ax_bar.legend(fontsize=8, ncol=len(BARS), loc="upper center", frameon=False)

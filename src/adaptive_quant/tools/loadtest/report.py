@@ -12,12 +12,22 @@ from adaptive_quant.tools.loadtest.config import LoadTestConfig
 def machine_info() -> dict[str, Any]:
     """Where the figures were measured: they mean little without it."""
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    return {"platform": platform.platform(), "machine": platform.machine(), "processor": platform.processor(),
-            "cpu_count": os.cpu_count(), "python": platform.python_version(), "load_avg_1m": load}  # fmt: skip
+    return {
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "load_avg_1m": load,
+    }
 
 
-def build_results(cfg: LoadTestConfig, summaries: dict[str, dict[str, Any]], calibration: dict[str, Any] | None,
-                  extra_config: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+def build_results(
+    cfg: LoadTestConfig,
+    summaries: dict[str, dict[str, Any]],
+    calibration: dict[str, Any] | None,
+    extra_config: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """{"config": {...}, "phases": {name: summary}, "calibration": {...} | None}."""
     config = {**cfg.to_json(), **(extra_config or {}), "machine": machine_info()}
     return {"config": config, "phases": summaries, "calibration": calibration}
@@ -29,8 +39,10 @@ def _f(v: float | None, fmt: str) -> str:
 
 def format_table(summaries: dict[str, dict[str, Any]]) -> str:
     """One line per phase: latency percentiles, budget shares, accuracy, throughput, errors, mix."""
-    head = (f"{'phase':<10} {'answered':>9} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'in budget':>9} "
-            f"{'srv met':>8} {'acc':>6} {'eff acc':>7} {'req/s':>8} {'rss +% all/load':>15}  errors / variant mix")  # fmt: skip
+    head = (
+        f"{'phase':<10} {'answered':>9} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'in budget':>9} "
+        f"{'srv met':>8} {'acc':>6} {'eff acc':>7} {'req/s':>8} {'rss +% all/load':>15}  errors / variant mix"
+    )
     lines = [head, "-" * len(head)]
     for name, s in summaries.items():
         lat = s["latency_ms"]
@@ -43,5 +55,5 @@ def format_table(summaries: dict[str, dict[str, Any]]) -> str:
             f"{_f(lat['p99'], '8.2f')} {_f(s['within_budget_share'], '9.3f')} {_f(s['server_budget_met_share'], '8.3f')} "
             f"{_f(s['accuracy'], '6.3f')} {_f(s['effective_accuracy'], '7.3f')} {_f(s['throughput_rps'], '8.1f')} "
             f"{growth:>15}  {errors} / {mix}"
-        )  # fmt: skip
+        )
     return "\n".join(lines)

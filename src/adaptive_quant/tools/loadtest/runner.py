@@ -24,7 +24,6 @@ import numpy as np
 
 from adaptive_quant.tools.loadtest.config import LoadTestConfig
 from adaptive_quant.tools.loadtest.schedule import CALIBRATION_PHASE, BudgetSpec, BudgetStream, Phase, arrival_times
-from adaptive_quant.tools.loadtest.wire import WireError, WirePool
 from adaptive_quant.tools.loadtest.stats import (
     BAD_RESPONSE,
     CLIENT_BUG,
@@ -36,6 +35,7 @@ from adaptive_quant.tools.loadtest.stats import (
     routing_delta,
     summarize,
 )
+from adaptive_quant.tools.loadtest.wire import WireError, WirePool
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class Workload:
     labels: np.ndarray  # (n_bodies, batch) int: the known class of each image
 
     @classmethod
-    def from_images(cls, images: np.ndarray, labels: np.ndarray, groups: np.ndarray) -> Workload:  # fmt: skip
+    def from_images(cls, images: np.ndarray, labels: np.ndarray, groups: np.ndarray) -> Workload:
         """images (N, H, W, 3) uint8, labels (N,), groups (n_requests, batch) indices
         → bodies encoded once (PNG + base64, as any caller would send them)."""
         from adaptive_quant.tools.client import request_body
@@ -105,7 +105,7 @@ def _routing(status: dict[str, Any] | None) -> dict[str, Any] | None:
     return (status or {}).get("routing")
 
 
-def calibrated_p95(records: Sequence[RequestRecord], precision: str = "int8") -> tuple[float, int]:  # fmt: skip
+def calibrated_p95(records: Sequence[RequestRecord], precision: str = "int8") -> tuple[float, int]:
     """p95 latency, ms, over answered requests served entirely by `precision` (X-Precision);
     and how many there were."""
     lat = [r.latency_ms for r in records if r.answered and r.precision == precision]
@@ -164,21 +164,29 @@ class Runner:
             log.warning("%s", exc)
             return None
 
-    async def _send(self, client: WirePool, headers: dict[str, str], i: int, budget: float | None,
-                    scheduled: float, t0: float) -> RequestRecord:  # fmt: skip
+    async def _send(
+        self, client: WirePool, headers: dict[str, str], i: int, budget: float | None, scheduled: float, t0: float
+    ) -> RequestRecord:
         """Request i of the phase; latency counts from `scheduled` (perf_counter s). Never raises."""
         k = i % len(self.work.bodies)
         labels = self.work.labels[k]
         rec = RequestRecord(t_s=scheduled - t0, n_samples=len(labels), budget_ms=budget)
         try:
-            await self._exchange(client, headers, rec, self.work.bodies[k], labels, scheduled)  # fmt: skip
+            await self._exchange(client, headers, rec, self.work.bodies[k], labels, scheduled)
         except Exception:  # a bug of ours: counted and logged, the run goes on
             log.exception("request %d failed inside the load tester", i)
             rec.error_kind = CLIENT_BUG
         return rec
 
-    async def _exchange(self, client: WirePool, headers: dict[str, str], rec: RequestRecord,
-                        body: bytes, labels: np.ndarray, scheduled: float) -> None:  # fmt: skip
+    async def _exchange(
+        self,
+        client: WirePool,
+        headers: dict[str, str],
+        rec: RequestRecord,
+        body: bytes,
+        labels: np.ndarray,
+        scheduled: float,
+    ) -> None:
         if rec.budget_ms is not None:
             headers = {**headers, "X-Latency-Budget-Ms": f"{rec.budget_ms:.3f}"}
         rec.send_lag_ms = max(0.0, (time.perf_counter() - scheduled) * 1e3)
@@ -220,8 +228,15 @@ class Runner:
 
     # ------------------------------------------------------------------ load shapes
 
-    async def _closed(self, client: WirePool, headers: dict[str, str], budgets: BudgetStream,
-                      duration_s: float, max_requests: int | None, t0: float) -> list[RequestRecord]:  # fmt: skip
+    async def _closed(
+        self,
+        client: WirePool,
+        headers: dict[str, str],
+        budgets: BudgetStream,
+        duration_s: float,
+        max_requests: int | None,
+        t0: float,
+    ) -> list[RequestRecord]:
         records: list[RequestRecord] = []
         stop_at = t0 + duration_s
         next_i = 0
@@ -230,7 +245,7 @@ class Runner:
             nonlocal next_i
             while True:
                 now = time.perf_counter()
-                if now >= stop_at or (max_requests is not None and next_i >= max_requests):  # fmt: skip
+                if now >= stop_at or (max_requests is not None and next_i >= max_requests):
                     return
                 i, next_i = next_i, next_i + 1
                 rec = await self._send(client, headers, i, budgets[i], now, t0)
@@ -239,8 +254,9 @@ class Runner:
         await asyncio.gather(*(worker() for _ in range(self.cfg.concurrency)))
         return records
 
-    async def _open(self, client: WirePool, headers: dict[str, str], budgets: BudgetStream,
-                    times: np.ndarray, t0: float) -> list[RequestRecord]:  # fmt: skip
+    async def _open(
+        self, client: WirePool, headers: dict[str, str], budgets: BudgetStream, times: np.ndarray, t0: float
+    ) -> list[RequestRecord]:
         records: list[RequestRecord] = []
         pending: set[asyncio.Task] = set()
         cap = self.cfg.max_in_flight
@@ -269,8 +285,9 @@ class Runner:
             await asyncio.gather(*list(pending), return_exceptions=True)
         return records
 
-    async def _load(self, client: WirePool, phase: Phase, budget: BudgetSpec, duration_s: float,
-                    max_requests: int | None, seed: int) -> tuple[list[RequestRecord], float]:  # fmt: skip
+    async def _load(
+        self, client: WirePool, phase: Phase, budget: BudgetSpec, duration_s: float, max_requests: int | None, seed: int
+    ) -> tuple[list[RequestRecord], float]:
         """Apply the configured load for one stretch; (records, s from first send to last answer)."""
         cfg = self.cfg
         headers = {**self.base_headers, **phase.headers()}
@@ -278,7 +295,7 @@ class Runner:
         self._live = {"done": 0, "errors": 0}
         t0 = time.perf_counter()
         if cfg.mode == "closed":
-            records = await self._closed(client, headers, budgets, duration_s, max_requests, t0)  # fmt: skip
+            records = await self._closed(client, headers, budgets, duration_s, max_requests, t0)
         else:
             times = arrival_times(cfg.arrivals, duration_s, seed, max_requests)
             records = await self._open(client, headers, budgets, times, t0)
@@ -290,10 +307,16 @@ class Runner:
         while True:
             await asyncio.sleep(self.cfg.progress_s)
             live = self._live
-            log.info("%s: %.0f/%.0f s, %d requests done, %d errors", name, time.perf_counter() - t0, duration_s,
-                     live.get("done", 0), live.get("errors", 0))  # fmt: skip
+            log.info(
+                "%s: %.0f/%.0f s, %d requests done, %d errors",
+                name,
+                time.perf_counter() - t0,
+                duration_s,
+                live.get("done", 0),
+                live.get("errors", 0),
+            )
 
-    async def run_phase(self, client: WirePool, phase: Phase, budget: BudgetSpec) -> PhaseResult:  # fmt: skip
+    async def run_phase(self, client: WirePool, phase: Phase, budget: BudgetSpec) -> PhaseResult:
         """Warm-up, then the recorded load; the same schedule and budgets for every phase."""
         cfg = self.cfg
         if not phase.send_budget:
@@ -304,18 +327,24 @@ class Runner:
             seed = cfg.seed + WARMUP_SEED_OFFSET
             await self._load(client, phase, budget, cfg.warmup_s, None, seed)
         status_before = await self._status(client)
-        log.info("%s: %g s of %s load, budget %s, headers %s", phase.name, cfg.duration_s,
-                 cfg.mode, budget, phase.headers() or "-")  # fmt: skip
+        log.info(
+            "%s: %g s of %s load, budget %s, headers %s",
+            phase.name,
+            cfg.duration_s,
+            cfg.mode,
+            budget,
+            phase.headers() or "-",
+        )
         ticker = None
         if cfg.progress_s > 0:
             ticker = asyncio.create_task(self._progress(phase.name, cfg.duration_s))
         try:
-            records, elapsed = await self._load(client, phase, budget, cfg.duration_s, cfg.max_requests, cfg.seed)  # fmt: skip
+            records, elapsed = await self._load(client, phase, budget, cfg.duration_s, cfg.max_requests, cfg.seed)
         finally:
             if ticker is not None:
                 ticker.cancel()
         status_after = await self._status(client)
-        return PhaseResult(phase, budget, records, elapsed, status_start, status_before, status_after)  # fmt: skip
+        return PhaseResult(phase, budget, records, elapsed, status_start, status_before, status_after)
 
     async def _calibrate(self, client: WirePool) -> PhaseResult:
         """The calibration phase, on the service under test or on --calibrate-url."""
@@ -334,22 +363,35 @@ class Runner:
             # first: reachable, the key accepted, and it is the gateway
             models = await self.get_json(client, "/v1/models")
             status = await self.get_json(client, "/v1/status")
-            out.service = {"model": models.get("model"), "classes": models.get("classes"),
-                           "backend": status.get("backend"),
-                           "variants": [v.get("key") for v in status.get("variants", [])]}  # fmt: skip
-            log.info("target %s: model %s, backend %s, variants %s", cfg.url, out.service["model"],
-                     out.service["backend"], out.service["variants"])  # fmt: skip
+            out.service = {
+                "model": models.get("model"),
+                "classes": models.get("classes"),
+                "backend": status.get("backend"),
+                "variants": [v.get("key") for v in status.get("variants", [])],
+            }
+            log.info(
+                "target %s: model %s, backend %s, variants %s",
+                cfg.url,
+                out.service["model"],
+                out.service["backend"],
+                out.service["variants"],
+            )
             budget = cfg.budget
             if cfg.calibrate:
                 res = await self._calibrate(client)
                 p95, n = calibrated_p95(res.records)
                 budget = cfg.budget.resolved(p95)
                 out.calibration_result = res
-                out.calibration = {"url": cfg.calibrate_url or cfg.url, "int8_p95_ms": p95, "int8_requests": n,
-                                   "multiplier": cfg.budget.multiplier,
-                                   "budget_spec": str(cfg.budget), "resolved_budget": str(budget),
-                                   "budget_ms": budget.params[0] if cfg.budget.needs_calibration else None,
-                                   "summary": res.summary(cfg.bin_s)}  # fmt: skip
+                out.calibration = {
+                    "url": cfg.calibrate_url or cfg.url,
+                    "int8_p95_ms": p95,
+                    "int8_requests": n,
+                    "multiplier": cfg.budget.multiplier,
+                    "budget_spec": str(cfg.budget),
+                    "resolved_budget": str(budget),
+                    "budget_ms": budget.params[0] if cfg.budget.needs_calibration else None,
+                    "summary": res.summary(cfg.bin_s),
+                }
                 msg = "calibration: int8 p95 %.2f ms over %d requests → budget %s"
                 log.info(msg, p95, n, budget)
             for phase in cfg.phases:

@@ -39,15 +39,11 @@ class ArrivalSpec:
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
-            raise ValueError(
-                f"mode must be one of {', '.join(MODES)}, got {self.mode!r}"
-            )
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.mode == "closed":
             return
         if not (math.isfinite(self.rate) and self.rate > 0):
-            raise ValueError(
-                f"rate must be a positive number of requests/s, got {self.rate}"
-            )
+            raise ValueError(f"rate must be a positive number of requests/s, got {self.rate}")
         if self.mode == "bursty":
             if not self.burst_factor >= 1:
                 raise ValueError(f"burst factor must be >= 1, got {self.burst_factor}")
@@ -85,9 +81,7 @@ def rate_at(spec: ArrivalSpec, t_s: np.ndarray) -> np.ndarray:
     return np.where(in_burst(spec, t), spec.rate * spec.burst_factor, spec.rate)
 
 
-def arrival_times(
-    spec: ArrivalSpec, duration_s: float, seed: int, max_requests: int | None = None
-) -> np.ndarray:
+def arrival_times(spec: ArrivalSpec, duration_s: float, seed: int, max_requests: int | None = None) -> np.ndarray:
     """Open-loop send times, s from the phase start, sorted; (n,) float64.
 
     Drawn in chunks (so `max_requests` bounds the work, not only the result) of Poisson
@@ -123,8 +117,14 @@ BUDGET_FORMS = (
     "calibrated[:MULTIPLIER] (all in ms of end-to-end latency, e.g. fixed:50, uniform:20,80, "
     "choice:10,50,200, lognormal:40,0.5, calibrated:1.25)"
 )
-_ARITY = {"none": (0, 0), "fixed": (1, 1), "uniform": (2, 2), "choice": (1, 64), "lognormal": (2, 2),
-          "calibrated": (0, 1)}  # fmt: skip
+_ARITY = {
+    "none": (0, 0),
+    "fixed": (1, 1),
+    "uniform": (2, 2),
+    "choice": (1, 64),
+    "lognormal": (2, 2),
+    "calibrated": (0, 1),
+}
 # budgets are rounded to this, so the header says exactly what is scored
 BUDGET_RESOLUTION_MS = 0.001
 
@@ -162,9 +162,7 @@ def _number(x: float) -> str:
 
 
 def _budget_error(text: str, why: str) -> ValueError:
-    return ValueError(
-        f"bad budget spec {text!r}: {why}; accepted forms: {BUDGET_FORMS}"
-    )
+    return ValueError(f"bad budget spec {text!r}: {why}; accepted forms: {BUDGET_FORMS}")
 
 
 def parse_budget(text: str) -> BudgetSpec:
@@ -175,15 +173,11 @@ def parse_budget(text: str) -> BudgetSpec:
     try:
         params = tuple(float(p) for p in rest.split(",")) if rest.strip() else ()
     except ValueError:
-        raise _budget_error(
-            text, "parameters must be numbers separated by commas"
-        ) from None
+        raise _budget_error(text, "parameters must be numbers separated by commas") from None
     lo, hi = _ARITY[kind]
     if not lo <= len(params) <= hi:
         want = f"{lo}" if lo == hi else f"{lo} to {hi}"
-        raise _budget_error(
-            text, f"{kind} takes {want} parameter(s), got {len(params)}"
-        )
+        raise _budget_error(text, f"{kind} takes {want} parameter(s), got {len(params)}")
     if not all(math.isfinite(p) and p > 0 for p in params):
         raise _budget_error(text, "parameters must be positive finite numbers")
     if kind == "uniform" and not params[0] < params[1]:
@@ -205,9 +199,7 @@ def draw_budgets(spec: BudgetSpec, n: int, rng: np.random.Generator) -> np.ndarr
     elif k == "lognormal":
         out = rng.lognormal(math.log(p[0]), p[1], size=n)  # median = exp(mu) = MEDIAN
     else:
-        raise ValueError(
-            f"budget {spec} must be resolved against a calibration before drawing"
-        )
+        raise ValueError(f"budget {spec} must be resolved against a calibration before drawing")
     return np.maximum(np.round(out, 3), BUDGET_RESOLUTION_MS)
 
 
@@ -222,9 +214,7 @@ class BudgetStream:
     def __getitem__(self, i: int) -> float | None:
         k, j = divmod(i, self.chunk)
         if k not in self._chunks:
-            self._chunks[k] = draw_budgets(
-                self.spec, self.chunk, np.random.default_rng([self.seed, k])
-            )
+            self._chunks[k] = draw_budgets(self.spec, self.chunk, np.random.default_rng([self.seed, k]))
         value = float(self._chunks[k][j])
         return None if math.isnan(value) else value
 
@@ -292,7 +282,5 @@ def parse_phases(text: str) -> tuple[Phase, ...]:
     seen = [p.name for p in phases]
     dup = sorted({n for n in seen if seen.count(n) > 1})
     if dup:
-        raise ValueError(
-            f"phase(s) {', '.join(dup)} given twice; each phase runs once per invocation"
-        )
+        raise ValueError(f"phase(s) {', '.join(dup)} given twice; each phase runs once per invocation")
     return phases

@@ -57,9 +57,7 @@ class RequestRecord:
     def within_budget(self) -> bool:
         if not self.answered:
             return False
-        return self.budget_ms is None or (
-            self.latency_ms is not None and self.latency_ms <= self.budget_ms
-        )
+        return self.budget_ms is None or (self.latency_ms is not None and self.latency_ms <= self.budget_ms)
 
 
 def percentiles(values: list[float] | np.ndarray) -> dict[str, float | None]:
@@ -77,9 +75,7 @@ def _share(num: int, den: int) -> float | None:
     return num / den if den else None
 
 
-def variant_mix_over_time(
-    records: list[RequestRecord], bin_s: float, duration_s: float
-) -> list[dict[str, Any]]:
+def variant_mix_over_time(records: list[RequestRecord], bin_s: float, duration_s: float) -> list[dict[str, Any]]:
     """[{t_s: bin start, counts: {variant: images}}] for consecutive bins by send time, from 0
     to the last send (`duration_s` only when there are no records); empty bins are kept (a
     stall shows as a gap, not as nothing)."""
@@ -91,13 +87,12 @@ def variant_mix_over_time(
     for r in records:
         if r.answered:
             bins[int(r.t_s // bin_s)].update(r.variants)
-    return [
-        {"t_s": round(k * bin_s, 6), "counts": dict(sorted(c.items()))}
-        for k, c in enumerate(bins)
-    ]
+    return [{"t_s": round(k * bin_s, 6), "counts": dict(sorted(c.items()))} for k, c in enumerate(bins)]
 
 
-def memory_summary(rss_before: int | None, rss_after: int | None, rss_after_warmup: int | None = None) -> dict[str, Any]:
+def memory_summary(
+    rss_before: int | None, rss_after: int | None, rss_after_warmup: int | None = None
+) -> dict[str, Any]:
     """The gateway's resident memory around a phase, growth in % of the starting size: over the
     whole phase (a fresh gateway grows in its warm-up: ONNX Runtime arenas for new batch shapes)
     and over the recorded load only (what a leak would show)."""
@@ -114,9 +109,7 @@ def memory_summary(rss_before: int | None, rss_after: int | None, rss_after_warm
     }
 
 
-def routing_delta(
-    before: dict[str, Any] | None, after: dict[str, Any] | None
-) -> dict[str, Any] | None:
+def routing_delta(before: dict[str, Any] | None, after: dict[str, Any] | None) -> dict[str, Any] | None:
     """`routing` counters from /v1/status after minus before (numbers, one level of nesting)."""
     if not before or not after:
         return None
@@ -125,17 +118,13 @@ def routing_delta(
         b = before.get(key)
         if isinstance(a, dict):
             b = b if isinstance(b, dict) else {}
-            out[key] = {
-                k: v - b.get(k, 0) for k, v in a.items() if isinstance(v, (int, float))
-            }
+            out[key] = {k: v - b.get(k, 0) for k, v in a.items() if isinstance(v, (int, float))}
         elif isinstance(a, (int, float)):
             out[key] = a - (b if isinstance(b, (int, float)) else 0)
     return out
 
 
-def summarize(
-    records: list[RequestRecord], duration_s: float, bin_s: float = 1.0
-) -> dict[str, Any]:
+def summarize(records: list[RequestRecord], duration_s: float, bin_s: float = 1.0) -> dict[str, Any]:
     """One phase's records → the summary stored in results.json (see the module docstring)."""
     answered = [r for r in records if r.answered]
     budgeted = [r for r in records if r.budget_ms is not None]

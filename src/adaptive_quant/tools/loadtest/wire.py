@@ -77,7 +77,9 @@ class WirePool:
         head = f"{method} {path} HTTP/1.1\r\n{self._fixed}{extra}Content-Length: {len(body)}\r\n\r\n"
         return head.encode("latin-1") + body
 
-    async def request(self, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None) -> WireResponse:
+    async def request(
+        self, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None
+    ) -> WireResponse:
         return await self.send(self.build(method, path, body, headers))
 
     async def send(self, raw: bytes) -> WireResponse:

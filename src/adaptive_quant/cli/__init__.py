@@ -1,4 +1,7 @@
-"""Shared bits of the command-line scripts (kept out of the library's logic)."""
+"""The command-line entry points (`aq-*` console scripts; `scripts/*.py` wrap them) and their shared set-up.
+
+One module per command, each with a `main(argv) -> exit code`; the library code they call stays free of `print`.
+"""
 
 from __future__ import annotations
 

@@ -1,0 +1,95 @@
+"""Export a trained checkpoint into a Triton model repository: FP32, FP16 and INT8 (QAT) ONNX
+variants (+ a PTQ INT8 baseline for reports), each validated on the validation split, gated
+against FP32, latency-profiled with ONNX Runtime, and described in manifest.json.
+
+  python scripts/export.py --checkpoint runs/default/best.pt                      # → model_repository/
+  python scripts/export.py --checkpoint runs/smoke/best.pt --repository /tmp/repo
+  python scripts/export.py --checkpoint runs/default/best.pt --set export.max_accuracy_drop=0.5
+
+Nothing is published unless every served variant passes the gate (--force overrides it); the
+repository is assembled aside and moved into place only when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from adaptive_quant.cli import LOG_LEVELS, setup_logging
+from adaptive_quant.config import (
+    ConfigError,
+    apply_overrides,
+    config_from_dict,
+)
+from adaptive_quant.data import DataError
+from adaptive_quant.export.pipeline import ExportGateError, build_repository
+from adaptive_quant.training.checkpoint import CheckpointError, load_checkpoint
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument(
+        "--checkpoint", default="runs/default/best.pt", help="checkpoint from scripts/train.py (default: %(default)s)"
+    )
+    p.add_argument("--repository", help="output folder (default: the checkpoint config's export.repository)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key of the checkpoint's config, e.g. --set export.triton_flavor=python",
+    )
+    p.add_argument(
+        "--triton-flavor",
+        choices=["onnxruntime", "python"],
+        help="python: also write <repository>_python for the local tritonserver of nvidia-pytriton",
+    )
+    p.add_argument("--force", action="store_true", help="publish even if a variant fails the accuracy gate")
+    p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow or register models")
+    p.add_argument("--log-level", default="INFO", choices=LOG_LEVELS)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging(args.log_level)
+    try:
+        payload = load_checkpoint(args.checkpoint)
+        data = apply_overrides(dict(payload["config"]), args.overrides)
+        if args.repository:
+            data["export"] = {**data.get("export", {}), "repository": args.repository}
+        if args.triton_flavor:
+            data["export"] = {**data.get("export", {}), "triton_flavor": args.triton_flavor}
+        cfg = config_from_dict(data)
+        result = build_repository(args.checkpoint, cfg.export, force=args.force, tracking=not args.no_mlflow)
+    except (ConfigError, DataError, CheckpointError, ExportGateError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    m = result.manifest
+    fp32 = m.variants["fp32"]
+    print(f"\nrepository: {result.repository}")
+    print(
+        f"{'variant':10}{'served':>7}{'val acc':>9}{'agree':>8}{'size KB':>9}{'×fp32':>7}{'b1 p50 ms':>11}{'b64 img/s':>11}{'×fp32':>7}"
+    )
+    for k, v in m.variants.items():
+        b1, b64 = v.latency.at(1), v.latency.at(64)
+        print(
+            f"{k:10}{'yes' if v.served else 'no':>7}{v.val_accuracy:>9.2%}{v.agreement_with_fp32:>8.2%}"
+            f"{v.size_bytes / 1e3:>9.1f}{v.size_bytes / fp32.size_bytes:>7.2f}{b1.p50_ms:>11.3f}"
+            f"{b64.throughput:>11.0f}{b64.throughput / fp32.latency.at(64).throughput:>7.2f}"
+        )
+    host = fp32.latency.host
+    print(f"(latency measured on {host['cpu']}, {host['threads']} threads, ONNX Runtime {host['onnxruntime']})")
+    p = m.training.get("parity", {})
+    if p:
+        print(
+            f"ORT vs torch: FP32 max|Δ| {p['fp32']['max_abs_diff_vs_torch']:.2e}; INT8 max|Δ| "
+            f"{p['int8']['max_abs_diff_vs_torch']:.3f}, top-1 agreement {p['int8']['top1_agreement_vs_torch']:.2%}, "
+            f"accuracy ORT {m.variants['int8'].val_accuracy:.2%} vs torch {p['int8']['torch_accuracy']:.2%}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""Start the adaptive-precision gateway (uvicorn) on a model repository.
+
+    python scripts/serve.py                                   # embedded ONNX Runtime, configs/serve.yaml
+    python scripts/serve.py --backend triton --triton-url 127.0.0.1:8001
+    python scripts/serve.py --port 9000 --set routing.default_priority=speed
+    AQ_SERVER__API_KEY=s3cret python scripts/serve.py          # /v1/ calls need X-API-Key: s3cret
+
+Listens on 127.0.0.1 unless --host says otherwise. On SIGTERM or Ctrl-C it stops accepting
+connections and lets the requests in flight finish (server.drain_timeout_s, 30 s) before exiting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from adaptive_quant.core.manifest import ManifestError
+from adaptive_quant.serving.app import create_app
+from adaptive_quant.serving.server import run
+from adaptive_quant.serving.settings import SettingsError, load_settings, parse_set
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="configs/serve.yaml", help="settings file (default: %(default)s)")
+    p.add_argument("--repository", help="model repository with manifest.json")
+    p.add_argument("--host", help="address to listen on (default 127.0.0.1: loopback only)")
+    p.add_argument("--port", type=int, help="default 8000")
+    p.add_argument("--backend", choices=["embedded", "triton"])
+    p.add_argument("--triton-url", help="host:port of a Triton server")
+    p.add_argument("--triton-protocol", choices=["grpc", "http"])
+    p.add_argument("--api-key-file", help="require the key in this file as X-API-Key on every /v1/ call")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override any setting")
+    args = p.parse_args(argv)
+
+    flags = {
+        "repository": args.repository,
+        "server.host": args.host,
+        "server.port": args.port,
+        "backend.kind": args.backend,
+        "backend.triton_url": args.triton_url,
+        "backend.triton_protocol": args.triton_protocol,
+        "server.api_key_file": args.api_key_file,
+    }
+    try:
+        overrides = {k: v for k, v in flags.items() if v is not None} | parse_set(args.set)
+        settings = load_settings(args.config if args.config else None, overrides)
+        app = create_app(settings)
+    except (SettingsError, ManifestError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    print(
+        f"serving {settings.repository} ({settings.backend.kind} backend) on http://{settings.server.host}:{settings.server.port}"
+    )
+    run(app, settings)  # until SIGTERM/SIGINT, then drains the requests in flight
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
