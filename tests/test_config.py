@@ -1,8 +1,23 @@
+"""The training/experiment config (config.py): YAML + --set on the machinery the gateway's settings use."""
+
+import json
 from pathlib import Path
 
 import pytest
+import yaml
 
-from adaptive_quant.config import ConfigError, ExperimentConfig, config_to_dict, flatten, load_config
+from adaptive_quant.config import (
+    ConfigError,
+    ExperimentConfig,
+    ExportConfig,
+    TrainConfig,
+    apply_overrides,
+    config_from_dict,
+    config_to_dict,
+    flatten,
+    load_config,
+)
+from adaptive_quant.core.settings import ConfigError as CoreConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,43 +38,88 @@ def test_override_changes_value_and_keeps_type() -> None:
     assert cfg.model.widths == [16, 32, 64, 128]
 
 
-def test_unknown_key_is_refused_with_its_name(tmp_path: Path) -> None:
+def test_overrides_of_text_keys_keep_the_text() -> None:
+    cfg = load_config(None, ["tracking.run_name=0x1F", "output_dir=yes", "tracking.tracking_uri=null", "seed=7"])
+    assert (cfg.tracking.run_name, cfg.output_dir, cfg.tracking.tracking_uri, cfg.seed) == ("0x1F", "yes", None, 7)
+
+
+def test_unknown_key_is_refused_with_its_name_and_the_known_ones(tmp_path: Path) -> None:
     p = tmp_path / "c.yaml"
     p.write_text("train:\n  epocs: 3\n")
-    with pytest.raises(ConfigError, match=r"train\.epocs"):
+    with pytest.raises(ConfigError) as e:
         load_config(p)
+    assert str(e.value) == (
+        "unknown config key 'train.epocs'; known here: batch_size, bf16, channels_last, epochs, eval_batch_size, "
+        "label_smoothing, lr, max_steps_per_epoch, momentum, threads, warmup_fraction, weight_decay"
+    )
 
 
 def test_unknown_override_section_is_refused() -> None:
-    with pytest.raises(ConfigError, match="trian"):
+    with pytest.raises(ConfigError, match=r"unknown config key 'trian'; known here: augment, data, export"):
         load_config(None, ["trian.epochs=3"])
 
 
 def test_wrong_type_names_the_key() -> None:
-    with pytest.raises(ConfigError, match=r"train\.epochs.*expected int.*'five'"):
+    with pytest.raises(ConfigError, match=r"^config key 'train\.epochs': must be an integer, got 'five'$"):
         load_config(None, ["train.epochs=five"])
-    with pytest.raises(ConfigError, match=r"train\.bf16"):
+    with pytest.raises(ConfigError, match=r"^config key 'train\.bf16': must be true or false, got 3$"):
         load_config(None, ["train.bf16=3"])
+    with pytest.raises(ConfigError, match=r"^config key 'model\.widths\[1\]': must be an integer, got 'x'$"):
+        load_config(None, ["model.widths=[8, x, 16, 16]"])
 
 
 def test_invalid_value_names_the_key() -> None:
-    with pytest.raises(ConfigError, match=r"model\.widths"):
+    with pytest.raises(ConfigError, match=r"^config key 'train\.lr': must be > 0, got -1$"):
+        load_config(None, ["train.lr=-1"])
+    with pytest.raises(ConfigError, match=r"'train\.warmup_fraction': must be in \[0, 1\), got 1$"):
+        load_config(None, ["train.warmup_fraction=1"])
+    with pytest.raises(ConfigError, match=r"'model\.widths': needs 4 entries \(stem \+ 3 stages\), got \[8, 16\]"):
         load_config(None, ["model.widths=[8, 16]"])
-    with pytest.raises(ConfigError, match=r"data\.source"):
+    with pytest.raises(ConfigError, match=r"'data\.source': must be one of 'folder' or 'synthetic', got 'imagenet'"):
         load_config(None, ["data.source=imagenet"])
+    with pytest.raises(ConfigError, match=r"'export\.instance_kind': must be one of 'KIND_AUTO', 'KIND_CPU' or"):
+        load_config(None, ["export.instance_kind=KIND_TPU"])
+
+
+def test_sections_validate_on_construction_and_assignment() -> None:
+    with pytest.raises(ConfigError, match=r"^config key 'train\.lr': must be > 0, got 0$"):
+        TrainConfig(lr=0)
+    cfg = ExperimentConfig()
+    cfg.predictor.epochs = 30  # sections stay mutable...
+    with pytest.raises(ConfigError, match=r"^config key 'predictor\.epochs': must be >= 1, got 0$"):
+        cfg.predictor.epochs = 0  # ...and checked
+    assert ConfigError is CoreConfigError  # one error type for the gateway's settings and this config
 
 
 def test_malformed_override_is_explained() -> None:
     with pytest.raises(ConfigError, match="key.path=value"):
         load_config(None, ["train.epochs"])
+    with pytest.raises(ConfigError, match=r"cannot set config key 'seed\.x': 'seed' is a value, not a section"):
+        apply_overrides({"seed": 1}, ["seed.x=2"])
 
 
 def test_missing_file_is_named(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="nope.yaml"):
+    with pytest.raises(ConfigError, match=r"config file .*nope\.yaml does not exist"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_round_trip_through_plain_data_as_checkpoints_store_it() -> None:
+    cfg = load_config(ROOT / "configs" / "smoke.yaml", ["train.lr=0.3", "export.register=false"])
+    data = config_to_dict(cfg)
+    json.dumps(data)  # plain data only: torch.load(weights_only=True) and yaml.safe_dump take it
+    assert config_from_dict(data) == cfg
+    assert config_from_dict(yaml.safe_load(yaml.safe_dump(data))) == cfg
+    # a checkpoint's config is a dict with every key (what the dataclass version stored too)
+    assert set(data) == set(ExperimentConfig.model_fields) and data["export"]["register"] is False
+    # the export stage overrides a checkpoint's dict the same way
+    patched = config_from_dict(apply_overrides(data, ["export.repository=/tmp/r", "export.max_batch_size=32"]))
+    assert patched.export == ExportConfig(
+        **{**config_to_dict(cfg)["export"], "repository": "/tmp/r", "max_batch_size": 32}
+    )
 
 
 def test_flatten_gives_dotted_keys() -> None:
     flat = flatten(config_to_dict(ExperimentConfig()))
     assert flat["train.epochs"] == ExperimentConfig().train.epochs
     assert "qat.freeze_bn_epoch" in flat
+    assert flatten(ExperimentConfig()) == flat  # the model itself flattens the same

@@ -13,7 +13,7 @@ import yaml
 
 from adaptive_quant.core.precision import Precision, triton_model_name
 from adaptive_quant.serving.metrics import GatewayMetrics
-from adaptive_quant.serving.settings import load_settings
+from adaptive_quant.serving.settings import ignored_variables, load_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
@@ -75,7 +75,8 @@ def test_every_mounted_path_exists_or_is_what_the_configs_produce(compose, serve
 def test_the_gateway_points_at_triton_and_agrees_with_serve_yaml(compose, serve):
     gw = compose["services"]["gateway"]
     env = {k: str(v) for k, v in gw["environment"].items()}
-    settings = load_settings(ROOT / "configs" / "serve.yaml", environ=env)  # every AQ_* key is a known setting
+    assert ignored_variables(env) == []  # every AQ_* key is a gateway setting (strays are only warned about)
+    settings = load_settings(ROOT / "configs" / "serve.yaml", environ=env)
     assert settings.backend.kind == "triton" and settings.backend.model_control == "explicit"
     host, port = settings.backend.triton_url.split(":")
     assert host == "triton" and int(port) == (

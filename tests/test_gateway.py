@@ -441,7 +441,7 @@ def test_the_predictor_is_loaded_only_when_the_manifest_names_it(tmp_path):
         # whatever adaptive_quant.predictor.model can do today, the gateway serves and says which it uses
         assert predictor["kind"] in ("mlp", "prior")
         if predictor["kind"] == "prior":
-            assert "predictor" in predictor["detail"]
+            assert "predictor" in predictor["summary"]
         assert classify(client, [b64_instance(GOOD)]).status_code == 200
 
 
@@ -461,9 +461,9 @@ def test_the_trained_mlp_predictor_routes_when_the_manifest_names_it(tmp_path):
 def test_settings_reject_unknown_keys_and_wrong_types_and_read_env():
     with pytest.raises(SettingsError, match="unknown setting 'server.prot'"):
         load_settings(overrides={"server.prot": 1}, environ={})
-    with pytest.raises(SettingsError, match="server.port must be an integer"):
+    with pytest.raises(SettingsError, match=r"setting 'server\.port': must be an integer, got 'eighty'"):
         load_settings(overrides={"server.port": "eighty"}, environ={})
-    with pytest.raises(SettingsError, match="backend.kind must be one of"):
+    with pytest.raises(SettingsError, match=r"setting 'backend\.kind' \(from AQ_BACKEND__KIND\): must be one of"):
         load_settings(environ={"AQ_BACKEND__KIND": "tensorrt"})
     s = load_settings(
         ROOT / "configs" / "serve.yaml",

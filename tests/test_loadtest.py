@@ -4,7 +4,6 @@ real HTTP against the tiny torch-free model repository."""
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -38,11 +37,10 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def load_script():
-    path = ROOT / "scripts" / "loadtest.py"
-    spec = importlib.util.spec_from_file_location("loadtest_script", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The `aq-loadtest` command (scripts/loadtest.py wraps it)."""
+    from adaptive_quant.cli import loadtest
+
+    return loadtest
 
 
 # ----------------------------------------------------------------------------- arrivals

@@ -63,7 +63,7 @@ def test_unknown_accuracy_is_never_called_redundant():
 
 
 def test_config_is_validated_and_loaded_from_serve_yaml():
-    with pytest.raises(ValueError, match="system_low_pct must be <"):
+    with pytest.raises(ValueError, match=r"'memory\.system_low_pct': must be < memory\.system_high_pct"):
         MemoryPolicyConfig(system_high_pct=70, system_low_pct=80)
     with pytest.raises(SettingsError, match="memory"):
         load_settings(overrides={"memory.system_high_pct": 50, "memory.system_low_pct": 60}, environ={})

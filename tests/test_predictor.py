@@ -61,13 +61,17 @@ def test_stage_writes_predictor_into_repository(predictor_repo) -> None:
 
 def test_report_holds_every_baseline(predictor_repo) -> None:
     _, _, report = predictor_repo
-    names = {p.name for p in report.routing}
+    names = {p.strategy for p in report.routing}
     assert {"fixed", "oracle", "adaptive", "random-same-mix", "cascade"} <= names
-    oracle = next(p for p in report.routing if p.name == "oracle")
-    best_fixed = max(p.accuracy for p in report.routing if p.name == "fixed")
+    oracle = next(p for p in report.routing if p.strategy == "oracle")
+    best_fixed = max(p.accuracy for p in report.routing if p.strategy == "fixed")
     assert oracle.accuracy >= best_fixed  # knowing the answers can only help
     for p in report.routing:
         assert abs(sum(p.mix.values()) - 1) < 1e-9
+    # the report's JSON keeps its compact routing rows
+    rows = report.to_dict()["routing"]
+    assert [r["name"] for r in rows] == [p.strategy for p in report.routing]
+    assert set(rows[0]) == {"name", "param", "accuracy", "mean_latency_ms", "mix"}
 
 
 def test_gateway_features_equal_training_features(predictor_repo) -> None:

@@ -1,19 +1,20 @@
-"""report.py on hand-made numbers: classification counts, strategy scoring, the Pareto frontier, the verdict."""
+"""report.py and strategies.py on hand-made numbers: classification counts, strategy scoring, the Pareto frontier, the verdict."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from adaptive_quant.evaluation.report import (
+from adaptive_quant.evaluation.report import classification_metrics, confusion_matrix, pareto_mask, recommend, verdict
+from adaptive_quant.evaluation.strategies import (
+    Outcomes,
     StrategyPoint,
-    classification_metrics,
-    confusion_matrix,
+    cascade_points,
+    fixed_points,
     mixed_throughput,
-    pareto_mask,
-    recommend,
+    oracle_point,
+    random_same_mix,
     score_choice,
-    verdict,
 )
 
 
@@ -77,6 +78,29 @@ def test_score_choice_counts():
     assert p.mix == {"fp32": 0.25, "int8": 0.75}
     assert p.throughput == pytest.approx(1 / (0.25 / 100 + 0.75 / 1000))
     assert p.within_by_budget == {"2.5": 0.5}
+
+
+def test_strategies_on_a_per_variant_latency():
+    """The predictor report's setting: one latency per variant (V,), no throughput measured."""
+    keys = ["fp32", "int8"]
+    correct = np.array([[1, 1], [1, 0], [0, 1], [0, 0]], dtype=bool)
+    o = Outcomes(keys, correct, np.array([3.0, 1.0]))  # ms: int8 is the cheap one
+    fp32, int8 = fixed_points(o)
+    assert (fp32.accuracy, fp32.mean_ms, fp32.mix) == (0.5, pytest.approx(3.0), {"fp32": 1.0, "int8": 0.0})
+    assert int8.accuracy == 0.5 and int8.mean_ms == pytest.approx(1.0) and np.isnan(int8.throughput)
+    oracle = oracle_point(o)  # the cheapest right one: int8, fp32, int8, and int8 when none is right
+    assert oracle.accuracy == 0.75 and oracle.mix == {"fp32": 0.25, "int8": 0.75} and not oracle.deployable
+    assert oracle.mean_ms == pytest.approx((1 + 3 + 1 + 1) / 4)
+    # int8 sure of samples 0 and 1 (top-1 softmax ≈ 1), unsure of 2 and 3 (two classes tied: 0.5)
+    logits = np.array([[20.0, 0.0], [20.0, 0.0], [5.0, 5.0], [5.0, 5.0]], dtype=np.float32)
+    low, high = cascade_points(o, logits, "int8", "fp32", [0.4, 0.6])
+    assert low.mix == {"fp32": 0.0, "int8": 1.0} and low.accuracy == 0.5 and low.mean_ms == pytest.approx(1.0)
+    assert high.mix == {"fp32": 0.5, "int8": 0.5} and high.param == 0.6
+    assert high.accuracy == pytest.approx(1 / 4)  # int8 right on 0, wrong on 1; fp32 wrong on 2 and 3
+    assert high.mean_ms == pytest.approx((1 + 1 + 4 + 4) / 4)  # an escalated sample pays both
+    rand = random_same_mix(o, high, np.random.default_rng(0))
+    assert rand.mix == high.mix and rand.accuracy == pytest.approx(0.5 * 0.5 + 0.5 * 0.5)
+    assert rand.mean_ms == pytest.approx(2.0) and rand.param == 0.6
 
 
 def _pt(strategy, label, acc, ms, mix, budget=None, prio=None, within=None, deployable=True, wb=None):

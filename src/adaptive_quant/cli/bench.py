@@ -3,6 +3,16 @@
     python scripts/bench_gateway.py                          # on model_repository/, all three parts
     python scripts/bench_gateway.py --repository /tmp/repo --parts routing overhead --duration 5
 
+routing: one routing decision (predictor + latency estimate + policy), µs per sample.
+overhead: one image at concurrency 1, the embedded backend called directly vs the same request
+  through the whole gateway in-process (ASGI, no network), ms.
+throughput: a gateway subprocess per mode (pinned to fp32, pinned to int8, adaptive), loaded by
+  the load tester (`aq-loadtest`'s closed loop: --concurrency workers, each sending its next
+  request when the last one returned) for --duration s after --warmup s; samples/s and client
+  p50/p99 ms. For anything beyond that (open-loop arrivals, budget distributions, effective
+  accuracy on labelled images) start `aq-serve` and run `aq-loadtest` against it, e.g.
+    aq-loadtest --mode closed --concurrency 32 --duration 5 --budget fixed:1000 --synthetic
+
 Figures depend on the machine and its load: say where they were measured when you quote them.
 Writes the results as JSON too (--out).
 """
@@ -10,16 +20,106 @@ Writes the results as JSON too (--out).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 import os
 import platform
 import sys
 from pathlib import Path
+from typing import Any
 
+import httpx
+import numpy as np
+
+from adaptive_quant.core.latency import LatencyEstimator
 from adaptive_quant.core.manifest import ManifestError, load_manifest
-from adaptive_quant.serving.settings import SettingsError, load_settings, parse_set
-from adaptive_quant.tools.bench import MODES, bench_overhead, bench_routing, bench_throughput
+from adaptive_quant.core.precision import Precision
+from adaptive_quant.core.routing import Priority, allowed_mask, route_batch
+from adaptive_quant.predictor.runtime import PriorPredictor, accuracy_matrix, load_accuracy_predictor
+from adaptive_quant.serving.followup import FollowupStage, load_router
+from adaptive_quant.serving.settings import ServeSettings, SettingsError, load_settings, parse_set
+from adaptive_quant.tools import bench
+from adaptive_quant.tools.client import request_body
+
+ROUTING_BUDGET_MS = 10.0  # the budget each timed routing decision is made under
+
+
+def bench_routing(settings: ServeSettings, iterations: int = 3000) -> dict[str, Any]:
+    """µs per sample for one routing decision as the gateway makes it, at request sizes 1 and 32."""
+    manifest = load_manifest(settings.repository)
+    loaded = load_accuracy_predictor(settings.repository, manifest)
+    prior = PriorPredictor.from_manifest(manifest)
+    served = manifest.served_variants()
+    keys = [v.key for v in served]
+    estimator = LatencyEstimator({v.key: v.latency for v in served}, settings.latency)
+    allowed = allowed_mask([Precision(v.precision) for v in served], None)
+
+    router = load_router(settings.repository, manifest, settings.planner.enabled)
+    if router.predictor is not None:
+        # two-stage: the routing cost is the router reading the entry logits + the planner. The
+        # logits are drawn once (their values do not change the work); the entry pass itself is
+        # backend compute, measured by the overhead part
+        stage = FollowupStage(router.predictor, keys, [Precision(v.precision) for v in served], settings.planner)
+        entry = manifest.router["entry"]
+        routable = dict.fromkeys(keys, True)
+        pool = np.random.default_rng(0).normal(0.0, 3.0, (256, len(manifest.classes))).astype(np.float32)
+
+        def decide(images: np.ndarray) -> object:
+            mask = stage.allowed(entry, routable, None)
+            return stage.decide(entry, pool[: len(images)], mask, ROUTING_BUDGET_MS, Priority.BALANCED, estimator)
+
+        kind = f"two-stage router ({router.summary.split(';')[0]})"
+    else:
+
+        def decide(images: np.ndarray) -> object:
+            acc = accuracy_matrix(loaded.predictor, images, keys, prior)
+            est = np.array(estimator.estimates_ms(keys, len(images)))
+            return route_batch(acc, est, allowed, ROUTING_BUDGET_MS, Priority.BALANCED, settings.routing)
+
+        kind = loaded.kind
+    return {**bench.routing_times(decide, iterations), "predictor": {"kind": kind}}
+
+
+async def _backend_direct(settings: ServeSettings, variant: str, x: np.ndarray, iterations: int) -> np.ndarray:
+    from adaptive_quant.serving.backends.embedded import EmbeddedBackend
+
+    backend = EmbeddedBackend(
+        settings.repository,
+        load_manifest(settings.repository),
+        max_batch_size=settings.batching.max_batch_size,
+        max_queue_delay_us=settings.batching.max_queue_delay_us,
+        intra_op_threads=settings.backend.intra_op_threads,
+    )
+    await backend.start()
+    try:
+        return await bench.backend_times(lambda: backend.infer(variant, x), iterations)
+    finally:
+        await backend.close()
+
+
+async def _through_gateway(pinned: ServeSettings, body: dict, iterations: int) -> tuple[np.ndarray, np.ndarray]:
+    from adaptive_quant.serving.app import create_app
+
+    app = create_app(pinned)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+            return await bench.gateway_times(client, body, iterations)
+
+
+def bench_overhead(
+    settings: ServeSettings, pinned: ServeSettings, variant: str = "int8", iterations: int = 500
+) -> dict[str, dict[str, float]]:
+    """ms at concurrency 1, one image: the backend alone vs through the gateway `pinned` to `variant`."""
+    from adaptive_quant.serving.decode import to_model_input
+
+    manifest = load_manifest(settings.repository)
+    img = bench.sample_images(1, seed=7)
+    x = to_model_input(img, manifest.mean, manifest.std)
+    direct = asyncio.run(_backend_direct(settings, variant, x, iterations))
+    client_ms, server_ms = asyncio.run(_through_gateway(pinned, request_body(img), iterations))
+    return bench.overhead(direct, client_ms, server_ms)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,8 +133,9 @@ def main(argv: list[str] | None = None) -> int:
         choices=["routing", "overhead", "throughput"],
     )
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    p.add_argument("--modes", nargs="+", default=list(bench.MODES), choices=list(bench.MODES))
     p.add_argument("--duration", type=float, default=5.0, help="s of load per mode and concurrency")
+    p.add_argument("--warmup", type=float, default=1.0, help="s of unrecorded load before each throughput run")
     p.add_argument("--budget", type=float, default=1000.0, help="X-Latency-Budget-Ms for throughput, ms (loose)")
     p.add_argument("--iterations", type=int, default=500, help="requests for the overhead part")
     p.add_argument("--server-nice", type=int, default=0, help="niceness of the server subprocess")
@@ -43,9 +144,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
+    variant = "int8"  # the overhead part's variant
     try:
         overrides = parse_set(args.set) | ({"repository": args.repository} if args.repository else {})
         settings = load_settings(args.config, overrides)
+        pinned = load_settings(args.config, overrides | {"variants": [variant]})  # the gateway serving only it
         manifest = load_manifest(settings.repository)
     except (SettingsError, ManifestError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -72,9 +175,9 @@ def main(argv: list[str] | None = None) -> int:
         for k in ("per_sample_us_at_n1", "per_sample_us_at_n32"):
             print(f"  {k:<22} p50 {r[k]['p50']:8.1f}   p99 {r[k]['p99']:8.1f}")
     if "overhead" in args.parts:
-        o = bench_overhead(settings, iterations=args.iterations)
+        o = bench_overhead(settings, pinned, variant, iterations=args.iterations)
         results["overhead"] = o
-        print("\ngateway overhead at concurrency 1, one image, int8, ms")
+        print(f"\ngateway overhead at concurrency 1, one image, {variant}, ms")
         for k in ("backend_direct_ms", "gateway_server_time_ms", "gateway_in_process_client_ms"):
             print(f"  {k:<30} p50 {o[k]['p50']:7.3f}   p99 {o[k]['p99']:7.3f}")
         print(
@@ -82,12 +185,20 @@ def main(argv: list[str] | None = None) -> int:
             f"in-process client − direct {o['overhead_p50_ms']['client_minus_direct']:.3f} ms"
         )
     if "throughput" in args.parts:
-        t = bench_throughput(
-            settings.repository, args.config, args.concurrency, args.duration, args.budget, args.modes, args.server_nice
+        t = bench.bench_throughput(
+            settings.repository,
+            args.config,
+            args.concurrency,
+            args.duration,
+            args.budget,
+            args.modes,
+            args.server_nice,
+            args.warmup,
         )
         results["throughput"] = t
         print(
-            f"\nthroughput over HTTP, 1 image per request, budget {args.budget:g} ms, samples/s (p50 / p99 latency ms)"
+            f"\nthroughput over HTTP (closed loop, aq-loadtest's load generator), 1 image per request, "
+            f"budget {args.budget:g} ms, samples/s (p50 / p99 latency ms)"
         )
         print(f"  {'mode':<12}" + "".join(f"{'c=' + str(c):>26}" for c in args.concurrency))
         for mode, by_c in t.items():

@@ -21,15 +21,15 @@ import logging
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from adaptive_quant.config import ConfigError, load_config
-from adaptive_quant.core.manifest import ManifestError
+from adaptive_quant.core.manifest import ManifestError, load_manifest
 from adaptive_quant.core.routing import Priority
 from adaptive_quant.data import DataError, load_dataset
 from adaptive_quant.evaluation.offline import EvalOptions, EvaluationError, evaluate_repository
 from adaptive_quant.evaluation.render import log_report_to_mlflow, write_report
+from adaptive_quant.tracking import name_runs_after
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -71,16 +71,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--priorities", default="quality,balanced,speed", help="comma-separated (default: %(default)s)")
     p.add_argument("--no-mlflow", action="store_true", help="do not log an MLflow run")
+    p.add_argument(
+        "--no-two-stage",
+        action="store_true",
+        help="skip the two-stage report (two_stage.md: fixed plans, confidence cascades, random escalation, "
+        "the learned router, the oracle), which runs when the repository ships a router",
+    )
+    p.add_argument(
+        "--no-shift",
+        action="store_true",
+        help="skip the two-stage report's corrupted validation copies (noise, blur, contrast, jpeg, brightness)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p.parse_args(argv)
 
 
-def _options(args: argparse.Namespace, seed: int) -> EvalOptions:
+def load_settings_for(args: argparse.Namespace):  # noqa: ANN201 (ServeSettings, imported lazily)
+    """The gateway's settings file (--serve-config), so the offline policy is the served one."""
     from adaptive_quant.serving.settings import load_settings
 
     serve = Path(args.serve_config)
-    routing = load_settings(serve if serve.is_file() else None, environ={}).routing
+    return load_settings(serve if serve.is_file() else None, environ={})
+
+
+def _options(args: argparse.Namespace, seed: int) -> EvalOptions:
+    routing = load_settings_for(args).routing
     budgets = [float(b) for b in args.budgets.split(",") if b.strip()] if args.budgets else None
     priorities = tuple(Priority.parse(p) for p in args.priorities.split(",") if p.strip())
     return EvalOptions(
@@ -99,6 +115,7 @@ def _options(args: argparse.Namespace, seed: int) -> EvalOptions:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    name_runs_after(args.config, args.overrides)
     if args.url and args.checkpoint:
         print("error: --url measures a running service; --checkpoint builds one in-process. Pick one.", file=sys.stderr)
         return 2
@@ -119,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
                 # force: evaluate even a variant the gate would refuse (the report shows its drop)
                 build_repository(
                     args.checkpoint,
-                    replace(cfg.export, repository=str(Path(tmp) / "repo"), register=False),
+                    cfg.export.model_copy(update={"repository": str(Path(tmp) / "repo"), "register": False}),
                     data=dataset,
                     force=True,
                     tracking=False,
@@ -129,6 +146,23 @@ def main(argv: list[str] | None = None) -> int:
         else:
             report = evaluate_repository(args.repository, test, opts)
         files = write_report(report, out)
+        two_stage = None
+        if not args.url and not args.checkpoint and not args.no_two_stage and load_manifest(args.repository).router:
+            from adaptive_quant.evaluation.offline import pick_samples
+            from adaptive_quant.evaluation.two_stage_report import evaluate_two_stage, write_two_stage
+
+            planner = load_settings_for(args).planner
+            two_stage = evaluate_two_stage(
+                args.repository,
+                pick_samples(test, opts.limit, opts.seed),
+                val=None if args.no_shift else pick_samples(dataset.val, opts.limit, opts.seed),
+                # the batch-1 p50 just measured on this host, per variant (a view costs what its variant does)
+                pass_ms={v.key: v.latency_ms["p50"] for v in report.variants},
+                threads=opts.threads,
+                seed=opts.seed,
+                planner=planner,
+            )
+            files += write_two_stage(two_stage, out)
         run_id = None if args.no_mlflow else log_report_to_mlflow(cfg.tracking, report, files)
     except (ConfigError, DataError, ManifestError, EvaluationError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -141,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     front = [p for p in report.points if p.on_latency_frontier]
     print(f"\n  Pareto frontier (accuracy vs mean latency): {len(front)} of {len(report.points)} points")
+    if two_stage is not None:
+        print(f"\n{two_stage.verdict}\n  two-stage report: {out / 'two_stage.md'}")
     print(f"\nreport: {out / 'report.md'}" + (f"   MLflow run: {run_id}" if run_id else ""))
     return 0
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from adaptive_quant.cli import LOG_LEVELS, setup_logging
 from adaptive_quant.config import (
@@ -23,6 +24,7 @@ from adaptive_quant.config import (
 )
 from adaptive_quant.data import DataError
 from adaptive_quant.export.pipeline import ExportGateError, build_repository
+from adaptive_quant.tracking import name_runs_after
 from adaptive_quant.training.checkpoint import CheckpointError, load_checkpoint
 
 
@@ -54,6 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.log_level)
+    name_runs_after(Path(args.checkpoint).parent, args.overrides)  # runs/default/best.pt → export-default-...
     try:
         payload = load_checkpoint(args.checkpoint)
         data = apply_overrides(dict(payload["config"]), args.overrides)

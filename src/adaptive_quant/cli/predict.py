@@ -14,10 +14,41 @@ import argparse
 import logging
 import os
 import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import httpx
 
 from adaptive_quant.core.manifest import ManifestError
-from adaptive_quant.serving.settings import SettingsError, load_settings, parse_set
-from adaptive_quant.tools.client import classify_rows, format_table, headers_for, load_request, open_client
+from adaptive_quant.serving.settings import ServeSettings, SettingsError, load_settings, parse_set
+from adaptive_quant.tools.client import (
+    auth_headers,
+    classify_rows,
+    format_table,
+    headers_for,
+    http_client,
+    load_request,
+)
+
+
+@contextmanager
+def open_client(url: str | None, settings: ServeSettings | None, api_key: str | None = None) -> Iterator[httpx.Client]:
+    """An httpx-compatible client: against a running service (`url`), or an in-process gateway
+    built from `settings` (embedded backend, started and stopped around the block). Every
+    request carries `api_key` (in-process: the settings' own key) as X-API-Key when there is one."""
+    if url is not None:
+        with http_client(url, api_key=api_key) as client:
+            yield client
+        return
+    with warnings.catch_warnings():  # starlette's note about httpx2 is not the user's business
+        warnings.simplefilter("ignore")
+        from fastapi.testclient import TestClient  # runs the app's lifespan in-process
+
+    from adaptive_quant.serving.app import create_app
+
+    with TestClient(create_app(settings), headers=auth_headers(api_key or settings.server.api_key)) as client:
+        yield client
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,6 +17,7 @@ import sys
 from adaptive_quant.cli import LOG_LEVELS, setup_logging
 from adaptive_quant.config import ConfigError, load_config
 from adaptive_quant.data import DataError
+from adaptive_quant.tracking import name_runs_after
 from adaptive_quant.training.checkpoint import CheckpointError
 from adaptive_quant.training.pipeline import run_training
 
@@ -44,6 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.log_level)
+    name_runs_after(args.config, args.overrides)  # MLflow run names: train-<config>-<overrides>-<time>
     try:
         cfg = load_config(args.config, args.overrides)
         result = run_training(cfg, float_checkpoint=args.qat_from)

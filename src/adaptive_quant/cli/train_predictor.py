@@ -21,6 +21,7 @@ from adaptive_quant.config import ConfigError, load_config
 from adaptive_quant.core.manifest import ManifestError
 from adaptive_quant.data import DataError
 from adaptive_quant.predictor.fit import train_predictor
+from adaptive_quant.tracking import name_runs_after
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -37,6 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.log_level)
+    name_runs_after(args.config, args.overrides)
     try:
         cfg = load_config(args.config, args.overrides)
         report = train_predictor(cfg, args.repository, tracking=not args.no_mlflow)
@@ -55,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     for p in report.routing:
         mix = " ".join(f"{k}={v:.0%}" for k, v in p.mix.items() if v > 0)
         param = "" if p.param is None else f"{p.param:g}"
-        print(f"{p.name:16}{param:>7}{p.accuracy:>10.2%}{p.mean_latency_ms:>9.3f}  {mix}")
+        print(f"{p.strategy:16}{param:>7}{p.accuracy:>10.2%}{p.mean_ms:>9.3f}  {mix}")
     if args.report:
         Path(args.report).write_text(json.dumps(report.to_dict(), indent=2))
     return 0

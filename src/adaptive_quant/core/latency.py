@@ -25,34 +25,31 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import ClassVar
+
+from pydantic import ConfigDict, Field
 
 from adaptive_quant.core.manifest import LatencyProfile
+from adaptive_quant.core.settings import Section
 
 
-@dataclass(frozen=True)
-class LatencyConfig:
-    ewma_alpha: float = 0.2  # weight of the newest observation; 0 freezes the profile
-    min_ratio: float = 0.05  # clamps on one observation's observed/predicted ratio, so one
+class LatencyConfig(Section):
+    model_config = ConfigDict(frozen=True)
+    config_key: ClassVar[str] = "latency"
+
+    ewma_alpha: float = Field(0.2, ge=0.0, le=1.0)  # weight of the newest observation; 0 freezes the profile
+    min_ratio: float = Field(0.05, gt=0.0, le=1.0)  # clamps on one observation's observed/predicted ratio, so one
     # hiccup (GC pause, page fault) cannot dominate the estimate. 4, not more: one stall is seen
     # by every request in flight on the variant (64 observations at concurrency 64); at 50 that
     # made INT8 look slower than FP32 for ~6 s and the router moved everything to FP32
-    max_ratio: float = 4.0
-    relax_half_life_s: float = 30.0  # s for the ratio to forget half its deviation from 1
-    default_service_ms: float = 5.0  # ms per call when a variant has no latency profile
-    max_batch_size: int = 32  # samples per backend call, as the backend batches them
+    max_ratio: float = Field(4.0, ge=1.0)
+    relax_half_life_s: float = Field(30.0, gt=0.0)  # s for the ratio to forget half its deviation from 1
+    default_service_ms: float = Field(5.0, gt=0.0)  # ms per call when a variant has no latency profile
+    # samples per backend call, as the backend batches them (in the gateway: batching.max_batch_size)
+    max_batch_size: int = Field(32, ge=1)
     # variants share this many compute slots (1: one CPU pool or one GPU); 0 = each variant
     # has hardware of its own (independent queues)
-    compute_slots: int = 1
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.ewma_alpha <= 1.0:
-            raise ValueError(f"latency.ewma_alpha must be in [0, 1], got {self.ewma_alpha}")
-        if not 0 < self.min_ratio <= 1.0 <= self.max_ratio:
-            raise ValueError("latency.min_ratio must be in (0, 1] and latency.max_ratio >= 1")
-        if self.compute_slots < 0:
-            raise ValueError(f"latency.compute_slots must be >= 0, got {self.compute_slots}")
-        if self.relax_half_life_s <= 0 or self.default_service_ms <= 0 or self.max_batch_size < 1:
-            raise ValueError("latency.relax_half_life_s, default_service_ms and max_batch_size must be positive")
+    compute_slots: int = Field(1, ge=0)
 
 
 @dataclass

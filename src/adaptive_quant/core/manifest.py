@@ -57,6 +57,27 @@ class VariantEntry:
 
 
 @dataclass
+class PlanEntry:
+    """A follow-up plan (core.plans) as measured by the exporter on the validation split."""
+
+    name: str  # "int8:hflip", "int8:hflip+fp32:hflip"; never "none" (that is the entry answer)
+    passes: list[str]  # the extra passes, "variant[:view]", in the order they run
+    entry: str  # the entry pass it was measured after, e.g. "int8"
+    val_accuracy: float  # share right on the validation split when every sample gets this plan
+    # extra compute per batch size, ms (the sum of its passes' profiled p50 at that batch size);
+    # str(batch) → ms, like LatencyProfile.batches
+    extra_ms: dict[str, float] = field(default_factory=dict)
+
+    def extra_ms_at(self, batch: int) -> float:
+        """ms for `batch`, or the smallest profiled batch ≥ it (conservative), or the largest."""
+        sizes = sorted(int(b) for b in self.extra_ms)
+        for s in sizes:
+            if s >= batch:
+                return self.extra_ms[str(s)]
+        return self.extra_ms[str(sizes[-1])]
+
+
+@dataclass
 class Manifest:
     model_name: str
     classes: list[str]
@@ -68,6 +89,9 @@ class Manifest:
     variants: dict[str, VariantEntry]
     training: dict[str, Any] = field(default_factory=dict)  # MLflow run id, git commit, config
     predictor: dict[str, Any] | None = None  # written by the predictor stage
+    plans: list[PlanEntry] = field(default_factory=list)  # follow-ups the router may choose (two-stage)
+    # the two-stage router's predictor: reads the entry pass's output (paths, sha256, plan columns, metrics)
+    router: dict[str, Any] | None = None
     created_at: str = ""
     schema_version: int = SCHEMA_VERSION
 
@@ -104,6 +128,7 @@ def manifest_from_dict(data: dict[str, Any]) -> Manifest:
                 f"manifest schema_version {d.get('schema_version')!r}; this code reads {SCHEMA_VERSION}"
             )
         d["variants"] = {k: _variant_from_dict(k, v) for k, v in d["variants"].items()}
+        d["plans"] = [PlanEntry(**p) for p in d.get("plans", [])]
         return Manifest(**d)
     except (KeyError, TypeError) as exc:
         raise ManifestError(f"manifest is malformed: {exc}") from exc

@@ -21,34 +21,39 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
+
+from pydantic import ConfigDict, Field, model_validator
+
+from adaptive_quant.core.settings import FieldError, Section
 
 
-@dataclass(frozen=True)
-class MemoryPolicyConfig:
+class MemoryPolicyConfig(Section):
+    model_config = ConfigDict(frozen=True)
+    config_key: ClassVar[str] = "memory"
+
     enabled: bool = False  # needs a backend with model control (triton + backend.model_control=explicit)
-    interval_s: float = 2.0  # s between two measurements
-    system_high_pct: float = 90.0  # % of host memory in use (psutil) above which variants are unloaded
-    system_low_pct: float = 80.0  # % below which they are loaded back
-    process_high_pct: float = 50.0  # % of host memory held by the gateway process itself (RSS)
-    process_low_pct: float = 40.0
-    server_high_pct: float = 90.0  # % of Triton's memory in use, from its /metrics (GPU if it has one, else host)
-    server_low_pct: float = 80.0
-    min_loaded: int = 1  # never unload below this many variants
-    cooldown_s: float = 10.0  # s after an action before the next one
-    usage_half_life_s: float = 60.0  # s; routed-sample counts older than this weigh half
+    interval_s: float = Field(2.0, gt=0.0)  # s between two measurements
+    # % of host memory in use (psutil) above which variants are unloaded
+    system_high_pct: float = Field(90.0, ge=0.0, le=100.0)
+    system_low_pct: float = Field(80.0, ge=0.0, le=100.0)  # % below which they are loaded back
+    # % of host memory held by the gateway process itself (RSS)
+    process_high_pct: float = Field(50.0, ge=0.0, le=100.0)
+    process_low_pct: float = Field(40.0, ge=0.0, le=100.0)
+    # % of Triton's memory in use, from its /metrics (GPU if it has one, else host)
+    server_high_pct: float = Field(90.0, ge=0.0, le=100.0)
+    server_low_pct: float = Field(80.0, ge=0.0, le=100.0)
+    min_loaded: int = Field(1, ge=1)  # never unload below this many variants
+    cooldown_s: float = Field(10.0, ge=0.0)  # s after an action before the next one
+    usage_half_life_s: float = Field(60.0, gt=0.0)  # s; routed-sample counts older than this weigh half
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _marks_in_order(self) -> MemoryPolicyConfig:
         for name in ("system", "process", "server"):
             high, low = getattr(self, f"{name}_high_pct"), getattr(self, f"{name}_low_pct")
-            if not 0 <= low < high <= 100:
-                raise ValueError(
-                    f"memory.{name}_low_pct must be < memory.{name}_high_pct, both in [0, 100]; got {low} and {high}"
-                )
-        if self.interval_s <= 0 or self.cooldown_s < 0 or self.usage_half_life_s <= 0:
-            raise ValueError("memory.interval_s and usage_half_life_s must be > 0, cooldown_s >= 0")
-        if self.min_loaded < 1:
-            raise ValueError(f"memory.min_loaded must be >= 1, got {self.min_loaded}")
+            if not low < high:  # hysteresis needs a gap between the two marks
+                raise FieldError(f"{name}_low_pct", f"must be < memory.{name}_high_pct ({high:g}), got {low:g}")
+        return self
 
 
 @dataclass(frozen=True)

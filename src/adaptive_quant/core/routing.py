@@ -5,7 +5,7 @@ request's N samples at once) and the offline evaluation (the whole test split at
 the Pareto report measures exactly what production does. `choose_variant` is the
 one-sample view of the same function.
 
-Per sample and variant v (DESIGN.md, "The routing policy"):
+Per sample and variant v (docs/architecture.md, "Routing"):
   allowed(v)  = precision(v) at or above the caller's floor, and v can serve (healthy,
                 not already tried and failed for this request)
   feasible(v) = allowed(v) and latency_ms(v) <= budget_ms (always, when there is no budget)
@@ -30,10 +30,13 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
+from typing import ClassVar
 
 import numpy as np
+from pydantic import ConfigDict, Field
 
 from adaptive_quant.core.precision import Precision
+from adaptive_quant.core.settings import Section
 
 
 class Priority(str, Enum):
@@ -53,32 +56,25 @@ class NoVariantAllowed(RuntimeError):
     """No variant is both at/above the floor and able to serve."""
 
 
-@dataclass(frozen=True)
-class RoutingConfig:
+class RoutingConfig(Section):
     """The policy's knobs; validated on construction."""
+
+    model_config = ConfigDict(frozen=True)
+    config_key: ClassVar[str] = "routing"
 
     # speed: how much predicted accuracy (a share, 0.02 = 2 points) a faster variant may give
     # up against the best feasible one
-    speed_tolerance: float = 0.02
+    speed_tolerance: float = Field(0.02, ge=0.0, le=1.0)
     # balanced: predicted accuracy (share) worth one halving of the latency estimate.
     # 0.01 = one point per halving: with int8 ~3× faster than fp32 on CPU (log2 3 ≈ 1.6),
     # int8 answers unless fp32 is predicted ≥1.6 points more likely to be right for the sample.
-    accuracy_per_halving: float = 0.01
+    accuracy_per_halving: float = Field(0.01, ge=0.0)
     # balanced, under load: accuracy_per_halving × (1 + load_price × load), load = samples in
     # flight / max batch size. A busy server's compute delays everyone queued behind it, so a
     # slower variant must promise more; 0 = the same price at any load. (At concurrency 64 on
     # 2 cores it cut FP32's share from 4 % to 1 % at the same latency and accuracy within noise.)
-    load_price: float = 1.0
-    default_priority: Priority = Priority.BALANCED
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.speed_tolerance <= 1.0:
-            raise ValueError(f"routing.speed_tolerance must be in [0, 1], got {self.speed_tolerance}")
-        if not self.load_price >= 0.0:
-            raise ValueError(f"routing.load_price must be >= 0, got {self.load_price}")
-        if not self.accuracy_per_halving >= 0.0:
-            raise ValueError(f"routing.accuracy_per_halving must be >= 0, got {self.accuracy_per_halving}")
-        object.__setattr__(self, "default_priority", Priority(self.default_priority))
+    load_price: float = Field(1.0, ge=0.0)
+    default_priority: Priority = Field(Priority.BALANCED, strict=False)  # "balanced" → Priority.BALANCED
 
 
 @dataclass(frozen=True)

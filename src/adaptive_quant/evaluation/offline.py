@@ -1,7 +1,8 @@
 """The evaluation: run every variant on the test split, time it, sweep the routing policy, price the baselines.
 
-I/O lives here (ONNX Runtime sessions, the clock, the model repository); the counting is in
-`report.py`, the files and plots in `report_render.py`, the HTTP mode in `evaluation_http.py`.
+I/O lives here (ONNX Runtime sessions, the clock, the model repository); the strategies are priced
+in `strategies.py`, the counting and the verdict are in `report.py`, the files and plots in
+`render.py`, the HTTP mode in `over_http.py`.
 
 How latency is modelled (stated in the report too):
   - each variant is timed on this host with ONNX Runtime in-process, one sample per call
@@ -12,7 +13,7 @@ How latency is modelled (stated in the report too):
   - the router's latency estimate is what the gateway's `LatencyEstimator` computes from a
     profile measured on this host, idle (no queue, observed/predicted ratio 1): the p95 at batch 1;
   - throughput is samples/s at batch 64 per variant; a mix of variants runs them one after
-    the other on the same cores (`report.mixed_throughput`).
+    the other on the same cores (`strategies.mixed_throughput`).
 """
 
 from __future__ import annotations
@@ -28,23 +29,25 @@ from tqdm.auto import tqdm
 
 from adaptive_quant.core.latency import LatencyConfig, LatencyEstimator
 from adaptive_quant.core.manifest import LatencyPoint, LatencyProfile, Manifest, ManifestError, load_manifest
-from adaptive_quant.core.routing import Priority, RoutingConfig, allowed_mask, route_batch
+from adaptive_quant.core.routing import Priority, RoutingConfig
+from adaptive_quant.core.stats import percentile, percentiles, time_calls
 from adaptive_quant.data import Split
-from adaptive_quant.evaluation.report import (
-    ClassificationMetrics,
+from adaptive_quant.evaluation.report import ClassificationMetrics, classification_metrics, mark_frontiers, verdict
+from adaptive_quant.evaluation.strategies import (
+    CASCADE_THRESHOLDS,
+    Outcomes,
     StrategyPoint,
-    classification_metrics,
-    pareto_mask,
-    score_choice,
-    verdict,
+    adaptive_point,
+    cascade_points,
+    fixed_points,
+    oracle_point,
+    random_same_mix,
 )
-from adaptive_quant.evaluation.strategies import PolicyPoint, random_same_mix, softmax_confidence
 from adaptive_quant.export.ort_eval import host_info, make_session, profile_session, run_batched
 from adaptive_quant.predictor.runtime import PriorPredictor, accuracy_matrix, load_accuracy_predictor
 
 log = logging.getLogger(__name__)
 
-CASCADE_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)  # INT8 top-1 softmax below this → ask FP32
 LATENCY_MODEL = (
     "Latency per sample = a batch-1 ONNX Runtime call time of the chosen variant, measured on this host "
     "(one of {iters} timed calls per variant, drawn per sample with a fixed seed, so every strategy sees the "
@@ -129,15 +132,8 @@ def pick_samples(split: Split, limit: int | None, seed: int) -> Split:
 def time_batch1(session: Any, x: np.ndarray, iters: int, warmup: int = 5) -> np.ndarray:
     """(iters,) ms per batch-1 call, cycling through the samples of x (N, 3, H, W)."""
     name = session.get_inputs()[0].name
-    for i in range(warmup):  # first calls allocate buffers and pick kernels
-        session.run(None, {name: x[i % len(x)][None]})
-    out = np.empty(iters)
-    for i in range(iters):
-        sample = x[i % len(x)][None]  # (1, 3, H, W)
-        t = time.perf_counter()
-        session.run(None, {name: sample})
-        out[i] = (time.perf_counter() - t) * 1e3
-    return out
+    feeds = [{name: x[i][None]} for i in range(min(len(x), max(iters, warmup)))]  # (1, 3, H, W) each, built untimed
+    return time_calls(lambda i: session.run(None, feeds[i % len(feeds)]), iters, warmup=warmup)
 
 
 def default_budgets(estimates_ms: list[float]) -> list[float]:
@@ -167,11 +163,8 @@ def router_estimates(profiles: dict[str, LatencyProfile], keys: list[str]) -> np
 
 
 def sweep_points(
+    o: Outcomes,
     pred_acc: np.ndarray,
-    correct: np.ndarray,
-    lat: np.ndarray,
-    throughput: np.ndarray,
-    keys: list[str],
     served: list[int],
     precisions: list[str],
     estimates: np.ndarray,
@@ -180,149 +173,29 @@ def sweep_points(
 ) -> list[StrategyPoint]:
     """Adaptive points (budget × priority, through `route_batch`) and random assignment at each one's mix.
 
-    pred_acc (N, S) over the served columns `served` of correct/lat (N, V); estimates (S,) ms.
+    pred_acc (N, S) over the served columns `served` of the outcomes; estimates (S,) ms.
     """
-    rng = np.random.default_rng(opts.seed + 1)
-    allowed = allowed_mask(precisions, None)
-    share_budgets = [b for b in budgets if b is not None]
+    rng = np.random.default_rng(opts.seed + 1)  # one stream for the whole sweep, in grid order
     out: list[StrategyPoint] = []
     grid = [(b, p) for b in budgets for p in opts.priorities]
     for budget, priority in tqdm(
         grid, desc="routing sweep", unit="point", disable=not opts.progress, dynamic_ncols=True
     ):
-        decision = route_batch(pred_acc, estimates, allowed, budget, priority, opts.routing)
-        choice = np.asarray(served)[decision.index]  # served column → global column
-        where = "no budget" if budget is None else f"{budget:.3g} ms"
-        label = f"adaptive {priority.value} @ {where}"
-        point = score_choice(
-            choice,
-            correct,
-            lat,
-            throughput,
-            keys,
-            budget,
-            "adaptive",
-            label,
-            priority=priority.value,
-            share_budgets=share_budgets,
-            extra={"router_budget_met": float(decision.budget_met.mean())},
-        )
-        out.append(point)
-        # random assignment with exactly the same number of samples per variant
-        counts = np.bincount(choice, minlength=len(keys))
-        shuffled = rng.permutation(np.repeat(np.arange(len(keys)), counts))
-        rand = score_choice(
-            shuffled,
-            correct,
-            lat,
-            throughput,
-            keys,
-            budget,
-            "random-same-mix",
-            f"random at the mix of {label}",
-            priority=priority.value,
-            share_budgets=share_budgets,
-        )
-        # its accuracy in expectation (exact, no sampling noise), via routing_eval
-        expected = random_same_mix(
-            PolicyPoint("adaptive", None, point.accuracy, point.mean_ms, point.mix), correct, lat.mean(axis=0), keys
-        )
-        rand.extra["sampled_accuracy"] = rand.accuracy
-        rand.accuracy = expected.accuracy
-        out.append(rand)
+        point = adaptive_point(o, pred_acc, estimates, precisions, budget, priority, opts.routing, columns=served)
+        out += [point, random_same_mix(o, point, rng)]
     return out
-
-
-def oracle_choice(correct: np.ndarray, mean_ms: np.ndarray, columns: list[int]) -> np.ndarray:
-    """(N,) global column: the cheapest of `columns` that is right (the cheapest of all when none is)."""
-    cols = np.asarray(columns)[np.argsort(mean_ms[columns])]  # cheapest first
-    right = correct[:, cols]
-    first = np.where(right.any(axis=1), right.argmax(axis=1), 0)
-    return cols[first]
 
 
 def baseline_points(
-    logits: dict[str, np.ndarray],
-    correct: np.ndarray,
-    lat: np.ndarray,
-    throughput: np.ndarray,
-    keys: list[str],
-    served_keys: list[str],
-    budgets: list[float | None],
-    opts: EvalOptions,
+    o: Outcomes, logits: dict[str, np.ndarray], served_keys: list[str], opts: EvalOptions
 ) -> list[StrategyPoint]:
     """Every variant alone (served ones and the PTQ baseline), the oracle over the served ones,
     and the INT8→FP32 confidence cascade at each threshold."""
-    n = correct.shape[0]
-    share_budgets = [b for b in budgets if b is not None]
-    out = []
-    for j, k in enumerate(keys):
-        is_served = k in served_keys
-        label = f"fixed {k}" if is_served else f"fixed {k} (baseline, not served)"
-        out.append(
-            score_choice(
-                np.full(n, j),
-                correct,
-                lat,
-                throughput,
-                keys,
-                None,
-                "fixed",
-                label,
-                deployable=is_served,
-                share_budgets=share_budgets,
-            )
-        )
-    served_cols = [keys.index(k) for k in served_keys]
-    out.append(
-        score_choice(
-            oracle_choice(correct, lat.mean(axis=0), served_cols),
-            correct,
-            lat,
-            throughput,
-            keys,
-            None,
-            "oracle",
-            "oracle (knows the labels)",
-            deployable=False,
-            share_budgets=share_budgets,
-        )
-    )
+    out = fixed_points(o, served_keys)
+    out.append(oracle_point(o, [o.keys.index(k) for k in served_keys]))
     if "int8" in served_keys and "fp32" in served_keys:
-        c, e = keys.index("int8"), keys.index("fp32")
-        conf = softmax_confidence(logits["int8"])  # (N,) top-1 probability of the cheap answer
-        for thr in opts.cascade_thresholds:
-            escalate = conf < thr
-            choice = np.where(escalate, e, c)
-            extra_share = np.zeros(len(keys))
-            extra_share[c] = escalate.mean()  # escalated samples ran on int8 first
-            out.append(
-                score_choice(
-                    choice,
-                    correct,
-                    lat,
-                    throughput,
-                    keys,
-                    None,
-                    "cascade",
-                    f"cascade int8→fp32 (threshold {thr:g})",
-                    param=thr,
-                    extra_latency=escalate * lat[:, c],
-                    extra_share=extra_share,
-                    share_budgets=share_budgets,
-                )
-            )
+        out += cascade_points(o, logits["int8"], "int8", "fp32", opts.cascade_thresholds)
     return out
-
-
-def mark_frontiers(points: list[StrategyPoint]) -> None:
-    """Set on_*_frontier over the deployable points (the oracle and non-served baselines are references)."""
-    cand = [p for p in points if p.deployable]
-    acc = [p.accuracy for p in cand]
-    lat_mask = pareto_mask(acc, [p.mean_ms for p in cand])
-    thr_mask = pareto_mask(acc, [-p.throughput for p in cand])
-    for p, a, b in zip(cand, lat_mask, thr_mask):
-        p.on_latency_frontier, p.on_throughput_frontier = bool(a), bool(b)
 
 
 # ----------------------------------------------------------------------------- the whole thing
@@ -370,7 +243,7 @@ def evaluate_repository(repo: str | Path, test: Split, opts: EvalOptions) -> Eva
             "%s: accuracy %.4f, batch-1 p50 %.3f ms, batch-64 %.0f samples/s",
             k,
             (logits[k].argmax(1) == test.labels).mean(),
-            np.percentile(timings[k], 50),
+            percentile(timings[k], 50),
             thr[k],
         )
 
@@ -382,22 +255,18 @@ def evaluate_repository(repo: str | Path, test: Split, opts: EvalOptions) -> Eva
     loaded = load_accuracy_predictor(repo, manifest)
     prior = PriorPredictor.from_manifest(manifest)
     pred_acc = accuracy_matrix(loaded.predictor, test.images, served_keys, prior)  # (N, S)
-    profiles = {
-        k: LatencyProfile(
-            host={},
-            batches={
-                "1": LatencyPoint(float(np.percentile(timings[k], 50)), float(np.percentile(timings[k], 95)), 0.0)
-            },
-        )
-        for k in served_keys
-    }
+    profiles = {}
+    for k in served_keys:
+        q = percentiles(timings[k], (50, 95))
+        profiles[k] = LatencyProfile(host={}, batches={"1": LatencyPoint(q["p50"], q["p95"], 0.0)})
     estimates = router_estimates(profiles, served_keys)
     budgets: list[float | None] = [*(opts.budgets or default_budgets(list(estimates))), None]
     served_cols = [keys.index(k) for k in served_keys]
     precisions = [manifest.variants[k].precision for k in served_keys]
 
-    points = baseline_points(logits, correct, lat, throughput, keys, served_keys, budgets, opts)
-    points += sweep_points(pred_acc, correct, lat, throughput, keys, served_cols, precisions, estimates, budgets, opts)
+    outcomes = Outcomes(keys, correct, lat, throughput, share_budgets=[b for b in budgets if b is not None])
+    points = baseline_points(outcomes, logits, served_keys, opts)
+    points += sweep_points(outcomes, pred_acc, served_cols, precisions, estimates, budgets, opts)
     mark_frontiers(points)
     text = verdict(
         [p for p in points if p.strategy == "fixed"],
@@ -459,12 +328,7 @@ def _variant_results(
                 size_bytes=v.size_bytes,
                 metrics=metrics[k],
                 accuracy_drop_points=None if ref is None else 100.0 * (ref - metrics[k].accuracy),
-                latency_ms={
-                    "p50": float(np.percentile(t, 50)),
-                    "p95": float(np.percentile(t, 95)),
-                    "p99": float(np.percentile(t, 99)),
-                    "mean": float(t.mean()),
-                },
+                latency_ms={**percentiles(t), "mean": float(t.mean())},  # p50/p95/p99/mean
                 throughput_b64=float(thr[k]),
                 val_accuracy=v.val_accuracy,
             )

@@ -6,7 +6,7 @@ Latency is the client's round trip in ms (request sent → response read), so it
 PNG decoding, routing, queueing and the network; "within budget" compares the server's own
 `X-Server-Time-Ms` with the budget, as the gateway's `X-Budget-Met` does. Accuracy comes from
 the labels. Throughput is the sequential request rate (samples/s at concurrency 1); for
-throughput under load use scripts/bench_gateway.py.
+throughput under load use scripts/loadtest.py.
 """
 
 from __future__ import annotations
@@ -19,16 +19,17 @@ import httpx
 import numpy as np
 from tqdm.auto import tqdm
 
+from adaptive_quant.core.stats import percentile
 from adaptive_quant.data import Split
 from adaptive_quant.evaluation.offline import (
     EvalOptions,
     EvaluationError,
     EvaluationReport,
     default_budgets,
-    mark_frontiers,
     pick_samples,
 )
-from adaptive_quant.evaluation.report import StrategyPoint, classification_metrics, verdict
+from adaptive_quant.evaluation.report import classification_metrics, mark_frontiers, verdict
+from adaptive_quant.evaluation.strategies import StrategyPoint
 from adaptive_quant.tools.client import headers_for, request_body
 
 log = logging.getLogger(__name__)
@@ -99,7 +100,7 @@ def _point(
         label=label,
         accuracy=float((run["pred"] == labels).mean()),
         mean_ms=float(ms.mean()),
-        p99_ms=float(np.percentile(ms, 99)),
+        p99_ms=percentile(ms, 99),
         within_budget=within,
         throughput=float(1e3 / ms.mean()),
         mix={k: float(s) for k, s in zip(keys, mix)},

@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from adaptive_quant.evaluation.report import ClassificationMetrics, StrategyPoint
+from adaptive_quant.evaluation.report import ClassificationMetrics
+from adaptive_quant.evaluation.strategies import StrategyPoint
 
 if TYPE_CHECKING:
     from adaptive_quant.evaluation.offline import EvaluationReport
@@ -301,7 +302,7 @@ def log_report_to_mlflow(tracking_cfg, report: EvaluationReport, files: list[Pat
     """An MLflow evaluation run with the headline numbers and every report file; returns its run id."""
     from adaptive_quant.tracking import git_commit, start_run
 
-    with start_run(tracking_cfg, run_name=f"evaluation-{report.mode}") as tracker:
+    with start_run(tracking_cfg, kind=f"evaluate-{report.mode}") as tracker:
         tracker.set_tags(
             {
                 "phase": "evaluation",

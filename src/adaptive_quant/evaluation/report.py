@@ -1,20 +1,21 @@
-"""The evaluation report's arithmetic: pure functions from raw predictions and timings to numbers and text.
+"""The evaluation report's arithmetic: pure functions from raw predictions and strategy points to numbers and text.
 
-No I/O, no ONNX Runtime: `evaluation.py` measures, this module counts.
+No I/O, no ONNX Runtime: `offline.py` measures, `strategies.py` prices the routing strategies,
+this module counts and concludes.
 
 - `classification_metrics`: accuracy, macro precision/recall/F1, a per-class table, the confusion matrix
-- `score_choice`: one routing strategy's point (accuracy, mean/p99 latency, share within budget,
-  variant mix, modelled throughput) from the variant it chose per sample
-- `pareto_mask`: which points no other point beats on both axes
-- `verdict`: a plain-language paragraph saying which configuration to run for which budget
+- `pareto_mask`, `mark_frontiers`: which points no other point beats on both axes
+- `recommend`, `verdict`: a plain-language paragraph saying which configuration to run for which budget
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
+
+from adaptive_quant.evaluation.strategies import StrategyPoint
 
 # ----------------------------------------------------------------------------- classification
 
@@ -77,89 +78,6 @@ def classification_metrics(labels: np.ndarray, predicted: np.ndarray, classes: S
     )
 
 
-# ----------------------------------------------------------------------------- routing points
-
-
-@dataclass
-class StrategyPoint:
-    """One configuration on the accuracy/latency plane."""
-
-    strategy: str  # "fixed", "adaptive", "random-same-mix", "oracle", "cascade"
-    label: str  # short human name, e.g. "adaptive balanced @ 2.1 ms"
-    accuracy: float  # share of samples answered right
-    mean_ms: float  # ms per sample, mean of the modelled per-sample latency
-    p99_ms: float  # ms, 99th percentile of the same
-    within_budget: float | None  # share of samples whose latency ≤ budget (None: no budget)
-    throughput: float  # samples/s at batch 64 (see `mixed_throughput`)
-    mix: dict[str, float]  # share of samples per variant key
-    budget_ms: float | None = None
-    priority: str | None = None
-    param: float | None = None  # cascade threshold, …
-    deployable: bool = True  # False for the oracle (needs labels) and non-served baselines
-    on_latency_frontier: bool = False
-    on_throughput_frontier: bool = False
-    # share of samples within each sweep budget (key f"{budget:g}" ms), for points without their own budget
-    within_by_budget: dict[str, float] = field(default_factory=dict)
-    extra: dict[str, float] = field(default_factory=dict)
-
-
-def mixed_throughput(shares: np.ndarray, throughput: np.ndarray) -> float:
-    """Samples/s when a share s_v of the samples goes to variant v, each at its own batch-64 throughput.
-
-    The variants share the same cores and run one after the other, so the time per sample adds
-    up: 1 / Σ_v s_v / thr_v (a harmonic mean). `shares` may sum to more than 1 (a cascade runs
-    the cheap variant on every sample and the expensive one on some).
-    """
-    shares = np.asarray(shares, np.float64)
-    throughput = np.asarray(throughput, np.float64)
-    used = shares > 0
-    seconds = float((shares[used] / throughput[used]).sum())
-    return 1.0 / seconds if seconds > 0 else float("inf")
-
-
-def score_choice(
-    choice: np.ndarray,
-    correct: np.ndarray,
-    latency: np.ndarray,
-    throughput: np.ndarray,
-    keys: Sequence[str],
-    budget_ms: float | None,
-    strategy: str,
-    label: str,
-    extra_latency: np.ndarray | None = None,
-    extra_share: np.ndarray | None = None,
-    share_budgets: Sequence[float] = (),
-    **kwargs,
-) -> StrategyPoint:
-    """Price a strategy from the column it chose per sample.
-
-    choice: (N,) int column per sample; correct: (N, V) bool; latency: (N, V) ms, the modelled
-    latency of sample i on variant v; throughput: (V,) samples/s at batch 64.
-    extra_latency (N,) ms and extra_share (V,) add work that is not the answering variant's,
-    e.g. the cascade's cheap pass on escalated samples. share_budgets: budgets (ms) at which
-    to record the share of samples within them (for recommending an unbudgeted point).
-    """
-    rows = np.arange(len(choice))
-    ms = latency[rows, choice]
-    if extra_latency is not None:
-        ms = ms + extra_latency
-    mix = np.bincount(choice, minlength=len(keys)) / max(1, len(choice))
-    work = mix + (extra_share if extra_share is not None else 0.0)
-    return StrategyPoint(
-        strategy=strategy,
-        label=label,
-        accuracy=float(correct[rows, choice].mean()),
-        mean_ms=float(ms.mean()),
-        p99_ms=float(np.percentile(ms, 99)),
-        within_budget=None if budget_ms is None else float((ms <= budget_ms).mean()),
-        throughput=mixed_throughput(work, throughput),
-        mix={k: float(s) for k, s in zip(keys, mix)},
-        budget_ms=budget_ms,
-        within_by_budget={f"{b:g}": float((ms <= b).mean()) for b in share_budgets},
-        **kwargs,
-    )
-
-
 # ----------------------------------------------------------------------------- Pareto frontier
 
 
@@ -182,6 +100,16 @@ def pareto_mask(gain: Sequence[float], cost: Sequence[float]) -> np.ndarray:
     strict = (g[None, :] > g[:, None]) | (c[None, :] < c[:, None])
     dominated = (ge & le & strict & valid[None, :]).any(axis=1)
     return valid & ~dominated
+
+
+def mark_frontiers(points: Sequence[StrategyPoint]) -> None:
+    """Set on_*_frontier over the deployable points (the oracle and non-served baselines are references)."""
+    cand = [p for p in points if p.deployable]
+    acc = [p.accuracy for p in cand]
+    lat_mask = pareto_mask(acc, [p.mean_ms for p in cand])
+    thr_mask = pareto_mask(acc, [-p.throughput for p in cand])
+    for p, a, b in zip(cand, lat_mask, thr_mask):
+        p.on_latency_frontier, p.on_throughput_frontier = bool(a), bool(b)
 
 
 # ----------------------------------------------------------------------------- verdict

@@ -14,6 +14,7 @@ import numpy as np
 import onnxruntime as ort
 
 from adaptive_quant.core.manifest import LatencyPoint, LatencyProfile
+from adaptive_quant.core.stats import percentiles, time_calls
 
 
 def make_session(path: str, threads: int = 0) -> ort.InferenceSession:
@@ -104,18 +105,9 @@ def profile_session(
     points: dict[str, LatencyPoint] = {}
     for b in batch_sizes:
         x = np.ascontiguousarray(np.resize(sample, (b,) + sample.shape[1:]).astype(np.float32))
-        for _ in range(3):  # warm-up: first calls allocate and pick kernels
-            session.run(None, {name: x})
-        times: list[float] = []
-        deadline = time.perf_counter() + seconds_per_point
-        while len(times) < min_iters or time.perf_counter() < deadline:
-            t = time.perf_counter()
-            session.run(None, {name: x})
-            times.append(time.perf_counter() - t)
-        ms = np.array(times) * 1e3
-        points[str(b)] = LatencyPoint(
-            p50_ms=float(np.percentile(ms, 50)),
-            p95_ms=float(np.percentile(ms, 95)),
-            throughput=float(b / (ms.mean() / 1e3)),
-        )
+        feed = {name: x}
+        # 3 untimed warm-up calls: first calls allocate and pick kernels
+        ms = time_calls(lambda _, feed=feed: session.run(None, feed), min_iters, seconds_per_point, warmup=3)
+        q = percentiles(ms, (50, 95))
+        points[str(b)] = LatencyPoint(p50_ms=q["p50"], p95_ms=q["p95"], throughput=float(b / (ms.mean() / 1e3)))
     return LatencyProfile(host=host_info(threads), batches=points)

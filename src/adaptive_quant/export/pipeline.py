@@ -130,6 +130,10 @@ def build_repository(
     try:
         paths, torch_models = write_variant_files(payload, cfg, work, calibration)
         result = _validate_profile_describe(cfg, payload, work, paths, torch_models, data, val_x, force)
+        if e.router and "int8" in result.manifest.variants:
+            from adaptive_quant.export.plans import fit_router
+
+            result.manifest = fit_router(work, data.val, e.plans, entry="int8", threads=e.ort_threads).manifest
         _publish(work, target)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
@@ -260,11 +264,11 @@ def _log_to_mlflow(cfg: ExperimentConfig, payload: dict[str, Any], repo: Path, r
 
     run_id = payload.get("mlflow_run_id")
     try:
-        ctx = start_run(cfg.tracking, run_id=run_id)
+        ctx = start_run(cfg.tracking, kind="export", run_id=run_id)
         tracker = ctx.__enter__()
     except Exception as exc:  # the training run may live in another store: log a fresh export run instead
         log.warning("cannot reopen training run %s (%s); logging a new export run", run_id, exc)
-        ctx = start_run(cfg.tracking, run_name="export")
+        ctx = start_run(cfg.tracking, kind="export")
         tracker = ctx.__enter__()
     try:
         tracker.set_tags({"exported": "true"})

@@ -1,6 +1,6 @@
 """The Python-backend flavour of a model repository, for the Triton binary that nvidia-pytriton ships.
 
-That binary has only the `python` backend (no onnxruntime backend; see shared/PLATFORM.md),
+That binary has only the `python` backend (no onnxruntime backend; see docs/platform.md),
 so each served variant becomes a Python-backend model whose `model.py` runs the *same* ONNX
 file with ONNX Runtime on CPU. Layout written under `dst_repo`:
 

@@ -26,9 +26,11 @@ from adaptive_quant.core.manifest import Manifest, load_manifest, save_manifest
 from adaptive_quant.core.routing import Priority, RoutingConfig
 from adaptive_quant.data import Split, load_dataset
 from adaptive_quant.evaluation.strategies import (
-    PolicyPoint,
+    CASCADE_THRESHOLDS,
+    Outcomes,
+    StrategyPoint,
     adaptive_point,
-    cascade_point,
+    cascade_points,
     fixed_points,
     oracle_point,
     random_same_mix,
@@ -48,6 +50,7 @@ from adaptive_quant.training.augment import to_normalized_tensor
 log = logging.getLogger(__name__)
 
 PREDICTOR_VERSION = 1
+ROUTING_KNOBS = (0.0, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1)  # accuracy_per_halving values the report sweeps
 
 
 @dataclass
@@ -65,11 +68,18 @@ class PredictorReport:
     nll_calibration_split_calibrated: dict[str, float]
     calibration: dict[str, tuple[float, float]]  # (a, b) of sigmoid(a·z + b)
     test_error_rate: dict[str, float]
-    routing: list[PolicyPoint] = field(default_factory=list)
+    routing: list[StrategyPoint] = field(default_factory=list)
     latency_ms: dict[str, float] = field(default_factory=dict)  # batch-1 p50 used for routing points
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Everything, with one compact row per routing point (the predictor report's long-standing
+        JSON form; the full points, p99 and budgets included, are the evaluation report's job)."""
+        d = asdict(self)
+        d["routing"] = [
+            {"name": p.strategy, "param": p.param, "accuracy": p.accuracy, "mean_latency_ms": p.mean_ms, "mix": p.mix}
+            for p in self.routing
+        ]
+        return d
 
 
 def variant_logits(
@@ -192,23 +202,19 @@ def _report_on_test(
     latency = np.array([manifest.variants[k].latency.at(1).p50_ms for k in keys])
     precisions = [manifest.variants[k].precision for k in keys]
 
-    routing: list[PolicyPoint] = fixed_points(correct, latency, keys)
-    routing.append(oracle_point(correct, latency, keys))
-    for knob in (0.0, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1):
-        point = adaptive_point(
-            p_cal,
-            correct,
-            latency,
-            keys,
-            precisions,
-            Priority.BALANCED,
-            RoutingConfig(accuracy_per_halving=knob),
-            param=knob,
-        )
-        routing += [point, random_same_mix(point, correct, latency, keys)]
+    # every sample on variant v costs v's batch-1 p50 (no per-sample jitter here); the random
+    # assignment's latency is then its expectation (to rounding) whatever the draw
+    o = Outcomes(keys, correct, latency)
+    routing = fixed_points(o)
+    routing.append(oracle_point(o, cost_ms=latency))
+    rng = np.random.default_rng(cfg.seed)
+    for knob in ROUTING_KNOBS:
+        config = RoutingConfig(accuracy_per_halving=knob)
+        label = f"adaptive balanced, accuracy_per_halving {knob:g}"
+        point = adaptive_point(o, p_cal, latency, precisions, None, Priority.BALANCED, config, label=label, param=knob)
+        routing += [point, random_same_mix(o, point, rng)]
     if "int8" in keys and "fp32" in keys:
-        for thr in (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99):
-            routing.append(cascade_point(test_logits["int8"], correct, latency, keys, "int8", "fp32", thr))
+        routing += cascade_points(o, test_logits["int8"], "int8", "fp32", CASCADE_THRESHOLDS)
     return PredictorReport(
         variant_keys=keys,
         parameters=predictor.num_parameters(),
@@ -236,7 +242,7 @@ def _log_to_mlflow(cfg: ExperimentConfig, manifest: Manifest, report: PredictorR
 
     from adaptive_quant.tracking import start_run
 
-    with start_run(cfg.tracking, run_name="accuracy-predictor") as tracker:
+    with start_run(cfg.tracking, kind="predictor") as tracker:
         tracker.set_tags({"phase": "predictor", "training_run": str(manifest.training.get("mlflow_run_id"))})
         tracker.log_params(
             {

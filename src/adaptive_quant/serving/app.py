@@ -23,9 +23,10 @@ from adaptive_quant.predictor.runtime import AccuracyPredictor, LoadedPredictor,
 from adaptive_quant.serving.auth import ApiKeyMiddleware
 from adaptive_quant.serving.backends import Backend, make_backend
 from adaptive_quant.serving.errors import InputError, ServiceUnavailable
+from adaptive_quant.serving.followup import LoadedRouter, RouterPredictor, load_router
 from adaptive_quant.serving.memory_control import MemoryController
 from adaptive_quant.serving.metrics import GatewayMetrics
-from adaptive_quant.serving.routes import router
+from adaptive_quant.serving.routes import router as api_router
 from adaptive_quant.serving.schemas import request_schemas
 from adaptive_quant.serving.service import ClassifierService
 from adaptive_quant.serving.settings import ServeSettings, SettingsError
@@ -77,10 +78,11 @@ def create_app(
     backend: Backend | None = None,
     predictor: AccuracyPredictor | None = None,
     memory_probe: Callable[[], MemorySample] | None = None,
+    router_predictor: RouterPredictor | None = None,
 ) -> FastAPI:
     """Build the gateway. The manifest is read now (a missing repository fails here, clearly);
     the backend (given, or made from settings) is started and closed by the app's lifespan.
-    `memory_probe` replaces the memory policy's measurement (tests)."""
+    `memory_probe` replaces the memory policy's measurement, `router_predictor` the manifest's router (tests)."""
     manifest = load_manifest(settings.repository)
     unknown = sorted(set(settings.variants) - {v.key for v in manifest.served_variants()})
     if unknown:
@@ -114,11 +116,17 @@ def create_app(
             b = make_backend(settings.backend.kind, settings.repository, manifest, **opts)
         await b.start()
         loaded = (
-            LoadedPredictor(predictor, "custom", "given to create_app")
+            LoadedPredictor(predictor, "custom", f"custom: {type(predictor).__name__} given to create_app")
             if predictor is not None
             else load_accuracy_predictor(settings.repository, manifest)
         )
-        service = ClassifierService(settings, manifest, b, loaded, metrics)
+        found = (
+            LoadedRouter(router_predictor, f"custom: {type(router_predictor).__name__} given to create_app", {})
+            if router_predictor is not None
+            else load_router(settings.repository, manifest, settings.planner.enabled)
+        )
+        service = ClassifierService(settings, manifest, b, loaded, metrics, router=found.predictor)
+        service.router_info = found
         await service.warm_up()
         if settings.memory.enabled:
             service.memory_controller = MemoryController(
@@ -128,12 +136,12 @@ def create_app(
         app.state.service = service
         health = b.variants()
         log.info(
-            "serving %s with the %s backend; variants: %s; predictor: %s (%s)",
+            "serving %s with the %s backend; variants: %s; router: %s%s",
             manifest.model_name,
             b.name,
             ", ".join(f"{k}={'ok' if h.healthy else 'UNHEALTHY'}" for k, h in health.items()),
-            loaded.kind,
-            loaded.detail,
+            found.summary,  # one line each; the structured detail is in /v1/status
+            "" if found.predictor is not None else f"; predictor: {loaded.summary}",
         )
         if not b.ready():
             log.error("no variant can serve: /readyz answers 503 and classify requests get 503")
@@ -157,7 +165,7 @@ def create_app(
     app.state.metrics = metrics
     app.state.service = None
     install_error_handlers(app)
-    app.include_router(router)
+    app.include_router(api_router)
     generate_openapi = app.openapi
 
     def openapi() -> dict:  # the request schema depends on this service's image size and limits

@@ -1,6 +1,6 @@
 """Request body → images. Every failure is an InputError that says what was wrong and what is accepted.
 
-Accepted instances (DESIGN.md): {"b64": "<PNG or JPEG bytes, base64>"} or
+Accepted instances (docs/architecture.md, "The gateway's API"): {"b64": "<PNG or JPEG bytes, base64>"} or
 {"pixels": H×W×3 nested list of integers 0..255}, each image 32×32 RGB.
 """
 

@@ -68,10 +68,28 @@ class GatewayMetrics:
             ["variant"],
             registry=r,
         )
+        self.followups = Counter(
+            "aq_followups",
+            "Samples that got a follow-up plan after the entry pass, by plan (two-stage routing)",
+            ["plan"],
+            registry=r,
+        )
+        self.followup_passes_lost = Counter(
+            "aq_followup_passes_lost",
+            "Follow-up passes (sample x pass) whose answer did not count: cut at the deadline, or failed",
+            ["reason"],
+            registry=r,
+        )
+        for reason in ("cut", "failed"):
+            self.followup_passes_lost.labels(reason)
         for outcome in OUTCOMES:  # export zeros from the start, so dashboards see every series
             self.requests.labels(outcome)
         for result in ("met", "missed"):
             self.budget.labels(result)
+
+    def declare_plans(self, plans: list[str]) -> None:
+        for name in plans:
+            self.followups.labels(name)
 
     def declare_variants(self, keys: list[str]) -> None:
         for k in keys:

@@ -6,7 +6,6 @@ import asyncio
 import time
 from typing import Annotated
 
-import numpy as np
 import psutil
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
@@ -129,11 +128,8 @@ async def classify(request: Request, service: ServiceDep) -> Response:
         m.requests.labels(outcome).inc()
         m.request_time.observe(time.perf_counter() - started)
 
-    logits = result.logits.astype(np.float64)
-    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
-    probs /= probs.sum(axis=1, keepdims=True)
+    probs = result.probs  # (N, C): averaged over the passes that answered each sample
     class_ids = probs.argmax(axis=1)
-    entries = service.manifest.variants
     predictions = []
     for i, (c, key) in enumerate(zip(class_ids, result.variants)):
         predictions.append(
@@ -141,8 +137,9 @@ async def classify(request: Request, service: ServiceDep) -> Response:
                 "label": service.manifest.classes[int(c)],
                 "class_id": int(c),
                 "confidence": round(float(probs[i, c]), 6),
-                "precision": entries[key].precision,
-                "variant": key,
+                "precision": result.precisions[i],  # the highest precision among its passes
+                "variant": key,  # the entry pass's variant
+                "passes": result.passes[i],  # e.g. ["int8", "int8:hflip"]
             }
         )
     for key in set(result.variants):
@@ -158,6 +155,8 @@ async def classify(request: Request, service: ServiceDep) -> Response:
         "server_time_ms": round(result.server_time_ms, 3),
         "routing_time_ms": round(result.routing_time_ms, 4),
         "fallbacks": result.fallbacks,
+        "followups": result.followups,  # samples upgraded by a follow-up pass
+        "followups_lost": result.followups_lost,  # follow-up passes cut at the deadline or failed
     }
     server_ms = (time.perf_counter() - started) * 1e3  # includes shaping the answer
     headers = {
@@ -206,7 +205,25 @@ async def status(service: ServiceDep) -> dict:
         "model": service.manifest.model_name,
         "backend": service.backend.name,
         "ready": service.ready(),
-        "predictor": {"kind": service.predictor.kind, "detail": service.predictor.detail},
+        "predictor": {
+            "kind": service.predictor.kind,
+            "summary": service.predictor.summary,
+            "detail": service.predictor.detail,
+        },
+        "router": {
+            "two_stage": service.followup is not None,
+            "summary": service.router_info.summary,
+            "plans": [p.name for p in service.followup.plans[1:]] if service.followup else [],
+            "followups_by_plan": (
+                {p.name: int(m.value("aq_followups_total", plan=p.name)) for p in service.followup.plans[1:]}
+                if service.followup
+                else {}
+            ),
+            "followup_passes_lost": {
+                r: int(m.value("aq_followup_passes_lost_total", reason=r)) for r in ("cut", "failed")
+            },
+            "detail": service.router_info.detail,
+        },
         "variants": variants,
         "in_flight_requests": service.in_flight,
         "process": {"rss_bytes": mem.rss, "pid": psutil.Process().pid},

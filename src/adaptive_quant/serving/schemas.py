@@ -114,11 +114,18 @@ class VariantStatus(BaseModel):
     loaded_reason: str = Field(..., description="why it is loaded or not (start-up, memory policy, server down, ...)")
 
 
+class PredictorStatus(BaseModel):
+    kind: str = Field(..., description="mlp (the trained predictor) | prior (validation accuracies) | custom")
+    summary: str = Field(..., description="one line: what routes and how good it is, or why the prior")
+    detail: dict[str, Any] = Field(..., description="the same, structured: path, features, metrics, reason")
+
+
 class StatusResponse(BaseModel):
     model: str
     backend: str
     ready: bool
-    predictor: dict[str, str]
+    predictor: PredictorStatus
+    router: dict[str, Any] = Field(..., description="two-stage routing: the router's summary, plans, follow-up counts")
     variants: list[VariantStatus]
     in_flight_requests: int
     process: dict[str, Any]

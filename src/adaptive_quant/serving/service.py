@@ -1,6 +1,14 @@
 """The classify engine: route every sample, call the backend per variant, enforce the deadline, fall back.
 
-Per request:
+Two-stage routing (when the manifest names a router, i.e. the exporter measured follow-up plans):
+  1. entry pass: every sample goes to the cheapest allowed variant that can serve (INT8 unless
+     X-Min-Precision says otherwise), with the fallback and deadline rules below
+  2. serving.followup: the router predictor reads the entry logits, the planner picks a follow-up
+     plan per sample within the remaining budget (priced higher under load), the follow-up passes
+     run batched and are cut at the deadline; the answer averages the passes that ran
+Without a router (older repositories) the single-stage policy below routes each sample once.
+
+Per request (single stage, and the entry pass of two-stage):
   1. the predictor gives p(correct | sample, variant), (N, V); the estimator gives each
      variant's latency for a call of N samples now (profile · observed ratio + queueing)
   2. `route_batch` picks a variant per sample (the same function the offline evaluation uses)
@@ -26,7 +34,7 @@ import asyncio
 import base64
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -34,11 +42,13 @@ from adaptive_quant.core.images import encode_png
 from adaptive_quant.core.latency import LatencyEstimator
 from adaptive_quant.core.manifest import Manifest
 from adaptive_quant.core.precision import Precision
-from adaptive_quant.core.routing import NoVariantAllowed, route_batch
+from adaptive_quant.core.routing import NoVariantAllowed, Priority, route_batch
+from adaptive_quant.core.stats import softmax
 from adaptive_quant.predictor.runtime import LoadedPredictor, PriorPredictor, accuracy_matrix
 from adaptive_quant.serving.backends.base import Backend
 from adaptive_quant.serving.decode import decode_instances
 from adaptive_quant.serving.errors import InputError, ServiceUnavailable
+from adaptive_quant.serving.followup import FollowupStage, LoadedRouter, RouterPredictor, highest_precision
 from adaptive_quant.serving.metrics import GatewayMetrics
 from adaptive_quant.serving.options import ClassifyOptions
 from adaptive_quant.serving.settings import ServeSettings
@@ -50,12 +60,16 @@ FALLBACK_LOG_INTERVAL_S = 5.0  # s between fallback warnings for one variant and
 
 @dataclass
 class ClassifyResult:
-    logits: np.ndarray  # (N, num_classes) float32
-    variants: list[str]  # (N,) key of the variant that answered each sample
+    probs: np.ndarray  # (N, num_classes) float32: softmax of the answer (averaged over the passes that ran)
+    variants: list[str]  # (N,) key of the variant that answered each sample's entry pass
+    passes: list[list[str]]  # (N,) the passes that answered each sample, entry first ("int8", "int8:hflip")
+    precisions: list[str]  # (N,) the highest precision among each sample's passes
     budget_met: bool
     server_time_ms: float
     routing_time_ms: float
     fallbacks: int
+    followups: int = 0  # samples that got at least one follow-up pass answered
+    followups_lost: int = 0  # follow-up passes cut at the deadline or failed
 
 
 @dataclass
@@ -91,6 +105,7 @@ class ClassifierService:
         backend: Backend,
         predictor: LoadedPredictor,
         metrics: GatewayMetrics,
+        router: RouterPredictor | None = None,
     ) -> None:
         self.settings = settings
         self.manifest = manifest
@@ -111,6 +126,12 @@ class ClassifierService:
         self._fallback_log: dict[tuple[str, str], tuple[float, int]] = {}  # (key, reason) → (last logged, folded)
         self.memory_controller = None  # a gateway.memory_control.MemoryController when memory.enabled
         metrics.declare_variants(self.keys)
+        # two-stage routing when the repository ships a router (see the module docstring)
+        self.followup = FollowupStage(router, self.keys, self.precisions, settings.planner) if router else None
+        # what /v1/status says about it; create_app replaces it with what load_router found
+        self.router_info = LoadedRouter(router, "given to the service" if router else "none: single-stage", {})
+        if self.followup is not None:
+            metrics.declare_plans([p.name for p in self.followup.plans[1:]])
 
     # ------------------------------------------------------------------ health
 
@@ -177,11 +198,17 @@ class ClassifierService:
         self.check_floor(options.floor)
         n = images.shape[0]
         t = time.perf_counter()
-        acc = accuracy_matrix(self.predictor.predictor, images, self.keys, self.prior)  # (N, V)
+        if self.followup is None:
+            acc = accuracy_matrix(self.predictor.predictor, images, self.keys, self.prior)  # (N, V)
+            entry_options = options
+        else:
+            # entry pass: equal predicted accuracy and the balanced price → the cheapest allowed variant
+            acc = np.zeros((n, len(self.keys)))
+            entry_options = replace(options, priority=Priority.BALANCED)
         state = _RequestState(
             x=x,
             acc=acc,
-            options=options,
+            options=entry_options,
             started=started,
             logits=np.empty((n, len(self.manifest.classes)), dtype=np.float32),
             answered_by=np.full(n, -1),
@@ -189,19 +216,111 @@ class ClassifierService:
             routing_s=time.perf_counter() - t,
         )
         await self._serve(state, np.arange(n), frozenset())
+        variants = [self.keys[j] for j in state.answered_by]
+        passes = [[k] for k in variants]
+        probs = softmax(state.logits)
+        followups = lost = 0
+        if self.followup is not None:
+            followups, lost = await self._follow_up(state, options, probs, passes)
         self.metrics.decision_time.observe(state.routing_s)
         server_ms = (time.perf_counter() - started) * 1e3
         met = bool(state.decision_met.all())
         if options.budget_ms is not None:
             met = met and server_ms <= options.budget_ms
+        precision = dict(zip(self.keys, self.precisions))
         return ClassifyResult(
-            logits=state.logits,
-            variants=[self.keys[j] for j in state.answered_by],
+            probs=probs,
+            variants=variants,
+            passes=passes,
+            precisions=[highest_precision(p, precision).value for p in passes],
             budget_met=met,
             server_time_ms=server_ms,
             routing_time_ms=state.routing_s * 1e3,
             fallbacks=state.fallbacks,
+            followups=followups,
+            followups_lost=lost,
         )
+
+    async def _follow_up(
+        self, state: _RequestState, options: ClassifyOptions, probs: np.ndarray, passes: list[list[str]]
+    ) -> tuple[int, int]:
+        """Second stage, per entry variant (one, unless a fallback moved some samples): plan the
+        follow-ups, run them, and write the combined answer into `probs` and `passes` in place.
+        Returns (samples upgraded, follow-up passes lost to the deadline or a failure)."""
+        assert self.followup is not None
+        health = self.routable()
+        routable = dict(zip(self.keys, health.tolist()))
+        dl = self.settings.deadline
+        reserve_ms = max(dl.followup_reserve_ms, dl.followup_reserve_share * (options.budget_ms or 0.0))
+        deadline = None if options.budget_ms is None else state.started + (options.budget_ms - reserve_ms) / 1e3
+        upgraded = lost = 0
+        for j in np.unique(state.answered_by):
+            entry = self.keys[int(j)]
+            idx = np.flatnonzero(state.answered_by == j)
+            t = time.perf_counter()
+            allowed = self.followup.allowed(entry, routable, options.floor)
+            remaining = self._remaining_ms(state)
+            decision = self.followup.decide(
+                entry,
+                state.logits[idx],
+                allowed,
+                None if remaining is None else remaining - reserve_ms,
+                options.priority,
+                self.estimator,
+            )
+            state.routing_s += time.perf_counter() - t
+            if not (decision.index > 0).any():
+                continue
+            result = await self.followup.run(
+                entry,
+                state.x[idx],
+                state.logits[idx],
+                decision,
+                deadline,
+                self.settings.deadline.no_budget_timeout_ms,
+                self._follow_up_call,
+            )
+            probs[idx] = result.probs
+            for i, p in zip(idx, result.passes):
+                passes[i] = p
+            for plan in set(result.plans) - {"none"}:
+                self.metrics.followups.labels(plan).inc(result.plans.count(plan))
+            if result.cut:
+                self.metrics.followup_passes_lost.labels("cut").inc(result.cut)
+            if result.failed:
+                self.metrics.followup_passes_lost.labels("failed").inc(result.failed)
+            upgraded += sum(len(p) > 1 for p in result.passes)
+            lost += result.cut + result.failed
+        return upgraded, lost
+
+    async def _follow_up_call(self, key: str, x: np.ndarray, timeout_ms: float) -> np.ndarray:
+        """One follow-up backend call, cut after `timeout_ms` (TimeoutError): nothing falls back from
+        here, the entry answer already stands. Errors count towards the variant's breaker."""
+        n = x.shape[0]
+        if timeout_ms <= 0:
+            raise TimeoutError("no budget left for the follow-up")
+        predicted = self.estimator.begin(key, n)
+        gauge = self.metrics.variant_in_flight.labels(key)
+        gauge.inc(n)
+        t = time.perf_counter()
+        observed: float | None = None
+        try:
+            logits = await asyncio.wait_for(self.backend.infer(key, x), timeout_ms / 1e3)
+            if logits.shape[0] != n:
+                raise ValueError(f"backend returned logits of shape {logits.shape} for {n} samples")
+            observed = (time.perf_counter() - t) * 1e3
+            self.metrics.backend_latency.labels(key).observe(observed / 1e3)
+            self._record_success(key)
+            return logits
+        except TimeoutError:
+            observed = (time.perf_counter() - t) * 1e3  # at least this slow: a latency observation
+            raise
+        except Exception:
+            self._record_failure(key)
+            raise
+        finally:
+            gauge.dec(n)
+            self.estimator.end(key, n, observed, predicted)
 
     def _remaining_ms(self, state: _RequestState) -> float | None:
         if state.options.budget_ms is None:

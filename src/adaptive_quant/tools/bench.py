@@ -1,41 +1,42 @@
-"""Gateway benchmarks (run by scripts/bench_gateway.py; never as timed tests).
+"""Gateway benchmark helpers (run by `aq-bench`, cli/bench.py; never as timed tests).
 
-1. routing decision per sample: predictor + latency estimate + policy, µs (p50, p99)
-2. gateway overhead at concurrency 1: the backend called directly vs the same request through
-   the whole gateway in-process (ASGI, no network), ms (p50)
-3. throughput over real HTTP (a uvicorn subprocess) at several concurrencies, for the gateway
-   pinned to one variant (fixed fp32, fixed int8) and adaptive, samples/s
+What they measure comes in as callables and clients, so this module needs nothing of the
+gateway's internals (tools reach the gateway over HTTP only); cli/bench.py builds the
+routing function, the backend and the in-process gateway and hands them over.
+
+1. routing decision per sample (`routing_times`): predictor + latency estimate + policy, µs
+2. gateway overhead at concurrency 1 (`backend_times`, `gateway_times`, `overhead`): the
+   backend called directly vs the same request through the whole gateway, ms
+3. throughput over real HTTP (`bench_throughput`): a gateway subprocess per mode (pinned to
+   fp32, pinned to int8, adaptive), closed-loop load from `tools.loadtest` at each concurrency
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
 import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, replace
-from pathlib import Path
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
 
 import httpx
 import numpy as np
 
-from adaptive_quant.core.latency import LatencyEstimator
-from adaptive_quant.core.manifest import load_manifest
-from adaptive_quant.core.precision import Precision
-from adaptive_quant.core.routing import Priority, allowed_mask, route_batch
-from adaptive_quant.predictor.runtime import PriorPredictor, accuracy_matrix, load_accuracy_predictor
-from adaptive_quant.serving.app import create_app
-from adaptive_quant.serving.backends.embedded import EmbeddedBackend
-from adaptive_quant.serving.decode import to_model_input
-from adaptive_quant.serving.settings import ServeSettings
-from adaptive_quant.tools.client import request_body
+from adaptive_quant.core.stats import percentiles, time_calls, time_calls_async
+from adaptive_quant.tools.loadtest.config import LoadTestConfig
+from adaptive_quant.tools.loadtest.runner import Workload, run_loadtest
+from adaptive_quant.tools.loadtest.schedule import BudgetSpec
+
+WARMUP_SHARE = 10  # the first 1/10 of the calls of a timing run are warm-up, not timed
 
 
-def _pcts(values_s: list[float], scale: float) -> dict[str, float]:
-    a = np.asarray(values_s) * scale
-    return {"p50": float(np.percentile(a, 50)), "p99": float(np.percentile(a, 99)), "n": len(a)}
+def p50_p99(values: np.ndarray | list[float]) -> dict[str, float]:
+    """{"p50", "p99", "n"} of a timing run, in the values' unit."""
+    return {**percentiles(values, (50, 99)), "n": len(values)}
 
 
 def sample_images(n: int, seed: int = 0) -> np.ndarray:
@@ -45,79 +46,53 @@ def sample_images(n: int, seed: int = 0) -> np.ndarray:
     return np.repeat(np.repeat(base, 4, axis=1), 4, axis=2)
 
 
-def bench_routing(settings: ServeSettings, iterations: int = 3000) -> dict[str, dict[str, float]]:
-    """µs per sample for one routing decision, at request sizes 1 and 32."""
-    manifest = load_manifest(settings.repository)
-    loaded = load_accuracy_predictor(settings.repository, manifest)
-    prior = PriorPredictor.from_manifest(manifest)
-    served = manifest.served_variants()
-    keys = [v.key for v in served]
-    estimator = LatencyEstimator({v.key: v.latency for v in served}, settings.latency)
-    allowed = allowed_mask([Precision(v.precision) for v in served], None)
+# ----------------------------------------------------------------------------- 1. routing
+
+
+def routing_times(decide: Callable[[np.ndarray], object], iterations: int = 3000) -> dict[str, dict[str, float]]:
+    """µs per sample of `decide(images)`, images (n, 32, 32, 3) uint8, at request sizes 1 and 32
+    (32: iterations // 8 calls); the first tenth of the calls warm up."""
     imgs = sample_images(256)
     out = {}
     for n in (1, 32):
-        times = []
-        for i in range(iterations if n == 1 else iterations // 8):
-            batch = imgs[(i * n) % 224 : (i * n) % 224 + n]
-            t = time.perf_counter()
-            acc = accuracy_matrix(loaded.predictor, batch, keys, prior)
-            est = np.array(estimator.estimates_ms(keys, n))
-            route_batch(acc, est, allowed, 10.0, Priority.BALANCED, settings.routing)
-            times.append((time.perf_counter() - t) / n)
-        out[f"per_sample_us_at_n{n}"] = _pcts(times[len(times) // 10 :], 1e6)  # first 10% = warm-up
-    out["predictor"] = {"kind": loaded.kind}  # type: ignore[dict-item]
+        calls = iterations if n == 1 else iterations // 8
+        batches = [imgs[(i * n) % 224 : (i * n) % 224 + n] for i in range(min(calls, 224))]
+        warm = calls // WARMUP_SHARE
+        ms = time_calls(lambda i, b=batches: decide(b[i % len(b)]), calls - warm, warmup=warm)
+        out[f"per_sample_us_at_n{n}"] = p50_p99(ms * 1e3 / n)
     return out
 
 
-async def _direct_backend(settings: ServeSettings, variant: str, x: np.ndarray, iterations: int) -> list[float]:
-    manifest = load_manifest(settings.repository)
-    backend = EmbeddedBackend(
-        settings.repository,
-        manifest,
-        max_batch_size=settings.batching.max_batch_size,
-        max_queue_delay_us=settings.batching.max_queue_delay_us,
-        intra_op_threads=settings.backend.intra_op_threads,
-    )
-    await backend.start()
-    try:
-        times = []
-        for _ in range(iterations):
-            t = time.perf_counter()
-            await backend.infer(variant, x)
-            times.append(time.perf_counter() - t)
-        return times[iterations // 10 :]
-    finally:
-        await backend.close()
+# ----------------------------------------------------------------------------- 2. overhead
 
 
-async def _through_gateway(settings: ServeSettings, body: dict, iterations: int) -> tuple[list[float], list[float]]:
-    app = create_app(settings)
-    client_s, server_s = [], []
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
-            for _ in range(iterations):
-                t = time.perf_counter()
-                r = await client.post("/v1/classify", json=body)
-                client_s.append(time.perf_counter() - t)
-                r.raise_for_status()
-                server_s.append(float(r.headers["X-Server-Time-Ms"]) / 1e3)
-    k = iterations // 10
-    return client_s[k:], server_s[k:]
+async def backend_times(infer: Callable[[], Awaitable[object]], iterations: int) -> np.ndarray:
+    """ms per `await infer()` (one request straight to a started backend); the first tenth warm up."""
+    warm = iterations // WARMUP_SHARE
+    return await time_calls_async(lambda _: infer(), iterations - warm, warmup=warm)
 
 
-def bench_overhead(
-    settings: ServeSettings, variant: str = "int8", iterations: int = 500
-) -> dict[str, dict[str, float]]:
-    """ms at concurrency 1, one image: the backend alone vs through the gateway (pinned to `variant`)."""
-    manifest = load_manifest(settings.repository)
-    img = sample_images(1, seed=7)
-    x = to_model_input(img, manifest.mean, manifest.std)
-    pinned = replace(settings, variants=[variant])
-    direct = asyncio.run(_direct_backend(settings, variant, x, iterations))
-    client_s, server_s = asyncio.run(_through_gateway(pinned, request_body(img), iterations))
-    d, c, s = _pcts(direct, 1e3), _pcts(client_s, 1e3), _pcts(server_s, 1e3)
+async def gateway_times(
+    client: httpx.AsyncClient, body: dict[str, Any], iterations: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(client ms, X-Server-Time-Ms) per POST /v1/classify of `body` through `client` (a gateway,
+    in-process or not, whose lifespan has started); the first tenth warm up."""
+    warm = iterations // WARMUP_SHARE
+    responses: list[httpx.Response] = []
+
+    async def post(_: int) -> None:
+        responses.append(await client.post("/v1/classify", json=body))
+
+    client_ms = await time_calls_async(post, iterations - warm, warmup=warm)
+    timed = responses[warm:]
+    for r in timed:
+        r.raise_for_status()
+    return client_ms, np.array([float(r.headers["X-Server-Time-Ms"]) for r in timed])
+
+
+def overhead(direct_ms: np.ndarray, client_ms: np.ndarray, server_ms: np.ndarray) -> dict[str, dict[str, float]]:
+    """The overhead report: each timing's p50/p99 and the gateway's cost over the bare backend."""
+    d, c, s = p50_p99(direct_ms), p50_p99(client_ms), p50_p99(server_ms)
     return {
         "backend_direct_ms": d,
         "gateway_server_time_ms": s,
@@ -129,7 +104,7 @@ def bench_overhead(
     }
 
 
-# ----------------------------------------------------------------------------- throughput over HTTP
+# ----------------------------------------------------------------------------- 3. throughput over HTTP
 
 
 @dataclass
@@ -146,14 +121,14 @@ class ServerProcess:
 
 
 def start_server(repository: str, config: str | None, sets: list[str], nice: int = 0) -> ServerProcess:
-    """scripts/serve.py in a subprocess on a free loopback port; returns once /readyz answers 200."""
+    """`aq-serve` in a subprocess on a free loopback port; returns once /readyz answers 200."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    script = Path(__file__).resolve().parents[3] / "scripts" / "serve.py"
     cmd = [
         sys.executable,
-        str(script),
+        "-m",
+        "adaptive_quant.cli.serve",
         "--repository",
         repository,
         "--port",
@@ -183,47 +158,30 @@ def start_server(repository: str, config: str | None, sets: list[str], nice: int
     raise RuntimeError("server did not become ready within 60 s")
 
 
-async def _load(url: str, body: dict, headers: dict[str, str], concurrency: int, duration_s: float) -> dict[str, float]:
-    done = 0
-    errors = 0
-    precisions: dict[str, int] = {}
-    latencies: list[float] = []
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as client:
-        for _ in range(concurrency):  # warm the connections
-            await client.post("/v1/classify", json=body, headers=headers)
-        stop = time.perf_counter() + duration_s
-
-        async def worker() -> None:
-            nonlocal done, errors
-            while time.perf_counter() < stop:
-                t = time.perf_counter()
-                r = await client.post("/v1/classify", json=body, headers=headers)
-                if r.status_code != 200:
-                    errors += 1
-                    continue
-                latencies.append(time.perf_counter() - t)
-                done += len(body["instances"])
-                p = r.headers["X-Precision"]
-                precisions[p] = precisions.get(p, 0) + 1
-
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        elapsed = time.perf_counter() - t0
-    lat = _pcts(latencies, 1e3) if latencies else {"p50": float("nan"), "p99": float("nan")}
+def closed_loop(
+    url: str, workload: Workload, budget_ms: float | None, concurrency: int, duration_s: float, warmup_s: float
+) -> dict[str, Any]:
+    """One closed-loop load (`tools.loadtest`, adaptive phase) → samples/s, p50/p99 ms, errors, precisions."""
+    budget = BudgetSpec("fixed", (budget_ms,)) if budget_ms else BudgetSpec()
+    cfg = LoadTestConfig(
+        url=url, concurrency=concurrency, duration_s=duration_s, warmup_s=warmup_s, budget=budget, progress_s=0
+    )
+    phase = run_loadtest(cfg, workload).phases["adaptive"]
+    s = phase.summary(cfg.bin_s)
+    nan = float("nan")
     return {
-        "samples_per_s": done / elapsed,
-        "p50_ms": lat["p50"],
-        "p99_ms": lat["p99"],
-        "errors": errors,
-        "precisions": precisions,
-    }  # type: ignore[dict-item]
+        "samples_per_s": s["samples_per_s"] or 0.0,
+        "p50_ms": nan if s["latency_ms"]["p50"] is None else s["latency_ms"]["p50"],
+        "p99_ms": nan if s["latency_ms"]["p99"] is None else s["latency_ms"]["p99"],
+        "errors": s["requests"] - s["answered"],
+        "precisions": dict(Counter(r.precision for r in phase.records if r.answered)),
+    }
 
 
-MODES = {
-    "fixed_fp32": (["variants=[fp32]"], {}),
-    "fixed_int8": (["variants=[int8]"], {}),
-    "adaptive": ([], {}),
+MODES = {  # mode → the --set overrides of its server
+    "fixed_fp32": ["variants=[fp32]"],
+    "fixed_int8": ["variants=[int8]"],
+    "adaptive": [],
 }
 
 
@@ -235,16 +193,17 @@ def bench_throughput(
     budget_ms: float | None,
     modes: list[str],
     nice: int = 0,
+    warmup_s: float = 1.0,
 ) -> dict[str, dict[int, dict]]:
     """samples/s per mode and concurrency; one server process per mode, 1 image per request."""
-    body = request_body(sample_images(1, seed=11))
-    headers = {"X-Latency-Budget-Ms": f"{budget_ms:g}"} if budget_ms else {}
+    workload = Workload.from_images(sample_images(1, seed=11), np.zeros(1, np.int64), np.zeros((1, 1), np.int64))
     results: dict[str, dict[int, dict]] = {}
     for mode in modes:
-        sets, _ = MODES[mode]
-        server = start_server(repository, config, sets, nice)
+        server = start_server(repository, config, MODES[mode], nice)
         try:
-            results[mode] = {c: asyncio.run(_load(server.url, body, headers, c, duration_s)) for c in concurrencies}
+            results[mode] = {
+                c: closed_loop(server.url, workload, budget_ms, c, duration_s, warmup_s) for c in concurrencies
+            }
         finally:
             server.stop()
     return results

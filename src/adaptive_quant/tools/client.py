@@ -1,15 +1,12 @@
-"""Calling the gateway: request bodies, an HTTP or in-process client, a readable result table.
+"""Calling the gateway over HTTP: request bodies and headers, a client, a readable result table.
 
-Used by scripts/predict.py, scripts/make_sample.py and scripts/bench_gateway.py.
+Used by `aq-predict`, `aq-make-sample`, `aq-bench`, the load tester and the evaluation's --url mode.
 """
 
 from __future__ import annotations
 
 import base64
 import json
-import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,28 +44,15 @@ def headers_for(budget_ms: float | None, priority: str | None, min_precision: st
     return h
 
 
-@contextmanager
-def open_client(
-    url: str | None = None, settings: Any = None, timeout_s: float = 30.0, api_key: str | None = None
-) -> Iterator[httpx.Client]:
-    """An httpx-compatible client: against a running service (`url`), or an in-process gateway
-    built from `settings` (embedded backend, started and stopped around the block). Every
-    request carries `api_key` (in-process: the settings' own key) as X-API-Key when there is one."""
-    if url is None and settings is not None:
-        api_key = api_key or settings.server.api_key
-    headers = {"X-API-Key": api_key} if api_key else {}
-    if url is not None:
-        with httpx.Client(base_url=url.rstrip("/"), timeout=timeout_s, headers=headers) as client:
-            yield client
-        return
-    with warnings.catch_warnings():  # starlette's note about httpx2 is not the user's business
-        warnings.simplefilter("ignore")
-        from fastapi.testclient import TestClient  # runs the app's lifespan in-process
+def http_client(url: str, timeout_s: float = 30.0, api_key: str | None = None) -> httpx.Client:
+    """A client for the gateway at `url`; every request carries `api_key` as X-API-Key when there is one.
+    (An in-process gateway, for `aq-predict` without --url, is wired in cli/predict.py: tools reach
+    the gateway over HTTP only.)"""
+    return httpx.Client(base_url=url.rstrip("/"), timeout=timeout_s, headers=auth_headers(api_key))
 
-    from adaptive_quant.serving.app import create_app
 
-    with TestClient(create_app(settings), headers=headers) as client:
-        yield client
+def auth_headers(api_key: str | None) -> dict[str, str]:
+    return {"X-API-Key": api_key} if api_key else {}
 
 
 @dataclass

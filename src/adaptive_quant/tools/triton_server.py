@@ -1,6 +1,6 @@
 """A local `tritonserver` (the binary nvidia-pytriton ships) as a child process: start, wait, stop.
 
-What it takes to run that binary here (shared/PLATFORM.md), done in one place:
+What it takes to run that binary here (docs/platform.md), done in one place:
 - a backend directory holding the python backend *and* the stub built for this interpreter's
   Python version (the package keeps stubs per version aside; pytriton copies one in the same way);
 - LD_LIBRARY_PATH with the interpreter's LIBDIR (the stub embeds libpython) and the

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from adaptive_quant.core.stats import percentile
 from adaptive_quant.tools.loadtest.config import LoadTestConfig
 from adaptive_quant.tools.loadtest.schedule import CALIBRATION_PHASE, BudgetSpec, BudgetStream, Phase, arrival_times
 from adaptive_quant.tools.loadtest.stats import (
@@ -115,7 +116,7 @@ def calibrated_p95(records: Sequence[RequestRecord], precision: str = "int8") ->
             f"{precision} latency to derive a budget from "
             f"(is a {precision} variant served and healthy?)"
         )
-    return float(np.percentile(lat, 95)), len(lat)
+    return percentile(lat, 95), len(lat)
 
 
 class Runner:

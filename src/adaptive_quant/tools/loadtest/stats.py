@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from adaptive_quant.core import stats as core_stats
+
 OVERLOAD = "client_overload"  # open loop: not sent, the in-flight cap was reached
 TIMEOUT = "timeout"
 CONNECTION = "connection"
@@ -65,8 +67,7 @@ def percentiles(values: list[float] | np.ndarray) -> dict[str, float | None]:
     a = np.asarray(values, dtype=np.float64)
     if a.size == 0:
         return {"p50": None, "p95": None, "p99": None, "max": None, "mean": None}
-    p50, p95, p99 = np.percentile(a, [50, 95, 99])
-    stats = {"p50": p50, "p95": p95, "p99": p99, "max": a.max(), "mean": a.mean()}
+    stats = {**core_stats.percentiles(a), "max": a.max(), "mean": a.mean()}
     # to 0.1 µs: more digits would be noise
     return {k: round(float(v), 4) for k, v in stats.items()}
 

@@ -1,0 +1,115 @@
+"""The follow-up planner: after the entry pass, which plan each sample gets. Pure, vectorised, no I/O.
+
+The same function runs in the gateway (a request's N samples) and offline in the evaluation (a
+whole split), so the report measures what production does.
+
+Per sample and plan j (column 0 is "none": no extra pass, cost 0, always feasible):
+  feasible(j) = allowed(j) and extra_ms(j) <= remaining budget (always, when there is no budget)
+  balanced → the feasible plan maximising  acc(j) − price · extra_cost(j),
+             price = followup_price · (1 + load_price · load): a plan must promise
+             `followup_price` of predicted accuracy for each entry pass worth of extra compute,
+             and more under load, so follow-ups are shed first when the server is busy (the
+             service gives up quality, not latency)
+  quality  → the most accurate feasible plan (ties → the cheaper)
+  speed    → the balanced choice only if its predicted gain over "none" clears `speed_tolerance`
+So in predicted accuracy quality ≥ balanced ≥ speed ≥ none, sample by sample.
+
+extra_cost is relative (compute of the extra passes / compute of the entry pass at the same batch
+size), so the price means the same on a CPU and a GPU; extra_ms is absolute and includes queueing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+from pydantic import ConfigDict, Field
+
+from adaptive_quant.core.routing import Priority
+from adaptive_quant.core.settings import Section
+
+_TIE = 1e-9  # predicted accuracies closer than this are equal (ties go to the cheaper plan)
+
+
+class PlannerConfig(Section):
+    """The planner's knobs; validated on construction."""
+
+    model_config = ConfigDict(frozen=True)
+    config_key: ClassVar[str] = "planner"
+
+    # false: single-stage routing even when the repository ships a router (A/B runs, benchmarks)
+    enabled: bool = True
+    # balanced: predicted accuracy (a share: 0.01 = one point) a follow-up must add per entry pass
+    # worth of extra compute. A flipped INT8 pass costs ~1 entry pass, so it runs where the predictor
+    # expects it to turn at least 1 % of such samples from wrong to right
+    followup_price: float = Field(0.01, ge=0.0)
+    # under load: price × (1 + load_price × load), load = samples in flight / max batch size
+    load_price: float = Field(1.0, ge=0.0)
+    # speed: a follow-up only when its predicted gain over "none" is at least this share
+    speed_tolerance: float = Field(0.02, ge=0.0, le=1.0)
+
+
+@dataclass(frozen=True)
+class PlanDecision:
+    index: np.ndarray  # (N,) int, column of the chosen plan; 0 = none
+    predicted: np.ndarray  # (N,) float, predicted p(right) of the chosen plan
+
+
+def plan_followups(
+    pred_acc: np.ndarray,
+    extra_cost: np.ndarray,
+    extra_ms: np.ndarray,
+    allowed: np.ndarray,
+    remaining_ms: float | np.ndarray | None,
+    priority: Priority,
+    config: PlannerConfig,
+    load: float = 0.0,
+) -> PlanDecision:
+    """Choose a follow-up plan for each of N samples.
+
+    pred_acc:     (N, P) predicted p(final answer right | sample, plan); column 0 = none
+    extra_cost:   (P,) extra compute per plan in entry passes (column 0 = 0)
+    extra_ms:     (P,) or (N, P) latency estimate of the plan's extra passes now, ms
+    allowed:      (P,) bool: the plan's variants are allowed and can serve (column 0 is always allowed)
+    remaining_ms: budget left after the entry pass, ms: None (no budget), a scalar or (N,)
+    load:         samples in flight / max batch size (raises the balanced price)
+    """
+    acc = np.asarray(pred_acc, dtype=np.float64)
+    if acc.ndim != 2 or acc.shape[1] < 1:
+        raise ValueError(f"pred_acc must be (N, P) with P >= 1 (column 0 = none), got shape {acc.shape}")
+    n, p = acc.shape
+    cost = np.asarray(extra_cost, dtype=np.float64)
+    if cost.shape != (p,):
+        raise ValueError(f"extra_cost must be ({p},), got shape {cost.shape}")
+    ms = np.asarray(extra_ms, dtype=np.float64)
+    if ms.shape not in ((p,), (n, p)):
+        raise ValueError(f"extra_ms must be ({p},) or ({n}, {p}), got shape {ms.shape}")
+    ok = np.array(allowed, dtype=bool)
+    if ok.shape != (p,):
+        raise ValueError(f"allowed must be ({p},), got shape {ok.shape}")
+    ok[0] = True  # "none" is always possible: the entry answer stands
+    if n == 0:
+        return PlanDecision(np.zeros(0, dtype=np.int64), np.zeros(0))
+
+    if remaining_ms is None:
+        feasible = np.broadcast_to(ok, (n, p)).copy()
+    else:
+        left = np.asarray(remaining_ms, dtype=np.float64).reshape(-1, 1)  # (N, 1) or (1, 1)
+        feasible = (ms <= left) & ok
+        feasible = np.broadcast_to(feasible, (n, p)).copy()
+    feasible[:, 0] = True
+
+    price = config.followup_price * (1.0 + config.load_price * max(0.0, load))
+    if priority is Priority.QUALITY:
+        score = np.where(feasible, acc, -np.inf)
+    else:
+        score = np.where(feasible, acc - price * cost, -np.inf)
+    best = score.max(axis=1, keepdims=True)
+    candidates = score >= best - _TIE
+    # among equally good plans, the cheapest (argmin over cost; "none" wins every tie it is in)
+    index = np.where(candidates, cost, np.inf).argmin(axis=1)
+    if priority is Priority.SPEED:
+        gain = acc[np.arange(n), index] - acc[:, 0]
+        index = np.where(gain >= config.speed_tolerance - _TIE, index, 0)
+    return PlanDecision(index=index, predicted=acc[np.arange(n), index])

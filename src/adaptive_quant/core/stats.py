@@ -1,0 +1,87 @@
+"""Numeric helpers every stage measures with: percentiles, softmax confidence, a timing loop.
+
+Stdlib and NumPy only, so the evaluation, the export's latency profiles, the predictor's report
+and the tools all compute a p99 or a confidence the same way.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+
+import numpy as np
+
+PERCENTILES = (50, 95, 99)
+
+
+def percentiles(values: Sequence[float] | np.ndarray, qs: Sequence[float] = PERCENTILES) -> dict[str, float]:
+    """{"p50": …, "p95": …, "p99": …} of `values` (ms, usually), keyed f"p{q:g}".
+
+    np.percentile's default method (linear interpolation between the closest ranks), the one
+    every figure in this project has been computed with. ValueError when there are no values.
+    """
+    a = np.asarray(values, dtype=np.float64)
+    if a.size == 0:
+        raise ValueError("percentiles of an empty list: at least one value is needed")
+    return {f"p{q:g}": float(v) for q, v in zip(qs, np.percentile(a, list(qs)))}
+
+
+def percentile(values: Sequence[float] | np.ndarray, q: float) -> float:
+    """The q-th percentile of `values` (np.percentile's default, linear interpolation)."""
+    return percentiles(values, (q,))[f"p{q:g}"]
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """(N, C) logits → (N, C) probabilities, rows summing to 1, in the logits' own dtype.
+
+    The row maximum is subtracted first, so large logits cannot overflow exp.
+    """
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def max_softmax(logits: np.ndarray) -> np.ndarray:
+    """(N, C) logits → (N,) top-1 softmax probability: how sure the model is of its answer."""
+    return softmax(logits).max(axis=1)
+
+
+def _iterations(min_iters: int, min_seconds: float) -> Iterator[int]:
+    """0, 1, 2, … until at least `min_iters` calls and `min_seconds` s have gone by."""
+    if min_iters < 1:
+        raise ValueError(f"min_iters must be >= 1, got {min_iters}")
+    deadline = time.perf_counter() + min_seconds
+    i = 0
+    while i < min_iters or time.perf_counter() < deadline:
+        yield i
+        i += 1
+
+
+def time_calls(fn: Callable[[int], object], min_iters: int, min_seconds: float = 0.0, warmup: int = 0) -> np.ndarray:
+    """(n,) ms per call of fn(i) for i = 0, 1, …: at least `min_iters` calls and `min_seconds` s of them.
+
+    `warmup` untimed calls fn(0), …, fn(warmup − 1) come first (first calls allocate buffers and
+    pick kernels). The index lets a caller cycle through inputs: fn = lambda i: run(x[i % len(x)]).
+    """
+    for i in range(warmup):
+        fn(i)
+    times = []
+    for i in _iterations(min_iters, min_seconds):
+        t = time.perf_counter()
+        fn(i)
+        times.append(time.perf_counter() - t)
+    return np.array(times) * 1e3
+
+
+async def time_calls_async(
+    fn: Callable[[int], Awaitable[object]], min_iters: int, min_seconds: float = 0.0, warmup: int = 0
+) -> np.ndarray:
+    """`time_calls` for a coroutine function: (n,) ms per `await fn(i)`."""
+    for i in range(warmup):
+        await fn(i)
+    times = []
+    for i in _iterations(min_iters, min_seconds):
+        t = time.perf_counter()
+        await fn(i)
+        times.append(time.perf_counter() - t)
+    return np.array(times) * 1e3

@@ -1,0 +1,139 @@
+"""Measure the follow-up plans on the validation split and fit the two-stage router's predictor.
+
+Given a model repository whose variants are exported and profiled:
+  1. run the entry variant and every pass the plans use (variant × view) on the validation split
+     (ONNX Runtime, the files the gateway serves): real outputs, not the torch model's
+  2. per sample and plan, is the combined answer (mean of the passes' softmax) right? (N, P)
+  3. fit the deferral predictor on those outcomes (predictor.fit_deferral: 75 % fit, 25 % calibration)
+  4. write it to <repository>/router/1/, and the plans (validation accuracy, extra ms per batch size
+     from the variants' latency profiles) and the router entry into manifest.json
+
+Never the test split: the evaluation measures the result on it. Used by the export pipeline and by
+`aq-fit-router`, which refits the router of an existing repository.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from adaptive_quant.core.manifest import Manifest, PlanEntry, load_manifest, save_manifest
+from adaptive_quant.core.plans import NONE, Pass, Plan, View, apply_view
+from adaptive_quant.core.stats import softmax
+from adaptive_quant.data import Split
+from adaptive_quant.export.ort_eval import make_session, run_batched
+from adaptive_quant.predictor.deferral import SPEC_FILE, WEIGHTS_FILE
+from adaptive_quant.predictor.fit_deferral import DeferralFitConfig, DeferralFitReport, fit_deferral, plan_outcomes
+
+log = logging.getLogger(__name__)
+
+ROUTER_DIR = "router/1"  # inside the repository; not a Triton model (the gateway runs it in-process)
+
+
+@dataclass
+class RouterFit:
+    manifest: Manifest
+    report: DeferralFitReport
+    outcomes: np.ndarray  # (N, P) bool on the validation split, column 0 = none
+
+
+def normalise(images: np.ndarray, manifest: Manifest) -> np.ndarray:
+    """(N, H, W, 3) uint8 → (N, 3, H, W) float32, normalised as the manifest says."""
+    mean = np.asarray(manifest.mean, np.float32).reshape(1, 3, 1, 1)
+    std = np.asarray(manifest.std, np.float32).reshape(1, 3, 1, 1)
+    x = images.astype(np.float32).transpose(0, 3, 1, 2) / 255.0
+    return np.ascontiguousarray((x - mean) / std)
+
+
+def pass_logits(
+    repo: str | Path, manifest: Manifest, x: np.ndarray, passes: set[Pass], threads: int = 0
+) -> dict[Pass, np.ndarray]:
+    """Logits (N, C) of every pass on the normalised inputs x (N, 3, H, W), one ORT session per variant."""
+    out: dict[Pass, np.ndarray] = {}
+    for variant in sorted({p.variant for p in passes}):
+        if variant not in manifest.variants:
+            raise ValueError(f"plan pass on variant {variant!r}: the repository has {sorted(manifest.variants)}")
+        session = make_session(str(Path(repo) / manifest.variants[variant].path), threads)
+        for p in sorted((p for p in passes if p.variant == variant), key=lambda q: q.view.value):
+            out[p] = run_batched(session, apply_view(x, p.view))
+    return out
+
+
+def plan_extra_ms(manifest: Manifest, plan: Plan) -> dict[str, float]:
+    """str(batch) → ms of the plan's extra passes: the sum of their variants' profiled p50 at that batch."""
+    batches: dict[str, float] = {}
+    for p in plan.passes:
+        profile = manifest.variants[p.variant].latency
+        if profile is None:
+            return {}
+        for b, point in profile.batches.items():
+            batches[b] = batches.get(b, 0.0) + point.p50_ms
+    return batches
+
+
+def fit_router(
+    repo: str | Path,
+    val: Split,
+    plans: tuple[str, ...] | list[str],
+    entry: str = "int8",
+    threads: int = 0,
+    fit_config: DeferralFitConfig | None = None,
+) -> RouterFit:
+    """Measure `plans` after `entry` on the validation split, fit the router, update the repository."""
+    repo = Path(repo)
+    manifest = load_manifest(repo)
+    if entry not in manifest.variants:
+        raise ValueError(f"entry variant {entry!r} is not in the repository (has {sorted(manifest.variants)})")
+    parsed = [Plan.parse(p) for p in plans]
+    if any(not p.passes for p in parsed):
+        raise ValueError(f"'{NONE}' is always a plan; list only follow-ups, got {list(plans)}")
+    entry_pass = Pass(entry, View.IDENTITY)
+    needed = {entry_pass} | {p for plan in parsed for p in plan.passes}
+    log.info("router: running %s on %d validation images", ", ".join(sorted(p.name for p in needed)), len(val.labels))
+    logits = pass_logits(repo, manifest, normalise(val.images, manifest), needed, threads)
+    probs = {p.name: softmax(z) for p, z in logits.items()}
+    outcomes = plan_outcomes(
+        probs[entry_pass.name], probs, [[]] + [[p.name for p in plan.passes] for plan in parsed], val.labels
+    )
+    names = [NONE] + [p.name for p in parsed]
+    predictor, report = fit_deferral(logits[entry_pass], outcomes, names, fit_config)
+    folder = repo / ROUTER_DIR
+    spec = predictor.save(folder, extra={"entry": entry, "fitted_on": f"validation split, {len(val.labels)} images"})
+    manifest.plans = [
+        PlanEntry(
+            name=plan.name,
+            passes=[p.name for p in plan.passes],
+            entry=entry,
+            val_accuracy=float(outcomes[:, j + 1].mean()),
+            extra_ms=plan_extra_ms(manifest, plan),
+        )
+        for j, plan in enumerate(parsed)
+    ]
+    gain = {k: v.__dict__ for k, v in report.gain.items()}
+    manifest.router = {
+        "kind": "deferral_mlp",
+        "entry": entry,
+        "path": f"{ROUTER_DIR}/{WEIGHTS_FILE}",
+        "spec_path": f"{ROUTER_DIR}/{SPEC_FILE}",
+        "sha256": spec["sha256"],
+        "plans": names,
+        "features": list(predictor.feature_names),
+        "parameters": predictor.num_parameters(),
+        "val_entry_accuracy": float(outcomes[:, 0].mean()),
+        # on the calibration part of the validation split: "follow-up turns a wrong answer right"
+        "fix_auroc": {
+            k: {"learned": g["auroc_learned_gain"], "confidence": g["auroc_confidence"]} for k, g in gain.items()
+        },
+        "ece": {k: v.ece_calibrated for k, v in report.plans.items()},
+    }
+    save_manifest(repo, manifest)
+    log.info(
+        "router: %d plans after %s; validation accuracy if applied to every sample: %s",
+        len(parsed),
+        entry,
+        ", ".join(f"{e.name} {e.val_accuracy:.2%}" for e in manifest.plans),
+    )
+    return RouterFit(manifest=manifest, report=report, outcomes=outcomes)

@@ -1,0 +1,217 @@
+"""The second stage of a request: plan follow-up passes after the entry pass, run them, combine.
+
+After the entry pass answered every sample, the router predictor reads the entry logits and gives
+p(right | plan) per sample and plan; `core.planner.plan_followups` picks a plan per sample within
+the remaining budget, priced by the load. Follow-up passes of one (variant, view) are batched in
+one backend call; all calls run at once and are cut at the deadline. A cut or failed pass leaves
+the entry answer (and any other pass that did answer) standing: only the entry pass can fail a
+request. The answer averages the softmax probabilities of the passes that ran.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from adaptive_quant.core.latency import LatencyEstimator
+from adaptive_quant.core.manifest import Manifest
+from adaptive_quant.core.planner import PlanDecision, PlannerConfig, plan_followups
+from adaptive_quant.core.plans import NONE, Pass, Plan, applicable, apply_view
+from adaptive_quant.core.precision import Precision
+from adaptive_quant.core.routing import Priority
+from adaptive_quant.core.stats import softmax
+from adaptive_quant.predictor.deferral import DeferralPredictor
+
+log = logging.getLogger(__name__)
+
+
+class RouterPredictor(Protocol):
+    """What the gateway needs of the router's predictor (predictor.deferral.DeferralPredictor)."""
+
+    plan_names: list[str]  # column names; column 0 is "none"
+
+    def predict(self, entry_logits: np.ndarray) -> np.ndarray:  # (N, C) → (N, P) p(right | plan)
+        ...
+
+
+# a backend call as the service makes it: (variant key, inputs (n, 3, H, W), timeout ms) → logits (n, C);
+# raises TimeoutError when cut, anything else when the variant failed
+InferCall = Callable[[str, np.ndarray, float], Awaitable[np.ndarray]]
+
+
+@dataclass
+class FollowupResult:
+    probs: np.ndarray  # (N, C) averaged softmax of the passes that ran, entry included
+    passes: list[list[str]]  # per sample, the passes that answered it, entry first
+    plans: list[str]  # (N,) the plan chosen per sample ("none" = entry answer only)
+    cut: int  # follow-up passes (sample × pass) cut at the deadline
+    failed: int  # follow-up passes that failed (the entry answer stood)
+
+
+class FollowupStage:
+    """Plans and runs follow-ups for one service; one instance, shared by all requests."""
+
+    def __init__(
+        self,
+        router: RouterPredictor,
+        keys: Sequence[str],
+        precisions: Sequence[Precision],
+        config: PlannerConfig,
+    ) -> None:
+        if not router.plan_names or router.plan_names[0] != NONE:
+            raise ValueError(f"the router's first plan column must be {NONE!r}, got {router.plan_names[:1]}")
+        self.router = router
+        self.plans = [Plan.parse(name) for name in router.plan_names]  # column order of the predictor
+        self.keys = list(keys)
+        self.precision = dict(zip(keys, precisions))
+        self.config = config
+        known = set(keys)
+        # plans over variants this service does not serve (pinned to a subset) are never allowed
+        self._servable = np.array([p.variants <= known for p in self.plans])
+
+    def allowed(self, entry: str, routable: dict[str, bool], floor: Precision | None) -> np.ndarray:
+        """(P,) bool: plans whose variants are routable, at or above the floor, and don't repeat the entry."""
+        ok_variants = {
+            k for k in self.keys if routable.get(k, False) and (floor is None or self.precision[k].rank >= floor.rank)
+        }
+        entry_pass = Pass(entry)
+        mask = np.array([applicable(p, entry_pass, ok_variants) for p in self.plans]) & self._servable
+        mask[0] = True
+        return mask
+
+    def price(self, entry: str, n: int, estimator: LatencyEstimator) -> tuple[np.ndarray, np.ndarray]:
+        """(extra_cost (P,) in entry passes, extra_ms (P,) latency estimate now) for a request of n samples.
+
+        Passes of one plan run at once, but on shared cores they compete, so a plan's time is the
+        sum of its passes' estimates (conservative); its cost is their profiled compute over the entry's.
+        """
+        entry_ms = max(estimator.service_ms(entry, n), 1e-6)
+        cost = np.zeros(len(self.plans))
+        ms = np.zeros(len(self.plans))
+        for j, plan in enumerate(self.plans[1:], start=1):
+            for p in plan.passes:
+                if p.variant not in self.precision:
+                    cost[j] = ms[j] = np.inf
+                    break
+                cost[j] += estimator.service_ms(p.variant, n) / entry_ms
+                ms[j] += estimator.estimate_ms(p.variant, n)
+        return cost, ms
+
+    def decide(
+        self,
+        entry: str,
+        entry_logits: np.ndarray,
+        allowed: np.ndarray,
+        remaining_ms: float | None,
+        priority: Priority,
+        estimator: LatencyEstimator,
+    ) -> PlanDecision:
+        n = entry_logits.shape[0]
+        acc = self.router.predict(entry_logits)  # (N, P)
+        cost, ms = self.price(entry, n, estimator)
+        return plan_followups(acc, cost, ms, allowed, remaining_ms, priority, self.config, estimator.load())
+
+    async def run(
+        self,
+        entry: str,
+        x: np.ndarray,
+        entry_logits: np.ndarray,
+        decision: PlanDecision,
+        deadline: float | None,
+        timeout_ms_if_no_budget: float,
+        infer: InferCall,
+    ) -> FollowupResult:
+        """Run the chosen plans' passes, batched per (variant, view), cut at `deadline` (perf_counter s)."""
+        n = entry_logits.shape[0]
+        entry_probs = softmax(entry_logits)
+        sums = entry_probs.astype(np.float32, copy=True)  # (N, C) running sum of probabilities
+        counts = np.ones(n, dtype=np.int64)
+        passes: list[list[str]] = [[entry] for _ in range(n)]
+        # (variant, view) → samples that need that pass
+        groups: dict[Pass, list[int]] = {}
+        for i, j in enumerate(decision.index):
+            for p in self.plans[int(j)].passes:
+                groups.setdefault(p, []).append(i)
+        cut = failed = 0
+        if groups:
+            order = list(groups)
+            timeout_ms = (
+                timeout_ms_if_no_budget if deadline is None else max(0.0, (deadline - time.perf_counter()) * 1e3)
+            )
+            outcomes = await asyncio.gather(
+                *(infer(p.variant, apply_view(x[groups[p]], p.view), timeout_ms) for p in order),
+                return_exceptions=True,
+            )
+            for p, out in zip(order, outcomes):
+                idx = np.asarray(groups[p])
+                if isinstance(out, TimeoutError):
+                    cut += len(idx)
+                    continue
+                if isinstance(out, BaseException):
+                    failed += len(idx)
+                    log.debug("follow-up %s failed for %d sample(s): %s", p.name, len(idx), out)
+                    continue
+                sums[idx] += softmax(out)
+                counts[idx] += 1
+                for i in idx:
+                    passes[i].append(p.name)
+        probs = sums / counts[:, None]
+        return FollowupResult(
+            probs=probs,
+            passes=passes,
+            plans=[self.plans[int(j)].name for j in decision.index],
+            cut=cut,
+            failed=failed,
+        )
+
+
+def highest_precision(passes: Sequence[str], precision: dict[str, Precision]) -> Precision:
+    """The highest precision among the passes that answered a sample ("fp32" for ["int8", "fp32:hflip"])."""
+    return max((precision[Pass.parse(p).variant] for p in passes), key=lambda q: q.rank)
+
+
+@dataclass
+class LoadedRouter:
+    predictor: DeferralPredictor | None  # None: single-stage routing
+    summary: str  # one line for the start-up log and /v1/status
+    detail: dict[str, Any]  # the manifest's router entry (or why there is none)
+
+
+def load_router(repository: str | Path, manifest: Manifest, enabled: bool = True) -> LoadedRouter:
+    """The two-stage router the manifest names, checked against its sha256.
+
+    A repository without one (made before two-stage routing) serves single-stage. A router that is
+    named but missing or damaged is logged as an error and the gateway serves single-stage: it
+    gives up the follow-ups' quality, not availability (every variant still answers)."""
+    entry = manifest.router
+    if not enabled:
+        return LoadedRouter(None, "off (planner.enabled is false): single-stage routing", {"reason": "disabled"})
+    if not entry:
+        return LoadedRouter(None, "none in the manifest: single-stage routing", {"reason": "no router in manifest"})
+    folder = (Path(repository) / entry["path"]).parent
+    try:
+        predictor = DeferralPredictor.load(folder, sha256=entry.get("sha256"))
+    except (ValueError, OSError) as exc:
+        log.error("router named by the manifest cannot be used (%s); serving single-stage", exc)
+        return LoadedRouter(None, f"unusable ({exc}); single-stage routing", {"reason": str(exc)})
+    plans = ", ".join(predictor.plan_names[1:])
+    auroc = entry.get("fix_auroc", {})
+    first = next(iter(auroc.items()), None)
+    measured = (
+        f"; fix AUROC {first[0]} {first[1]['learned']:.2f} (confidence rule {first[1]['confidence']:.2f}, validation)"
+        if first
+        else ""
+    )
+    summary = (
+        f"two-stage after {entry.get('entry')}: mlp {'-'.join(map(str, predictor.hidden))} "
+        f"({predictor.num_parameters()} parameters) over {len(predictor.feature_names)} entry-output features; "
+        f"plans {plans}{measured}"
+    )
+    return LoadedRouter(predictor, summary, dict(entry))

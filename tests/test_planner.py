@@ -1,0 +1,112 @@
+"""The follow-up planner and plans: properties a caller relies on (budget, floor, priorities, load)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from adaptive_quant.core.planner import PlannerConfig, plan_followups
+from adaptive_quant.core.plans import NONE, Pass, Plan, View, applicable, apply_view, combine
+from adaptive_quant.core.routing import Priority
+
+CFG = PlannerConfig()
+
+
+@st.composite
+def problems(draw):
+    n = draw(st.integers(1, 12))
+    p = draw(st.integers(1, 5))
+    rng = np.random.default_rng(draw(st.integers(0, 2**31 - 1)))
+    acc = rng.uniform(0, 1, (n, p))
+    cost = np.concatenate([[0.0], rng.uniform(0.2, 4.0, p - 1)])
+    ms = np.concatenate([[0.0], rng.uniform(0.1, 20.0, p - 1)])
+    allowed = rng.uniform(size=p) < 0.8
+    remaining = draw(st.one_of(st.none(), st.floats(0.0, 25.0)))
+    load = draw(st.floats(0.0, 8.0))
+    return acc, cost, ms, allowed, remaining, load
+
+
+@settings(max_examples=150, deadline=None)
+@given(problems())
+def test_the_budget_and_the_allowed_plans_are_respected(problem):
+    acc, cost, ms, allowed, remaining, load = problem
+    for priority in Priority:
+        d = plan_followups(acc, cost, ms, allowed, remaining, priority, CFG, load)
+        chosen = d.index[d.index > 0]
+        assert allowed[chosen].all(), "a plan whose variant is below the floor or down was chosen"
+        if remaining is not None:
+            assert (ms[chosen] <= remaining).all(), "a follow-up that cannot finish in the budget was planned"
+
+
+@settings(max_examples=150, deadline=None)
+@given(problems())
+def test_quality_is_at_least_balanced_which_is_at_least_speed_and_none(problem):
+    acc, cost, ms, allowed, remaining, load = problem
+    got = {pr: plan_followups(acc, cost, ms, allowed, remaining, pr, CFG, load).predicted for pr in Priority}
+    assert (got[Priority.QUALITY] >= got[Priority.BALANCED] - 1e-12).all()
+    assert (got[Priority.BALANCED] >= got[Priority.SPEED] - 1e-12).all()
+    assert (got[Priority.SPEED] >= acc[:, 0] - 1e-12).all()
+
+
+@settings(max_examples=100, deadline=None)
+@given(problems(), st.floats(0.0, 4.0), st.floats(0.1, 8.0))
+def test_load_raises_the_price_so_follow_ups_are_shed_first(problem, load, more):
+    acc, cost, ms, allowed, remaining, _ = problem
+    calm = plan_followups(acc, cost, ms, allowed, remaining, Priority.BALANCED, CFG, load)
+    busy = plan_followups(acc, cost, ms, allowed, remaining, Priority.BALANCED, CFG, load + more)
+    assert cost[busy.index].sum() <= cost[calm.index].sum() + 1e-9
+    assert (busy.index > 0).sum() <= (calm.index > 0).sum() or cost[busy.index].sum() < cost[calm.index].sum()
+
+
+def test_a_follow_up_runs_where_it_is_predicted_to_pay_and_not_elsewhere():
+    # sample 0: confident, a flip adds nothing; sample 1: unsure, a flip is predicted to add 6 points
+    acc = np.array([[0.99, 0.99, 0.995], [0.50, 0.56, 0.57]])
+    cost = np.array([0.0, 1.0, 2.7])  # none, int8:hflip, fp32 (2.7 entry passes on CPU)
+    ms = np.array([0.0, 1.0, 3.0])
+    d = plan_followups(acc, cost, ms, np.ones(3, bool), None, Priority.BALANCED, CFG)
+    # flip: 0.56 - 0.01 x 1 = 0.55 > 0.50; fp32: 0.57 - 0.01 x 2.7 = 0.543, one more point for 1.7 more passes
+    assert d.index.tolist() == [0, 1]
+    q = plan_followups(acc, cost, ms, np.ones(3, bool), None, Priority.QUALITY, CFG)
+    assert q.index.tolist() == [2, 2]
+    tight = plan_followups(acc, cost, ms, np.ones(3, bool), 2.0, Priority.QUALITY, CFG)
+    assert tight.index.tolist() == [0, 1]  # fp32 does not fit 2 ms; a flip that adds nothing loses the tie
+    spent = plan_followups(acc, cost, ms, np.ones(3, bool), 0.5, Priority.QUALITY, CFG)
+    assert spent.index.tolist() == [0, 0]  # nothing fits: the entry answer stands
+    speed = plan_followups(acc, cost, ms, np.ones(3, bool), None, Priority.SPEED, PlannerConfig(speed_tolerance=0.1))
+    assert speed.index.tolist() == [0, 0]  # a 6-point gain does not clear a 10-point tolerance
+
+
+def test_bad_shapes_name_what_is_expected():
+    with pytest.raises(ValueError, match=r"extra_cost must be \(2,\)"):
+        plan_followups(np.zeros((3, 2)), np.zeros(3), np.zeros(2), np.ones(2, bool), None, Priority.BALANCED, CFG)
+    with pytest.raises(ValueError, match="column 0 = none"):
+        plan_followups(np.zeros(3), np.zeros(1), np.zeros(1), np.ones(1, bool), None, Priority.BALANCED, CFG)
+
+
+def test_plans_parse_and_print_as_written():
+    plan = Plan.parse("int8:hflip+fp32")
+    assert plan.passes == (Pass("int8", View.HFLIP), Pass("fp32"))
+    assert plan.name == "int8:hflip+fp32" and Plan.parse(NONE).name == NONE
+    assert plan.variants == {"int8", "fp32"}
+    with pytest.raises(ValueError, match="unknown view 'vflip'; accepted: identity, hflip"):
+        Pass.parse("int8:vflip")
+    with pytest.raises(ValueError, match="repeats a pass"):
+        Plan.parse("int8:hflip+int8:hflip")
+    entry = Pass("int8")
+    assert applicable(Plan.parse("int8:hflip"), entry, {"int8", "fp32"})
+    assert not applicable(Plan.parse("int8"), entry, {"int8"})  # the entry pass again adds nothing
+    assert not applicable(Plan.parse("int8:hflip"), Pass("fp32"), {"fp32"})  # below the floor
+
+
+def test_views_and_the_average_of_passes():
+    x = np.arange(2 * 3 * 2 * 4, dtype=np.float32).reshape(2, 3, 2, 4)
+    flipped = apply_view(x, View.HFLIP)
+    assert flipped.flags.c_contiguous and np.array_equal(flipped[..., 0], x[..., -1])
+    assert apply_view(flipped, View.HFLIP).tolist() == x.tolist()
+    assert apply_view(x, View.IDENTITY) is x
+    a = np.array([[0.8, 0.2]], np.float32)
+    b = np.array([[0.2, 0.8]], np.float32)
+    c = np.array([[0.2, 0.8]], np.float32)
+    assert np.allclose(combine([a, b, c]), [[0.4, 0.6]]) and np.allclose(a, [[0.8, 0.2]])  # inputs untouched
