@@ -22,7 +22,7 @@ from adaptive_quant.core.settings import ConfigError as CoreConfigError
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("name", ["default.yaml", "smoke.yaml"])
+@pytest.mark.parametrize("name", ["default.yaml", "smoke.yaml", "recipe.yaml"])
 def test_shipped_configs_load(name: str) -> None:
     cfg = load_config(ROOT / "configs" / name)
     assert isinstance(cfg, ExperimentConfig)
@@ -49,8 +49,9 @@ def test_unknown_key_is_refused_with_its_name_and_the_known_ones(tmp_path: Path)
     with pytest.raises(ConfigError) as e:
         load_config(p)
     assert str(e.value) == (
-        "unknown config key 'train.epocs'; known here: batch_size, bf16, channels_last, epochs, eval_batch_size, "
-        "label_smoothing, lr, max_steps_per_epoch, momentum, threads, warmup_fraction, weight_decay"
+        "unknown config key 'train.epocs'; known here: batch_size, bf16, bn_lr_scale, bn_weight_decay, channels_last, "
+        "epochs, eval_batch_size, label_smoothing, lookahead_steps, lr, lr_end_factor, lr_start_factor, "
+        "max_steps_per_epoch, momentum, threads, warmup_fraction, weight_decay, whiten_bias_epochs"
     )
 
 

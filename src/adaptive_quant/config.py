@@ -13,10 +13,11 @@ import warnings
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import ConfigDict, Field, ValidationError, field_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from adaptive_quant.core.settings import (
     ConfigError,
+    FieldError,
     Section,
     config_error,
     read_yaml,
@@ -35,6 +36,7 @@ __all__ = [
     "ExportConfig",
     "ModelConfig",
     "PredictorConfig",
+    "PruneConfig",
     "QATConfig",
     "TrackingConfig",
     "TrainConfig",
@@ -54,9 +56,14 @@ class _Section(Section):
     config_noun: ClassVar[str] = NOUN
 
     def __setattr__(self, name: str, value: Any) -> None:
+        before = self.__dict__.get(name)
         try:
             super().__setattr__(name, value)
         except ValidationError as exc:
+            # a model validator (a check across fields) runs after pydantic has stored the value:
+            # put the old one back, so a refused assignment leaves the section as it was
+            if name in type(self).model_fields:
+                self.__dict__[name] = before
             raise config_error(exc, type(self), NOUN, self.config_key) from None
 
 
@@ -99,6 +106,25 @@ class ModelConfig(_Section):
     num_classes: int = Field(10, ge=2)
     # logits are multiplied by this: a small value keeps early softmax soft (ResNet-9/airbench trick)
     head_scale: float = Field(0.125, gt=0)
+    # "conv": a learned 3×3 conv-bn-relu stem of widths[0] channels; "whiten": airbench's fixed
+    # whitening conv (whiten_kernel × whiten_kernel patches, weights from the training images'
+    # patch covariance, ± each eigenvector, so widths[0] must be even and <= 2·3·k²), bias + relu
+    stem: Literal["conv", "whiten"] = "conv"
+    whiten_kernel: int = Field(2, ge=1)  # pixels; no padding, so the stem output is (32 - k + 1)² pixels
+    # added to the patch-covariance eigenvalues before 1/sqrt (normalised units²)
+    whiten_eps: float = Field(5e-4, gt=0)
+    whiten_images: int = Field(5000, ge=1)  # training images whose patches give the covariance (never val/test)
+    # after each stage's downsampling conv: "residual" = blocks of two convs plus a skip (ResNet);
+    # "plain" = blocks of one conv-bn-relu (airbench94: conv → pool → conv per stage)
+    block: Literal["residual", "plain"] = "residual"
+    # channels inside each stage (empty: the stage width): a residual block's middle, or every plain
+    # conv but the stage's last; set by channel pruning, which keeps the stage (skip) width apart
+    inner_widths: list[int] = Field(default_factory=list)
+    # PyTorch convention: weight of the new batch in the running statistics
+    bn_momentum: float = Field(0.1, gt=0, le=1)
+    bn_scale: bool = True  # learn BN's scale; false fixes it at 1 (airbench: the next conv rescales anyway)
+    # identity (Dirac) init of each conv's first c_in filters: the net starts near a shallow one (airbench)
+    dirac_init: bool = False
 
     @field_validator("widths")
     @classmethod
@@ -116,12 +142,29 @@ class ModelConfig(_Section):
             raise ValueError(f"entries must be >= 0, got {v}")
         return v
 
+    @field_validator("inner_widths")
+    @classmethod
+    def _three_inner_or_none(cls, v: list[int]) -> list[int]:
+        if v and (len(v) != 3 or not all(w > 0 for w in v)):
+            raise ValueError(f"needs 3 entries > 0 (one per stage) or none, got {v}")
+        return v
+
     @field_validator("name")
     @classmethod
     def _names_triton_models(cls, v: str) -> str:
         if not v.replace("_", "").isalnum():
             raise ValueError(f"letters, digits and '_' only (it names Triton models), got {v!r}")
         return v
+
+    @model_validator(mode="after")
+    def _whitening_width(self) -> ModelConfig:
+        k, w0 = self.whiten_kernel, self.widths[0]
+        if self.stem == "whiten" and (w0 % 2 or w0 > 2 * 3 * k * k):  # ± each of the 3·k² eigenvectors
+            raise FieldError(
+                "widths[0]",
+                f"with stem 'whiten' must be even and <= {2 * 3 * k * k} (± each of the 3·k² eigenvectors), got {w0}",
+            )
+        return self
 
 
 class AugmentConfig(_Section):
@@ -130,6 +173,10 @@ class AugmentConfig(_Section):
     crop_padding: int = Field(4, ge=0)  # pixels of reflection padding before the random 32×32 crop
     flip: bool = True  # random horizontal flip, p=0.5
     cutout: int = Field(8, ge=0)  # side of a random zeroed square in pixels; 0 disables
+    # "random": each image flipped with p=0.5 every epoch; "alternate" (airbench): a random half in
+    # the first float epoch, then each image flipped in every other epoch, so both views are seen
+    # equally often (QAT always flips at random)
+    flip_mode: Literal["random", "alternate"] = "random"
 
 
 class TrainConfig(_Section):
@@ -142,7 +189,21 @@ class TrainConfig(_Section):
     lr: float = Field(0.4, gt=0)  # peak learning rate of the one-cycle schedule (SGD, Nesterov)
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    warmup_fraction: float = Field(0.2, ge=0, lt=1)  # share of steps spent ramping lr linearly from 0 to its peak
+    warmup_fraction: float = Field(0.2, ge=0, lt=1)  # share of steps spent ramping lr linearly to its peak
+    # lr multipliers (of the peak) at the first and the last step of the one-cycle schedule
+    # (0, 0: the classic triangle; airbench94: 0.2, 0.07)
+    lr_start_factor: float = Field(0.0, ge=0, le=1)
+    lr_end_factor: float = Field(0.0, ge=0, le=1)
+    # lr multiplier for BatchNorm parameters (airbench: 64, with BN scales fixed only the shifts
+    # remain and they move little at the conv lr); their weight decay is bn_weight_decay
+    bn_lr_scale: float = Field(1.0, gt=0)
+    bn_weight_decay: float = Field(0.0, ge=0)  # weight decay of the BN parameters (airbench: the conv's / bn_lr_scale)
+    # lookahead (airbench): every lookahead_steps steps the weights are pulled to, then replaced by,
+    # an exponential average whose decay grows as 0.95^5·(step/total)^3; the averaged weights are
+    # the ones evaluated and kept. 0 disables.
+    lookahead_steps: int = Field(0, ge=0)
+    # epochs during which the whitening stem's bias is trained; frozen afterwards (airbench: 3)
+    whiten_bias_epochs: int = Field(3, ge=0)
     label_smoothing: float = Field(0.2, ge=0, lt=1)
     # bfloat16 autocast: ~2.3× faster on CPUs with AVX512-BF16 (measured); fp32 otherwise
     bf16: bool = True
@@ -166,6 +227,24 @@ class QATConfig(_Section):
     freeze_observers_epoch: int = Field(1, ge=0)
     freeze_bn_epoch: int = Field(1, ge=0)
     max_steps_per_epoch: int = Field(0, ge=0)
+
+
+class PruneConfig(_Section):
+    """Structured (channel) pruning between the float phase and QAT: fewer filters, same layers."""
+
+    config_key: ClassVar[str] = "prune"
+
+    enabled: bool = False
+    # share of each prunable channel group removed (stem, every stage width, every block's inner
+    # width); a stage width is shared by the downsampling conv and every skip in the stage, so it
+    # is ranked and cut once for all of them. The whitening stem is fixed and never pruned.
+    amount: float = Field(0.25, ge=0, lt=1)
+    # "l1": a channel's score is the L1 norm of the filters that produce it (summed over the convs
+    # sharing it); "bn": |BN scale| / sqrt(running var + eps) (needs model.bn_scale true)
+    criterion: Literal["l1", "bn"] = "l1"
+    finetune_epochs: int = Field(2, ge=0)  # float (bf16) epochs after pruning, before QAT
+    finetune_lr: float = Field(0.1, gt=0)  # peak lr of the fine-tune; decays to 0 with a cosine
+    finetune_max_steps_per_epoch: int = Field(0, ge=0)  # 0 = full epochs
 
 
 class ExportConfig(_Section):
@@ -249,9 +328,20 @@ class ExperimentConfig(_Section):
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     qat: QATConfig = Field(default_factory=QATConfig)
+    prune: PruneConfig = Field(default_factory=PruneConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     predictor: PredictorConfig = Field(default_factory=PredictorConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="after")
+    def _prune_criterion_has_bn_scales(self) -> ExperimentConfig:
+        # checked here, at load time, not after the float phase has run for an hour
+        if self.prune.enabled and self.prune.criterion == "bn" and not self.model.bn_scale:
+            raise FieldError(
+                "prune.criterion",
+                "'bn' ranks channels by BN scale, but model.bn_scale is false (scales fixed at 1); use 'l1'",
+            )
+        return self
 
 
 # ---------------------------------------------------------------- building from plain data

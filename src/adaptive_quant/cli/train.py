@@ -55,12 +55,16 @@ def main(argv: list[str] | None = None) -> int:
     m = result.metrics
     print()
     print(f"{'':24}{'validation':>12}{'test':>10}")
+    if "unpruned_val_acc" in m:
+        print(f"{'FP32 before pruning':24}{m['unpruned_val_acc']:>12.2%}{'':>10}")
     print(f"{'FP32 (float)':24}{m['float_val_acc']:>12.2%}{m['fp32_test_acc']:>10.2%}")
     if "int8_test_acc" in m:
         print(f"{'INT8 (converted QAT)':24}{m['int8_val_acc']:>12.2%}{m['int8_test_acc']:>10.2%}")
     qat_min = m.get("qat_seconds", 0.0) / 60
+    prune = f", pruning + fine-tune {m['prune_seconds'] / 60:.1f} min" if "prune_seconds" in m else ""
     print(
-        f"\ntime: float {m['float_seconds'] / 60:.1f} min, QAT {qat_min:.1f} min, total {m['total_seconds'] / 60:.1f} min"
+        f"\ntime: float {m['float_seconds'] / 60:.1f} min{prune}, QAT {qat_min:.1f} min, "
+        f"total {m['total_seconds'] / 60:.1f} min"
     )
     print(f"checkpoint: {result.checkpoint}")
     if result.run_id:

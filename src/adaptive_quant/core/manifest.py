@@ -20,6 +20,12 @@ class ManifestError(ValueError):
     """manifest.json is missing, malformed, or disagrees with the files beside it."""
 
 
+def batch_key_at_or_above(points: dict[str, Any], batch: int) -> str:
+    """The key (str(batch size)) of the smallest profiled batch ≥ `batch`, else of the largest."""
+    sizes = sorted(int(b) for b in points)
+    return str(next((s for s in sizes if s >= batch), sizes[-1]))
+
+
 @dataclass
 class LatencyPoint:
     p50_ms: float  # ms per call at this batch size (median)
@@ -34,11 +40,7 @@ class LatencyProfile:
 
     def at(self, batch: int) -> LatencyPoint:
         """The point for `batch`, or the smallest profiled batch ≥ it (conservative), or the largest."""
-        sizes = sorted(int(b) for b in self.batches)
-        for s in sizes:
-            if s >= batch:
-                return self.batches[str(s)]
-        return self.batches[str(sizes[-1])]
+        return self.batches[batch_key_at_or_above(self.batches, batch)]
 
 
 @dataclass
@@ -70,11 +72,7 @@ class PlanEntry:
 
     def extra_ms_at(self, batch: int) -> float:
         """ms for `batch`, or the smallest profiled batch ≥ it (conservative), or the largest."""
-        sizes = sorted(int(b) for b in self.extra_ms)
-        for s in sizes:
-            if s >= batch:
-                return self.extra_ms[str(s)]
-        return self.extra_ms[str(sizes[-1])]
+        return self.extra_ms[batch_key_at_or_above(self.extra_ms, batch)]
 
 
 @dataclass

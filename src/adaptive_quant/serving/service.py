@@ -179,6 +179,8 @@ class ClassifierService:
         images = decode_instances({"instances": [{"b64": png}]}, 1, size)
         x = np.zeros((1, 3, size, size), np.float32)
         accuracy_matrix(self.predictor.predictor, images, self.keys, self.prior)
+        if self.followup is not None:  # the router and planner: first-call costs of NumPy paths
+            self.followup.router.predict(np.zeros((1, len(self.manifest.classes)), np.float32))
         health = self.backend.variants()
         for key in self.keys:
             if health[key].healthy:

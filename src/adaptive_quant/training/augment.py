@@ -38,8 +38,10 @@ def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator) -> to
     return out.permute(0, 3, 1, 2).contiguous()
 
 
-def random_flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    mask = torch.rand(x.shape[0], generator=generator) < 0.5
+def random_flip(x: torch.Tensor, generator: torch.Generator, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Flip horizontally the images where `mask` (N,) is true; a random half when no mask is given."""
+    if mask is None:
+        mask = torch.rand(x.shape[0], generator=generator) < 0.5
     x = x.clone()
     x[mask] = x[mask].flip(3)
     return x
@@ -60,9 +62,24 @@ def cutout(x: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tens
     return x.masked_fill(mask, 0.0)
 
 
-def augment_batch(x: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
-    """Training augmentation on a normalised batch: padded random crop, flip, cutout."""
+def alternating_flip_mask(
+    n: int, epoch: int, generator: torch.Generator, base: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(n,) bool: which images to flip in `epoch` (airbench). `base` is epoch 0's random half
+    (drawn here when None); odd epochs flip exactly the others, so each image alternates."""
+    if base is None:
+        base = torch.rand(n, generator=generator) < 0.5
+    return base if epoch % 2 == 0 else ~base
+
+
+def augment_batch(
+    x: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator, flip_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Training augmentation on a normalised batch: padded random crop, flip, cutout.
+
+    flip_mask: (N,) bool, which images to flip (alternating flips); None flips a random half.
+    """
     x = random_crop(x, cfg.crop_padding, generator)
     if cfg.flip:
-        x = random_flip(x, generator)
+        x = random_flip(x, generator, flip_mask)
     return cutout(x, cfg.cutout, generator)

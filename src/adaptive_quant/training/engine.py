@@ -34,14 +34,20 @@ class EvalStats:
     logits: np.ndarray  # (N, num_classes) float32
 
 
-def one_cycle(total_steps: int, warmup_fraction: float) -> Callable[[int], float]:
-    """lr multiplier: linear 0 → 1 over the warm-up, then linear 1 → 0 (ResNet-9/airbench schedule)."""
+def one_cycle(
+    total_steps: int, warmup_fraction: float, start_factor: float = 0.0, end_factor: float = 0.0
+) -> Callable[[int], float]:
+    """lr multiplier: linear start → 1 over the warm-up, then linear 1 → end (ResNet-9/airbench schedule).
+
+    start_factor = end_factor = 0 is the classic triangle; airbench94 uses 0.2 → 1 → 0.07.
+    """
     warmup = max(1, int(total_steps * warmup_fraction))
 
     def factor(step: int) -> float:
         if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+            return start_factor + (1.0 - start_factor) * (step + 1) / warmup
+        frac = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return 1.0 + (end_factor - 1.0) * frac
 
     return factor
 
@@ -51,14 +57,33 @@ def cosine(total_steps: int) -> Callable[[int], float]:
     return lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / max(1, total_steps)))
 
 
-def make_optimizer(model: nn.Module, lr: float, momentum: float, weight_decay: float) -> torch.optim.SGD:
-    """Nesterov SGD; no weight decay on BN parameters and biases (they set scale, not capacity)."""
-    decay, no_decay = [], []
+def make_optimizer(
+    model: nn.Module,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    bn_lr_scale: float = 1.0,
+    bn_weight_decay: float = 0.0,
+) -> torch.optim.SGD:
+    """Nesterov SGD; no weight decay on BN parameters and biases (they set scale, not capacity).
+
+    BatchNorm parameters train at lr · bn_lr_scale with their own decay (default none). Parameters with requires_grad false (a fixed
+    whitening conv, fixed BN scales) are still handed over, so freezing and unfreezing them later
+    needs no new optimizer (SGD skips parameters without a gradient).
+    """
+    bn_params = {id(p) for m in model.modules() if isinstance(m, nn.BatchNorm2d) for p in m.parameters()}
+    decay, no_decay, bn = [], [], []
     for p in model.parameters():
-        if p.requires_grad:
+        if id(p) in bn_params:
+            bn.append(p)
+        else:
             (decay if p.ndim > 1 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=True)
+    groups = [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+        {"params": bn, "weight_decay": bn_weight_decay, "lr": lr * bn_lr_scale},
+    ]
+    return torch.optim.SGD([g for g in groups if g["params"]], lr=lr, momentum=momentum, nesterov=True)
 
 
 def steps_per_epoch(n: int, batch_size: int, max_steps: int = 0) -> int:
@@ -80,8 +105,14 @@ def train_one_epoch(
     channels_last: bool = False,
     max_steps: int = 0,
     desc: str = "train",
+    flip_mask: torch.Tensor | None = None,
+    after_step: Callable[[], None] | None = None,
 ) -> EpochStats:
-    """One pass over shuffled `data`; images are normalised and augmented per batch, as tensors."""
+    """One pass over shuffled `data`; images are normalised and augmented per batch, as tensors.
+
+    flip_mask: (len(data),) bool, which images to flip this epoch (alternating flips), instead of
+    flipping at random. after_step: called after every optimizer step (weight averaging).
+    """
     if not isinstance(model, torch.fx.GraphModule):
         model.train()  # exported (QAT) graphs are switched by quantize.set_qat_mode instead
     n_steps = steps_per_epoch(len(data), batch_size, max_steps)
@@ -93,7 +124,9 @@ def train_one_epoch(
     bar = tqdm(range(n_steps), desc=desc, leave=False, unit="batch", dynamic_ncols=True)
     for step in bar:
         idx = order[step * batch_size : (step + 1) * batch_size]
-        x = augment_batch(to_normalized_tensor(images[idx]), augment, generator)
+        x = augment_batch(
+            to_normalized_tensor(images[idx]), augment, generator, None if flip_mask is None else flip_mask[idx]
+        )
         y = labels[idx]
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -104,6 +137,8 @@ def train_one_epoch(
         loss.backward()
         optimizer.step()
         scheduler.step()
+        if after_step is not None:
+            after_step()
         total_loss += loss.item() * len(y)
         correct += int((logits.argmax(1) == y).sum())
         seen += len(y)

@@ -11,24 +11,36 @@ import torch
 from torch import nn
 
 from adaptive_quant.config import ModelConfig
+from adaptive_quant.training.whitening import WhiteningStem
 
 
-def conv_bn_relu(c_in: int, c_out: int) -> nn.Sequential:
+def batch_norm(channels: int, momentum: float = 0.1, learn_scale: bool = True) -> nn.BatchNorm2d:
+    """BN whose scale is learned, or fixed at 1 (still a parameter, so conv-bn folding is unchanged)."""
+    bn = nn.BatchNorm2d(channels, momentum=momentum)
+    bn.weight.requires_grad_(learn_scale)
+    return bn
+
+
+def conv_bn_relu(c_in: int, c_out: int, momentum: float = 0.1, learn_scale: bool = True) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(c_in, c_out, kernel_size=3, padding=1, bias=False),  # bias is redundant before BN
-        nn.BatchNorm2d(c_out),
+        batch_norm(c_out, momentum, learn_scale),
         nn.ReLU(inplace=True),
     )
 
 
 class ResidualBlock(nn.Module):
-    """x → relu(bn(conv(relu(bn(conv(x))))) + x): the basic ResNet block, same width in and out."""
+    """x → relu(bn(conv(relu(bn(conv(x))))) + x): the basic ResNet block, same width in and out.
 
-    def __init__(self, channels: int) -> None:
+    inner: channels between the two convs (default: `channels`; fewer after channel pruning).
+    """
+
+    def __init__(self, channels: int, momentum: float = 0.1, learn_scale: bool = True, inner: int = 0) -> None:
         super().__init__()
-        self.conv1 = conv_bn_relu(channels, channels)
-        self.conv2 = nn.Conv2d(channels, channels, kernel_size=3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(channels)
+        inner = inner or channels
+        self.conv1 = conv_bn_relu(channels, inner, momentum, learn_scale)
+        self.conv2 = nn.Conv2d(inner, channels, kernel_size=3, padding=1, bias=False)
+        self.bn2 = batch_norm(channels, momentum, learn_scale)
         self.relu = nn.ReLU(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -40,22 +52,40 @@ class CifarResNet(nn.Module):
 
     With widths (64, 128, 256, 512) and blocks (1, 0, 1) this is the DAWNBench ResNet-9; the
     default (32, 64, 128, 256), (1, 1, 1) spends a quarter of its compute per block, which is
-    what two CPU cores can train in under an hour.
+    what two CPU cores can train in under an hour. With stem "whiten", block "plain", blocks
+    (1, 1, 1) and widths (24, 64, 256, 256) it is airbench94's network, with ReLU for GELU and
+    BN before the pool (conv-bn-relu is the pattern the INT8 quantizer fuses; BN after a pool is not).
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        w = cfg.widths
-        self.stem = conv_bn_relu(3, w[0])  # 32×32
+        w, bn = cfg.widths, {"momentum": cfg.bn_momentum, "learn_scale": cfg.bn_scale}
+        # 32×32 (conv) or (33-k)×(33-k) (whiten: no padding)
+        self.stem = WhiteningStem(w[0], cfg.whiten_kernel) if cfg.stem == "whiten" else conv_bn_relu(3, w[0], **bn)
         stages = []
         for i in range(3):
-            layers: list[nn.Module] = [conv_bn_relu(w[i], w[i + 1]), nn.MaxPool2d(2)]  # 16, 8, 4 px
-            layers += [ResidualBlock(w[i + 1]) for _ in range(cfg.blocks[i])]
+            out, n = w[i + 1], cfg.blocks[i]
+            inner = cfg.inner_widths[i] if cfg.inner_widths else out
+            if cfg.block == "residual" or n == 0:  # the downsampling conv feeds the skips: stage width
+                layers: list[nn.Module] = [conv_bn_relu(w[i], out, **bn), nn.MaxPool2d(2)]  # 16, 8, 4 px
+                layers += [ResidualBlock(out, **bn, inner=inner) for _ in range(n)]
+            else:  # plain: every conv but the stage's last one is inner
+                layers = [conv_bn_relu(w[i], inner, **bn), nn.MaxPool2d(2)]
+                layers += [conv_bn_relu(inner, inner if j < n - 1 else out, **bn) for j in range(n)]
             stages.append(nn.Sequential(*layers))
         self.stages = nn.Sequential(*stages)
         self.pool = nn.AdaptiveMaxPool2d(1)
         self.fc = nn.Linear(w[3], cfg.num_classes)
         self.head_scale = cfg.head_scale
+        if cfg.dirac_init:
+            self._dirac_init()
+
+    @torch.no_grad()
+    def _dirac_init(self) -> None:
+        """The first c_in filters of every 3×3 conv pass their input channel through (airbench)."""
+        for m in self.stages.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.dirac_(m.weight[: min(m.in_channels, m.out_channels)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stages(self.stem(x))

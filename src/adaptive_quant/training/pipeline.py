@@ -21,10 +21,14 @@ from tqdm.auto import tqdm
 from adaptive_quant.config import ExperimentConfig, config_to_dict, flatten
 from adaptive_quant.data import Dataset, load_dataset
 from adaptive_quant.tracking import Tracker, git_commit, start_run
+from adaptive_quant.training.augment import alternating_flip_mask, to_normalized_tensor
+from adaptive_quant.training.averaging import Lookahead
 from adaptive_quant.training.checkpoint import save_checkpoint
 from adaptive_quant.training.engine import cosine, evaluate, make_optimizer, one_cycle, steps_per_epoch, train_one_epoch
-from adaptive_quant.training.model import build_model, count_parameters
+from adaptive_quant.training.model import CifarResNet, build_model, count_parameters
+from adaptive_quant.training.prune import prune_channels
 from adaptive_quant.training.quantize import convert, prepare_qat, set_qat_mode
+from adaptive_quant.training.whitening import WhiteningStem
 
 log = logging.getLogger(__name__)
 
@@ -47,20 +51,41 @@ def _state_copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def build_float_model(cfg: ExperimentConfig, data: Dataset) -> CifarResNet:
+    """The untrained network; a whitening stem is fitted on the first whiten_images training images."""
+    model = build_model(cfg.model)
+    if isinstance(model.stem, WhiteningStem):
+        images = to_normalized_tensor(data.train.images[: cfg.model.whiten_images])
+        model.stem.fit(images, cfg.model.whiten_eps)
+    return model
+
+
 def train_float(
     cfg: ExperimentConfig, data: Dataset, tracker: Tracker, gen: torch.Generator
 ) -> tuple[torch.nn.Module, dict[str, float]]:
-    """Float phase: one-cycle Nesterov SGD; keeps the epoch with the best validation accuracy."""
+    """Float phase: one-cycle Nesterov SGD; keeps the epoch with the best validation accuracy.
+
+    With lookahead the averaged weights are the ones validated, selected and returned.
+    """
     t = cfg.train
-    model = build_model(cfg.model)
+    model = build_float_model(cfg, data)
     if t.channels_last:
         model = model.to(memory_format=torch.channels_last)
     n_steps = steps_per_epoch(len(data.train), t.batch_size, t.max_steps_per_epoch)
-    optimizer = make_optimizer(model, t.lr, t.momentum, t.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, one_cycle(n_steps * max(1, t.epochs), t.warmup_fraction))
+    total_steps = n_steps * max(1, t.epochs)
+    optimizer = make_optimizer(model, t.lr, t.momentum, t.weight_decay, t.bn_lr_scale, t.bn_weight_decay)
+    schedule = one_cycle(total_steps, t.warmup_fraction, t.lr_start_factor, t.lr_end_factor)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    lookahead = Lookahead(model, total_steps, t.lookahead_steps) if t.lookahead_steps else None
+    flip_base = None
+    if cfg.augment.flip and cfg.augment.flip_mode == "alternate":
+        flip_base = alternating_flip_mask(len(data.train), 0, gen)
+    whiten = model.stem if isinstance(model.stem, WhiteningStem) else None
     best_acc, best_state, best_epoch = -1.0, _state_copy(model), -1
     bar = tqdm(range(t.epochs), desc="float", unit="epoch", dynamic_ncols=True)
     for epoch in bar:
+        if whiten is not None:  # airbench: the whitening bias adapts early, then stays fixed
+            whiten.conv.bias.requires_grad_(epoch < t.whiten_bias_epochs)
         stats = train_one_epoch(
             model,
             data.train,
@@ -74,7 +99,11 @@ def train_float(
             channels_last=t.channels_last,
             max_steps=t.max_steps_per_epoch,
             desc=f"float {epoch + 1}/{t.epochs}",
+            flip_mask=None if flip_base is None else alternating_flip_mask(len(data.train), epoch, gen, flip_base),
+            after_step=None if lookahead is None else lambda: lookahead.after_step(model),
         )
+        if lookahead is not None:  # validate (and keep) the average, not the last few live steps
+            lookahead.sync(model, decay=1.0 if epoch == t.epochs - 1 else None)
         # validation in fp32 (no autocast): the number we select on is the FP32 model's
         val = evaluate(model, data.val, t.eval_batch_size, bf16=False, channels_last=t.channels_last)
         tracker.log_metrics(
@@ -105,6 +134,67 @@ def train_float(
     model.load_state_dict(best_state)
     model = model.to(memory_format=torch.contiguous_format).eval()
     return model, {"float_val_acc": best_acc, "float_best_epoch": float(best_epoch)}
+
+
+def prune_and_finetune(
+    cfg: ExperimentConfig, model: CifarResNet, data: Dataset, tracker: Tracker, gen: torch.Generator
+) -> tuple[CifarResNet, ExperimentConfig, dict[str, float]]:
+    """Channel pruning (prune.amount of every group), then a short float fine-tune (cosine lr).
+
+    Returns the pruned model, the config whose model section rebuilds it, and metrics; the
+    fine-tune epoch with the best validation accuracy is kept.
+    """
+    p, t = cfg.prune, cfg.train
+    before = count_parameters(model)
+    pruned, model_cfg = prune_channels(model, cfg.model, p.amount, p.criterion)
+    cfg = cfg.model_copy(update={"model": model_cfg})  # the other sections are shared, never changed
+    val = evaluate(pruned, data.val, t.eval_batch_size)
+    log.info(
+        "pruned %.0f%% of channels: widths %s inner %s, %d → %d parameters, val %.4f before fine-tuning",
+        100 * p.amount,
+        model_cfg.widths,
+        model_cfg.inner_widths,
+        before,
+        count_parameters(pruned),
+        val.accuracy,
+    )
+    metrics = {
+        "prune/params_before": float(before),
+        "prune/params_after": float(count_parameters(pruned)),
+        "prune/val_acc_before_finetune": val.accuracy,
+    }
+    tracker.log_metrics(metrics)
+    best_acc, best_state = val.accuracy, _state_copy(pruned)
+    if t.channels_last:
+        pruned = pruned.to(memory_format=torch.channels_last)
+    n_steps = steps_per_epoch(len(data.train), t.batch_size, p.finetune_max_steps_per_epoch)
+    optimizer = make_optimizer(pruned, p.finetune_lr, t.momentum, t.weight_decay, t.bn_lr_scale, t.bn_weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine(n_steps * max(1, p.finetune_epochs)))
+    for epoch in range(p.finetune_epochs):
+        stats = train_one_epoch(
+            pruned,
+            data.train,
+            optimizer,
+            scheduler,
+            cfg.augment,
+            t.batch_size,
+            gen,
+            label_smoothing=t.label_smoothing,
+            bf16=t.bf16,
+            channels_last=t.channels_last,
+            max_steps=p.finetune_max_steps_per_epoch,
+            desc=f"prune fine-tune {epoch + 1}/{p.finetune_epochs}",
+        )
+        val = evaluate(pruned, data.val, t.eval_batch_size, channels_last=t.channels_last)
+        tracker.log_metrics(
+            {"prune/train_loss": stats.loss, "prune/val_acc": val.accuracy, "prune/epoch_s": stats.seconds}, step=epoch
+        )
+        log.info("prune fine-tune epoch %d: val %.4f (%.0f s)", epoch + 1, val.accuracy, stats.seconds)
+        if val.accuracy > best_acc:
+            best_acc, best_state = val.accuracy, _state_copy(pruned)
+    pruned.load_state_dict(best_state)
+    metrics["prune/val_acc"] = best_acc
+    return pruned.to(memory_format=torch.contiguous_format).eval(), cfg, metrics
 
 
 def train_qat(
@@ -226,6 +316,16 @@ def run_training(cfg: ExperimentConfig, float_checkpoint: str | Path | None = No
             float_model, m, source_run = _float_from_checkpoint(cfg, float_checkpoint)
             metrics.update(m)
             tracker.set_tags({"float_from_checkpoint": str(float_checkpoint), "float_from_run": source_run})
+        if cfg.prune.enabled:  # from here on cfg.model describes the pruned (narrower) network
+            t0 = time.perf_counter()
+            float_model, cfg, m = prune_and_finetune(cfg, float_model, data, tracker, gen)
+            metrics.update(m)
+            metrics["unpruned_val_acc"] = metrics["float_val_acc"]
+            metrics["float_val_acc"] = m["prune/val_acc"]  # FP32 figures below describe the pruned network
+            metrics["prune_seconds"] = time.perf_counter() - t0
+            tracker.log_params(
+                {"pruned.widths": str(cfg.model.widths), "pruned.inner_widths": str(cfg.model.inner_widths)}
+            )
         metrics["parameters"] = float(count_parameters(float_model))
         metrics["fp32_test_acc"] = evaluate(float_model, data.test, cfg.train.eval_batch_size).accuracy
 

@@ -1,0 +1,117 @@
+"""Offline two-stage evaluation: strategies priced on recorded outputs, the report, the CLIs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from adaptive_quant.cli import evaluate as evaluate_cli
+from adaptive_quant.cli import fit_router as fit_router_cli
+from adaptive_quant.core.manifest import load_manifest
+from adaptive_quant.core.planner import PlannerConfig
+from adaptive_quant.core.routing import Priority
+from adaptive_quant.data import make_synthetic
+from adaptive_quant.evaluation.corruptions import CORRUPTIONS, corrupt
+from adaptive_quant.evaluation.two_stage import (
+    Recorded,
+    confidence_at_rate,
+    confidence_cascade,
+    fixed_plans,
+    oracle,
+    random_escalation,
+    router_points,
+)
+from adaptive_quant.evaluation.two_stage_report import evaluate_two_stage, write_two_stage
+from adaptive_quant.export.plans import fit_router
+from gateway_repo import build_repo
+
+
+def hand_recorded() -> Recorded:
+    """4 samples, 2 classes. Entry (int8): right on 0 and 1 (confident), wrong on 2 and 3 (unsure).
+    The flipped pass fixes sample 2 only; fp32 fixes nothing."""
+    labels = np.array([0, 0, 1, 1])
+    big = 6.0
+    logits = {
+        "int8": np.array([[big, 0], [big, 0], [0.2, 0], [0.1, 0]]),
+        "int8:hflip": np.array([[big, 0], [big, 0], [0, 3.0], [0.5, 0]]),
+        "fp32": np.array([[big, 0], [big, 0], [0.3, 0], [0.3, 0]]),
+    }
+    ms = {"int8": 1.0, "int8:hflip": 1.0, "fp32": 3.0}
+    return Recorded.from_logits(labels, "int8", logits, ["none", "int8:hflip", "fp32"], ms)
+
+
+def test_fixed_plans_confidence_random_and_oracle_on_hand_checked_outputs():
+    rec = hand_recorded()
+    plans = {p.name: p for p in fixed_plans(rec)}
+    assert plans["int8"].accuracy == 0.5 and plans["int8"].compute == 1.0
+    assert plans["int8+int8:hflip"].accuracy == 0.75 and plans["int8+int8:hflip"].compute == 2.0
+    assert plans["int8+fp32"].accuracy == 0.5 and plans["int8+fp32"].compute == 4.0
+    [cascade] = confidence_cascade(rec, "int8:hflip", [0.9])  # the two unsure samples escalate
+    assert cascade.accuracy == 0.75 and cascade.escalated == 0.5 and cascade.compute == 1.5
+    assert confidence_at_rate(rec, "int8:hflip", 0.25).escalated == 0.25
+    rnd = random_escalation(rec, "int8:hflip", 0.5, draws=200)
+    assert 0.55 < rnd.accuracy < 0.70  # sample 2 is among the 2 drawn in half the draws: 0.5 + 0.25 / 2
+    best = oracle(rec)
+    assert best.accuracy == 0.75 and best.escalated == 0.25  # only sample 2 needs (and gets) a follow-up
+
+
+def test_the_router_points_use_the_planner_and_respect_budgets():
+    rec = hand_recorded()
+    # a predictor that knows: the flip helps sample 2 only
+    pred = np.array([[0.99, 0.99, 0.99], [0.99, 0.99, 0.99], [0.4, 0.9, 0.4], [0.4, 0.4, 0.4]])
+    [balanced] = router_points(rec, pred, [Priority.BALANCED], [0.01], PlannerConfig())
+    assert balanced.accuracy == 0.75 and balanced.escalated == 0.25 and balanced.compute == 1.25
+    [tight] = router_points(rec, pred, [Priority.BALANCED], [0.01], PlannerConfig(), budgets_ms=[1.5])
+    assert tight.escalated == 0.0 and tight.accuracy == 0.5  # 1 ms entry + 1 ms flip > 1.5 ms
+
+
+def test_corruptions_change_the_images_and_keep_their_shape():
+    imgs = make_synthetic(4, seed=0).images
+    for name in CORRUPTIONS:
+        out = corrupt(imgs, name, seed=1)
+        assert out.shape == imgs.shape and out.dtype == np.uint8 and not np.array_equal(out, imgs), name
+    assert np.array_equal(corrupt(imgs, "noise", seed=1), corrupt(imgs, "noise", seed=1))  # seeded
+    with pytest.raises(ValueError, match="unknown corruption 'fog'; accepted: noise, blur"):
+        corrupt(imgs, "fog")
+
+
+@pytest.fixture(scope="module")
+def routed_repo(tmp_path_factory):
+    repo = build_repo(tmp_path_factory.mktemp("repo"))
+    fit_router(repo, make_synthetic(300, seed=3), ["int8:hflip", "fp32"], threads=1)
+    return repo
+
+
+def test_the_two_stage_report_prices_every_strategy_and_writes_its_files(routed_repo, tmp_path):
+    test = make_synthetic(200, seed=4)
+    val = make_synthetic(100, seed=5)
+    report = evaluate_two_stage(routed_repo, test, val=val, threads=1)
+    strategies = {p.strategy for p in report.points}
+    assert strategies == {"fixed variant", "fixed plan", "confidence", "router", "oracle"}
+    top = max(p.accuracy for p in report.points if p.strategy != "oracle")
+    assert next(p for p in report.points if p.strategy == "oracle").accuracy >= top
+    assert [s["corruption"] for s in report.shift] == list(CORRUPTIONS)
+    assert set(report.auroc) == {"int8:hflip", "fp32"} and report.budgets
+    files = write_two_stage(report, tmp_path / "out")
+    md = (tmp_path / "out" / "two_stage.md").read_text()
+    for section in ("## Verdict", "at equal rate", "## Budgets", "## Under shift", "## Targets"):
+        assert section in md
+    assert json.loads((tmp_path / "out" / "two_stage.json").read_text())["meta"]["entry"] == "int8"
+    assert all(f.is_file() for f in files)
+
+
+def test_aq_fit_router_and_aq_evaluate_on_a_repository(tmp_path, capsys):
+    repo = build_repo(tmp_path / "repo")
+    smoke = ["--config", "configs/smoke.yaml", "--set", "data.synthetic_train=400"]
+    assert fit_router_cli.main(["--repository", str(repo), *smoke, "--set", "export.plans=[int8:hflip]"]) == 0
+    out = capsys.readouterr().out
+    assert "int8:hflip" in out and "fix AUROC" in out
+    assert [p.name for p in load_manifest(repo).plans] == ["int8:hflip"]
+    args = ["--repository", str(repo), "--out", str(tmp_path / "r"), "--limit", "40", "--no-mlflow", "--no-shift"]
+    fast = ["--latency-iters", "5", "--throughput-seconds", "0.05", "--threads", "1", "--no-progress"]
+    assert evaluate_cli.main([*args, *fast, "--config", "configs/smoke.yaml"]) == 0
+    assert "Two-stage routing" in capsys.readouterr().out and (tmp_path / "r" / "two_stage.md").is_file()
+    assert fit_router_cli.main(["--repository", str(tmp_path / "missing"), *smoke]) == 2
+    assert "does not exist" in capsys.readouterr().err
