@@ -100,9 +100,11 @@ def test_no_follow_up_where_none_is_predicted_to_pay(repo):
 def test_a_follow_up_cut_at_the_deadline_leaves_the_entry_answer_within_budget(repo):
     imgs = images(2, seed=7)
     backend = FakeFlakyBackend(EmbeddedBackend(repo, load_manifest(repo)))
-    backend.delay_s["fp32"] = 3.0  # the profile says 80 ms: the planner thinks it fits 400 ms
+    backend.delay_s["fp32"] = (
+        3.0  # the profile says 240 ms at batch 2-8: with slack 2 the planner thinks it fits 600 ms
+    )
     with serve(repo, backend=backend, router=FakePlanRouter(fp32=0.99)) as client:
-        r = classify(client, imgs, X_Priority="quality", X_Latency_Budget_Ms=400)
+        r = classify(client, imgs, X_Priority="quality", X_Latency_Budget_Ms=600)
         body = r.json()
         assert "fp32" in backend.calls[-1:]  # the follow-up was sent...
         assert [p["passes"] for p in body["predictions"]] == [["int8"], ["int8"]]  # ...and cut

@@ -75,15 +75,26 @@ class FollowupStage:
         known = set(keys)
         # plans over variants this service does not serve (pinned to a subset) are never allowed
         self._servable = np.array([p.variants <= known for p in self.plans])
+        # (P, V) passes of each plan on each served variant: a plan's price is this times per-variant figures
+        self._passes = np.zeros((len(self.plans), len(self.keys)))
+        for j, plan in enumerate(self.plans):
+            for p in plan.passes:
+                if p.variant in self.precision:
+                    self._passes[j, self.keys.index(p.variant)] += 1
+        self._allowed_cache: dict[tuple, np.ndarray] = {}
 
     def allowed(self, entry: str, routable: dict[str, bool], floor: Precision | None) -> np.ndarray:
         """(P,) bool: plans whose variants are routable, at or above the floor, and don't repeat the entry."""
-        ok_variants = {
+        ok_variants = frozenset(
             k for k in self.keys if routable.get(k, False) and (floor is None or self.precision[k].rank >= floor.rank)
-        }
-        entry_pass = Pass(entry)
-        mask = np.array([applicable(p, entry_pass, ok_variants) for p in self.plans]) & self._servable
-        mask[0] = True
+        )
+        key = (entry, ok_variants)  # a handful of combinations: health changes rarely
+        mask = self._allowed_cache.get(key)
+        if mask is None:
+            entry_pass = Pass(entry)
+            mask = np.array([applicable(p, entry_pass, ok_variants) for p in self.plans]) & self._servable
+            mask[0] = True
+            self._allowed_cache[key] = mask
         return mask
 
     def price(self, entry: str, n: int, estimator: LatencyEstimator) -> tuple[np.ndarray, np.ndarray]:
@@ -93,16 +104,10 @@ class FollowupStage:
         sum of its passes' estimates (conservative); its cost is their profiled compute over the entry's.
         """
         entry_ms = max(estimator.service_ms(entry, n), 1e-6)
-        cost = np.zeros(len(self.plans))
-        ms = np.zeros(len(self.plans))
-        for j, plan in enumerate(self.plans[1:], start=1):
-            for p in plan.passes:
-                if p.variant not in self.precision:
-                    cost[j] = ms[j] = np.inf
-                    break
-                cost[j] += estimator.service_ms(p.variant, n) / entry_ms
-                ms[j] += estimator.estimate_ms(p.variant, n)
-        return cost, ms
+        service = np.array([estimator.service_ms(k, n) for k in self.keys])  # (V,) cached by the estimator
+        now = np.array([estimator.estimate_ms(k, n) for k in self.keys])  # (V,) with the queue seen now
+        # plans over an unserved variant are never allowed (mask), so their price does not matter
+        return self._passes @ service / entry_ms, self._passes @ now
 
     def decide(
         self,
