@@ -60,6 +60,17 @@ def test_load_raises_the_price_so_follow_ups_are_shed_first(problem, load, more)
     assert (busy.index > 0).sum() <= (calm.index > 0).sum() or cost[busy.index].sum() < cost[calm.index].sum()
 
 
+@settings(max_examples=200, deadline=None)
+@given(problems())
+def test_one_sample_requests_get_the_same_decision_as_the_vectorised_rule(problem):
+    acc, cost, ms, allowed, remaining, load = problem
+    for priority in Priority:
+        batch = plan_followups(acc, cost, ms, allowed, remaining, priority, CFG, load)  # N >= 1, vectorised
+        for i in range(len(acc)):  # each row alone takes the scalar path
+            one = plan_followups(acc[i : i + 1], cost, ms, allowed, remaining, priority, CFG, load)
+            assert one.index.tolist() == [batch.index[i]] and one.predicted[0] == batch.predicted[i]
+
+
 def test_a_follow_up_runs_where_it_is_predicted_to_pay_and_not_elsewhere():
     # sample 0: confident, a flip adds nothing; sample 1: unsure, a flip is predicted to add 6 points
     acc = np.array([[0.99, 0.99, 0.995], [0.50, 0.56, 0.57]])

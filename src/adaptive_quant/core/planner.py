@@ -83,6 +83,10 @@ def plan_followups(
     load:         samples in flight / max batch size (raises the balanced price)
     """
     acc = np.asarray(pred_acc, dtype=np.float64)
+    if acc.ndim == 2 and acc.shape[0] == 1 and np.ndim(extra_ms) == 1 and np.ndim(remaining_ms) == 0:
+        # one-sample requests (most of the traffic): the same rule over P plain floats. NumPy's
+        # per-call overhead on (1, P) arrays made the vectorised path ~23 µs of a ~55 µs decision
+        return _plan_one(acc, extra_cost, extra_ms, allowed, remaining_ms, priority, config, load)
     if acc.ndim != 2 or acc.shape[1] < 1:
         raise ValueError(f"pred_acc must be (N, P) with P >= 1 (column 0 = none), got shape {acc.shape}")
     n, p = acc.shape
@@ -116,3 +120,36 @@ def plan_followups(
     if priority is Priority.SPEED:
         index = np.where(acc[rows, index] - acc[:, 0] >= config.speed_tolerance - _TIE, index, 0)
     return PlanDecision(index=index, predicted=acc[rows, index])
+
+
+def _plan_one(
+    acc: np.ndarray,
+    extra_cost: np.ndarray,
+    extra_ms: np.ndarray,
+    allowed: np.ndarray,
+    remaining_ms: float | None,
+    priority: Priority,
+    config: PlannerConfig,
+    load: float,
+) -> PlanDecision:
+    """`plan_followups` for N = 1, scalar remaining budget and (P,) extra_ms: identical decisions."""
+    row = acc[0].tolist()
+    p = len(row)
+    cost, ms, ok = list(map(float, extra_cost)), list(map(float, extra_ms)), [bool(a) for a in allowed]
+    if not (len(cost) == len(ms) == len(ok) == p) or p < 1:
+        raise ValueError(
+            f"extra_cost, extra_ms and allowed must be ({p},) like pred_acc's row; "
+            f"got {len(cost)}, {len(ms)}, {len(ok)} (column 0 = none)"
+        )
+    price = config.followup_price * (1.0 + config.load_price * max(0.0, load))
+    left = None if remaining_ms is None else float(remaining_ms)
+    scores = [-np.inf] * p
+    for j in range(p):
+        if j == 0 or (ok[j] and (left is None or config.slack * ms[j] <= left)):
+            scores[j] = row[j] if priority is Priority.QUALITY else row[j] - price * cost[j]
+    best = max(scores)
+    # among equally good plans, the cheapest; the first of equal costs (argmin's rule)
+    index = min((j for j in range(p) if scores[j] >= best - _TIE), key=lambda j: (cost[j], j))
+    if priority is Priority.SPEED and row[index] - row[0] < config.speed_tolerance - _TIE:
+        index = 0
+    return PlanDecision(index=np.array([index], dtype=np.int64), predicted=np.array([row[index]]))
