@@ -10,12 +10,12 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from adaptive_quant.core.images import to_model_input
 from adaptive_quant.core.manifest import load_manifest
 from adaptive_quant.serving.backends.base import BackendError, VariantUnavailable
 from adaptive_quant.serving.backends.batcher import DynamicBatcher
 from adaptive_quant.serving.backends.embedded import EmbeddedBackend
 from adaptive_quant.serving.backends.triton import TritonBackend
-from adaptive_quant.serving.decode import to_model_input
 from gateway_repo import build_repo, images
 
 

@@ -25,6 +25,7 @@ from adaptive_quant.serving.settings import SettingsError, load_settings
 from fake_backends import FakeFlakyBackend
 from gateway_repo import b64_instance, build_repo, images, pixels_instance
 from http_server import serve_in_thread  # tests/http_server.py
+from prometheus_scrape import metric
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,20 +52,6 @@ def serve(repo, backend=None, predictor=None, **overrides):
 def classify(client, instances, **headers):
     h = {k.replace("_", "-"): str(v) for k, v in headers.items()}
     return client.post("/v1/classify", json={"instances": instances}, headers=h)
-
-
-def metric(client, name, **labels) -> float:
-    """One sample's value from /metrics, as Prometheus would scrape it."""
-    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    for line in client.get("/metrics").text.splitlines():
-        if line.startswith("#"):
-            continue
-        series, value = line.rsplit(" ", 1)
-        metric_name, _, rest = series.partition("{")
-        got = ",".join(sorted(rest.rstrip("}").split(","))) if rest else ""
-        if metric_name == name and got == want:
-            return float(value)
-    return 0.0
 
 
 def flaky(repo) -> FakeFlakyBackend:

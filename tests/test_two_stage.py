@@ -16,6 +16,7 @@ from adaptive_quant.serving.backends.embedded import EmbeddedBackend
 from adaptive_quant.serving.settings import load_settings
 from fake_backends import FakeFlakyBackend
 from gateway_repo import b64_instance, build_repo, images
+from prometheus_scrape import metric
 
 PLANS = ["none", "int8:hflip", "fp32", "fp32:hflip"]
 
@@ -53,18 +54,6 @@ def classify(client, imgs, **headers):
     r = client.post("/v1/classify", json={"instances": [b64_instance(i) for i in imgs]}, headers=h)
     assert r.status_code == 200, r.text
     return r
-
-
-def metric(client, name, **labels) -> float:
-    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    for line in client.get("/metrics").text.splitlines():
-        if line.startswith("#"):
-            continue
-        series, value = line.rsplit(" ", 1)
-        metric_name, _, rest = series.partition("{")
-        if metric_name == name and ",".join(sorted(rest.rstrip("}").split(","))) == want:
-            return float(value)
-    return 0.0
 
 
 def entry_only(repo, imgs):

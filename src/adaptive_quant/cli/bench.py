@@ -112,7 +112,7 @@ def bench_overhead(
     settings: ServeSettings, pinned: ServeSettings, variant: str = "int8", iterations: int = 500
 ) -> dict[str, dict[str, float]]:
     """ms at concurrency 1, one image: the backend alone vs through the gateway `pinned` to `variant`."""
-    from adaptive_quant.serving.decode import to_model_input
+    from adaptive_quant.core.images import to_model_input
 
     manifest = load_manifest(settings.repository)
     img = bench.sample_images(1, seed=7)

@@ -23,6 +23,7 @@ from adaptive_quant.core.planner import PlannerConfig, plan_followups
 from adaptive_quant.core.plans import NONE, Plan
 from adaptive_quant.core.routing import Priority
 from adaptive_quant.core.stats import softmax
+from adaptive_quant.predictor.model import auroc
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class Recorded:
     plans: list[Plan]  # column order of the router; plans[0] is "none"
     pass_cost: dict[str, float]  # pass name → compute in entry passes
     pass_ms: dict[str, float]  # pass name → latency, ms (batch 1 p50: the idle gateway's estimate)
+    entry_logits: np.ndarray  # (N, C) the entry pass's logits: what the router reads
 
     @classmethod
     def from_logits(
@@ -66,6 +68,7 @@ class Recorded:
             plans=plans,
             pass_cost={k: v / entry_ms for k, v in pass_ms.items()},
             pass_ms=dict(pass_ms),
+            entry_logits=np.asarray(logits[entry]),
         )
 
     def plan_probs(self, j: int) -> np.ndarray:
@@ -191,8 +194,6 @@ def oracle(rec: Recorded) -> TwoStagePoint:
 
 def followup_auroc(rec: Recorded, pred_acc: np.ndarray, plan: str) -> dict[str, float]:
     """AUROC for "this plan turns a wrong entry answer right": learned gain vs the confidence rule."""
-    from adaptive_quant.predictor.model import auroc
-
     j = [p.name for p in rec.plans].index(plan)
     ok = rec.correct()
     fixes = ok[:, j] & ~ok[:, 0]

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from adaptive_quant.core.images import to_model_input
 from adaptive_quant.core.manifest import load_manifest
 from adaptive_quant.core.planner import PlannerConfig
 from adaptive_quant.core.plans import Pass, Plan, View
@@ -33,7 +34,7 @@ from adaptive_quant.evaluation.two_stage import (
     random_escalation,
     router_points,
 )
-from adaptive_quant.export.plans import normalise, pass_logits
+from adaptive_quant.export.plans import pass_logits
 from adaptive_quant.predictor.deferral import DeferralPredictor
 from adaptive_quant.predictor.model import expected_calibration_error
 
@@ -60,11 +61,9 @@ def _recorded(repo: Path, split: Split, manifest, router: DeferralPredictor, pas
     plans = [Plan.parse(p) for p in router.plan_names]
     needed = {Pass(entry)} | {p for plan in plans for p in plan.passes}
     needed |= {Pass(v.key, View.IDENTITY) for v in manifest.served_variants()}
-    logits = pass_logits(repo, manifest, normalise(split.images, manifest), needed, threads)
+    logits = pass_logits(repo, manifest, to_model_input(split.images, manifest.mean, manifest.std), needed, threads)
     ms = {p.name: pass_ms[p.variant] for p in needed}
-    rec = Recorded.from_logits(split.labels, entry, {p.name: z for p, z in logits.items()}, router.plan_names, ms)
-    rec.entry_logits = logits[Pass(entry)]  # type: ignore[attr-defined]
-    return rec
+    return Recorded.from_logits(split.labels, entry, {p.name: z for p, z in logits.items()}, router.plan_names, ms)
 
 
 def evaluate_two_stage(
@@ -86,7 +85,7 @@ def evaluate_two_stage(
         pass_ms = {k: v.latency.at(1).p50_ms for k, v in manifest.variants.items() if v.latency is not None}
     served = [v.key for v in manifest.served_variants()]
     rec = _recorded(repo, test, manifest, router, pass_ms, threads)
-    pred = router.predict(rec.entry_logits)  # type: ignore[attr-defined]
+    pred = router.predict(rec.entry_logits)
     flip = next((p.name for p in rec.plans[1:] if p.name == f"{rec.entry}:hflip"), rec.plans[1].name)
     points = fixed_variants(rec, served) + fixed_plans(rec) + confidence_cascade(rec, flip, THRESHOLDS)
     points += router_points(rec, pred, list(Priority), list(PRICES), planner) + [oracle(rec)]
@@ -182,7 +181,7 @@ def _shift(repo, val, manifest, router, pass_ms, threads, seed, planner, served)
     for name in CORRUPTIONS:
         shifted = Split(corrupt(val.images, name, seed=seed), val.labels)
         rec = _recorded(repo, shifted, manifest, router, pass_ms, threads)
-        pred = router.predict(rec.entry_logits)  # type: ignore[attr-defined]
+        pred = router.predict(rec.entry_logits)
         [point] = router_points(rec, pred, [Priority.BALANCED], [planner.followup_price], planner)
         fixed = {v: float((rec.probs[v].argmax(1) == rec.labels).mean()) for v in served}
         ok = rec.correct()

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from adaptive_quant.core.images import to_model_input
 from adaptive_quant.core.manifest import Manifest, PlanEntry, load_manifest, save_manifest
 from adaptive_quant.core.plans import NONE, Pass, Plan, View, apply_view
 from adaptive_quant.core.stats import softmax
@@ -38,14 +39,6 @@ class RouterFit:
     manifest: Manifest
     report: DeferralFitReport
     outcomes: np.ndarray  # (N, P) bool on the validation split, column 0 = none
-
-
-def normalise(images: np.ndarray, manifest: Manifest) -> np.ndarray:
-    """(N, H, W, 3) uint8 → (N, 3, H, W) float32, normalised as the manifest says."""
-    mean = np.asarray(manifest.mean, np.float32).reshape(1, 3, 1, 1)
-    std = np.asarray(manifest.std, np.float32).reshape(1, 3, 1, 1)
-    x = images.astype(np.float32).transpose(0, 3, 1, 2) / 255.0
-    return np.ascontiguousarray((x - mean) / std)
 
 
 def pass_logits(
@@ -93,7 +86,7 @@ def fit_router(
     entry_pass = Pass(entry, View.IDENTITY)
     needed = {entry_pass} | {p for plan in parsed for p in plan.passes}
     log.info("router: running %s on %d validation images", ", ".join(sorted(p.name for p in needed)), len(val.labels))
-    logits = pass_logits(repo, manifest, normalise(val.images, manifest), needed, threads)
+    logits = pass_logits(repo, manifest, to_model_input(val.images, manifest.mean, manifest.std), needed, threads)
     probs = {p.name: softmax(z) for p, z in logits.items()}
     outcomes = plan_outcomes(
         probs[entry_pass.name], probs, [[]] + [[p.name for p in plan.passes] for plan in parsed], val.labels

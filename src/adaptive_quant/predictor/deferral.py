@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from adaptive_quant.core.manifest import sha256_file
+from adaptive_quant.core.plans import NONE, Pass, Plan, View
 from adaptive_quant.predictor.entry_features import (
     FEATURE_VERSION,
     check_logits,
@@ -44,8 +45,7 @@ from adaptive_quant.predictor.entry_features import (
 SPEC_VERSION = 1
 WEIGHTS_FILE = "deferral.npz"
 SPEC_FILE = "deferral.json"
-VIEWS = ("identity", "hflip")  # hflip: the image mirrored left–right
-NONE = "none"  # column 0: no follow-up, the entry pass's answer stands
+VIEWS = tuple(v.value for v in View)  # ("identity", "hflip"): the views core.plans knows
 _ZERO = np.float32(0.0)
 
 
@@ -57,12 +57,12 @@ class DeferralSpecError(ValueError):
 
 
 def parse_pass(text: str) -> str:
-    """'fp32' → 'fp32:identity'; 'int8:hflip' stays. The canonical `variant:view` form."""
-    variant, _, view = text.strip().partition(":")
-    view = view or "identity"
-    if not variant or view not in VIEWS:
-        raise ValueError(f"a pass is 'variant' or 'variant:view' with view in {VIEWS}; got {text!r}")
-    return f"{variant}:{view}"
+    """'fp32' → 'fp32:identity'; 'int8:hflip' stays. The canonical `variant:view` form (core.plans parses)."""
+    try:
+        p = Pass.parse(text)
+    except ValueError:
+        raise ValueError(f"a pass is 'variant' or 'variant:view' with view in {VIEWS}; got {text!r}") from None
+    return f"{p.variant}:{p.view.value}"
 
 
 def parse_plan(name: str) -> list[str]:
@@ -74,9 +74,7 @@ def parse_plan(name: str) -> list[str]:
 
 def plan_name(passes: list[str]) -> str:
     """The inverse of `parse_plan`, ':identity' left out: ['fp32:identity', 'fp32:hflip'] → 'fp32+fp32:hflip'."""
-    if not passes:
-        return NONE
-    return "+".join(p.removesuffix(":identity") for p in (parse_pass(q) for q in passes))
+    return Plan(tuple(Pass.parse(q) for q in passes)).name
 
 
 def head_names(plan_names: list[str]) -> list[str]:

@@ -129,11 +129,3 @@ def _decode_pixels(data: Any, i: int, size: int) -> np.ndarray:
 
 def _describe_kind(arr: np.ndarray) -> str:
     return {"U": "strings", "S": "bytes", "b": "booleans"}.get(arr.dtype.kind, "mixed types")
-
-
-def to_model_input(images: np.ndarray, mean: list[float], std: list[float]) -> np.ndarray:
-    """(N, H, W, 3) uint8 → (N, 3, H, W) float32, scaled to 0..1 and normalised per channel."""
-    scale = np.asarray(std, dtype=np.float32) * 255.0  # (3,) uint8 units per std
-    shift = np.asarray(mean, dtype=np.float32) * 255.0
-    x = (images.astype(np.float32) - shift) / scale  # (N, H, W, 3)
-    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))

@@ -179,7 +179,8 @@ class FollowupStage:
 
 def highest_precision(passes: Sequence[str], precision: dict[str, Precision]) -> Precision:
     """The highest precision among the passes that answered a sample ("fp32" for ["int8", "fp32:hflip"])."""
-    return max((precision[Pass.parse(p).variant] for p in passes), key=lambda q: q.rank)
+    # pass names come from the plans (already validated): the variant is what precedes any ':view'
+    return max((precision[p.partition(":")[0]] for p in passes), key=lambda q: q.rank)
 
 
 @dataclass

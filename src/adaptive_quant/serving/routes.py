@@ -10,8 +10,9 @@ import psutil
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
+from adaptive_quant.core.images import to_model_input
 from adaptive_quant.core.precision import Precision
-from adaptive_quant.serving.decode import decode_instances, parse_json, to_model_input
+from adaptive_quant.serving.decode import decode_instances, parse_json
 from adaptive_quant.serving.errors import InputError, PayloadTooLarge, ServiceUnavailable
 from adaptive_quant.serving.metrics import OUTCOMES
 from adaptive_quant.serving.options import parse_options

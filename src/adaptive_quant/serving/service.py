@@ -119,6 +119,7 @@ class ClassifierService:
         self.keys = [v.key for v in served]  # column order everywhere below
         self.precisions = [Precision(v.precision) for v in served]
         self.ranks = np.array([p.rank for p in self.precisions])  # (V,)
+        self.precision_of = dict(zip(self.keys, self.precisions))
         self.estimator = LatencyEstimator({v.key: v.latency for v in served}, settings.latency)
         self.breakers = {k: _Breaker() for k in self.keys}
         self.started_at = time.monotonic()
@@ -229,12 +230,11 @@ class ClassifierService:
         met = bool(state.decision_met.all())
         if options.budget_ms is not None:
             met = met and server_ms <= options.budget_ms
-        precision = dict(zip(self.keys, self.precisions))
         return ClassifyResult(
             probs=probs,
             variants=variants,
             passes=passes,
-            precisions=[highest_precision(p, precision).value for p in passes],
+            precisions=[highest_precision(p, self.precision_of).value for p in passes],
             budget_met=met,
             server_time_ms=server_ms,
             routing_time_ms=state.routing_s * 1e3,
@@ -280,7 +280,7 @@ class ClassifierService:
                 decision,
                 deadline,
                 self.settings.deadline.no_budget_timeout_ms,
-                self._follow_up_call,
+                self._infer,
             )
             probs[idx] = result.probs
             for i, p in zip(idx, result.passes):
@@ -295,9 +295,12 @@ class ClassifierService:
             lost += result.cut + result.failed
         return upgraded, lost
 
-    async def _follow_up_call(self, key: str, x: np.ndarray, timeout_ms: float) -> np.ndarray:
-        """One follow-up backend call, cut after `timeout_ms` (TimeoutError): nothing falls back from
-        here, the entry answer already stands. Errors count towards the variant's breaker."""
+    async def _infer(self, key: str, x: np.ndarray, timeout_ms: float) -> np.ndarray:
+        """One backend call with its accounting, cut after `timeout_ms` (TimeoutError). The latency
+        estimate learns from a success or a timeout (at least this slow), not from an error or a
+        cancellation (the client went away); only errors count towards the variant's breaker. The
+        caller decides what a failure means: a fallback (`_call`), or the entry answer standing
+        (follow-ups)."""
         n = x.shape[0]
         if timeout_ms <= 0:
             raise TimeoutError("no budget left for the follow-up")
@@ -308,7 +311,7 @@ class ClassifierService:
         observed: float | None = None
         try:
             logits = await asyncio.wait_for(self.backend.infer(key, x), timeout_ms / 1e3)
-            if logits.shape[0] != n:
+            if logits.shape != (n, len(self.manifest.classes)):
                 raise ValueError(f"backend returned logits of shape {logits.shape} for {n} samples")
             observed = (time.perf_counter() - t) * 1e3
             self.metrics.backend_latency.labels(key).observe(observed / 1e3)
@@ -382,39 +385,16 @@ class ClassifierService:
         else:
             deadline = self.settings.deadline
             timeout_ms = max(remaining, deadline.slow_factor * estimate_ms) + deadline.grace_ms
-        predicted = self.estimator.begin(key, len(idx))
-        gauge = self.metrics.variant_in_flight.labels(key)
-        gauge.inc(len(idx))
-        t = time.perf_counter()
-        reason = ""
-        completed = False
         try:
-            logits = await asyncio.wait_for(self.backend.infer(key, state.x[idx]), timeout_ms / 1e3)
-            if logits.shape != (len(idx), state.logits.shape[1]):
-                raise ValueError(f"backend returned logits of shape {logits.shape} for {len(idx)} samples")
-            completed = True
+            logits = await self._infer(key, state.x[idx], timeout_ms)
         except TimeoutError:
-            reason = "timeout"
-            detail = f"{key} timed out after {timeout_ms:.1f} ms"
+            reason, detail = "timeout", f"{key} timed out after {timeout_ms:.1f} ms"
         except Exception as exc:  # any backend failure: the next variant gets the samples
-            reason = "error"
-            detail = f"{key} failed: {exc}"
-        finally:
-            elapsed_ms = (time.perf_counter() - t) * 1e3
-            gauge.dec(len(idx))
-            if not completed and not reason:  # cancelled (the client went away): just release the load
-                self.estimator.end(key, len(idx), None, predicted)
-        if not reason:
-            self.estimator.end(key, len(idx), elapsed_ms, predicted)
-            self.metrics.backend_latency.labels(key).observe(elapsed_ms / 1e3)
-            self._record_success(key)
+            reason, detail = "error", f"{key} failed: {exc}"
+        else:
             state.logits[idx] = logits
             state.answered_by[idx] = j
             return
-        # a timeout is a latency observation (at least this slow); an error is not
-        self.estimator.end(key, len(idx), elapsed_ms if reason == "timeout" else None, predicted)
-        if reason == "error":
-            self._record_failure(key)
         self.metrics.fallbacks.labels(key, reason).inc()
         state.fallbacks += 1
         state.errors.append(detail)
