@@ -256,3 +256,57 @@ def test_triton_backend_unreachable_server_marks_everything_unhealthy(repo):
 
     health, ready = asyncio.run(go())
     assert not ready and all("unreachable" in h.detail for h in health.values())
+
+
+class ThreadRecordingModel(RecordingModel):
+    """Also records which thread each call ran on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.threads: list[int] = []
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        self.threads.append(threading.get_ident())
+        return super().__call__(x)
+
+
+def run_inline_batcher(model, coro_fn, contended, **kw):
+    async def main():
+        with ThreadPoolExecutor(2) as pool:
+            b = DynamicBatcher(model, pool, contended=lambda: contended["now"], **kw)
+            b.start()
+            try:
+                return threading.get_ident(), await coro_fn(b)
+            finally:
+                await b.close()
+
+    return asyncio.run(main())
+
+
+def test_small_batches_compute_on_the_event_loop_and_large_ones_in_the_pool():
+    model = ThreadRecordingModel()
+    contended = {"now": False}
+
+    async def go(b):
+        one = await b.submit(np.ones((1, 1), np.float32))  # alone in the gateway: at once, on the loop
+        contended["now"] = True  # other requests in flight: callers queue and batch
+        together = await asyncio.gather(*(b.submit(np.ones((1, 1), np.float32)) for _ in range(3)))
+        big = await asyncio.gather(*(b.submit(np.ones((2, 1), np.float32)) for _ in range(4)))
+        return one, together, big
+
+    loop_thread, (one, together, big) = run_inline_batcher(model, go, contended, max_batch_size=32, inline_max_batch=4)
+    assert float(one[0, 0]) == 2.0 and all(float(t[0, 0]) == 2.0 for t in together)
+    assert all(g.shape == (2, 1) and float(g[0, 0]) == 2.0 for g in big)
+    # the lone request; the three gathered into one batch of 3 (<= 4: on the loop); 8 samples in the pool
+    assert model.sizes == [1, 3, 8]
+    assert model.threads[:2] == [loop_thread, loop_thread] and model.threads[2] != loop_thread
+
+
+def test_inline_is_off_when_a_queue_delay_is_configured():
+    model = ThreadRecordingModel()
+
+    async def go(b):
+        return await asyncio.gather(*(b.submit(np.ones((1, 1), np.float32)) for _ in range(2)))
+
+    run_batcher(model, go, max_batch_size=32, max_queue_delay_us=20_000, inline_max_batch=4)
+    assert model.sizes == [2] and threading.get_ident() not in model.threads

@@ -30,6 +30,18 @@ Budgets (--budget, ms of client-measured end-to-end latency, drawn per request f
 none, fixed:50, uniform:20,80, choice:10,50,200, lognormal:MEDIAN,SIGMA, calibrated[:M].
 Effective accuracy = images answered correctly AND within their budget / images offered.
 
+Side by side (--compare NAME=URL, repeatable): the same phases, images and schedule run against
+each further target in turn (e.g. the plain baseline server, scripts/baseline_server.py), and the
+table gives each target's rows and its throughput ratio to the first (--name, "gateway"):
+  python scripts/baseline_server.py --port 8013 &
+  python scripts/loadtest.py --concurrency 64 --compare baseline=http://127.0.0.1:8013
+
+Goodput (--goodput): instead of the phases, search for each target's highest Poisson rate with
+at least --goodput-share of requests answered within --goodput-budget ms (tools/loadtest/goodput.py:
+grow the rate ×2 from --goodput-start while probes pass, then bisect to 5 %), the targets'
+probes interleaved; writes the table and the JSON (--out):
+  python scripts/loadtest.py --goodput --compare baseline=http://127.0.0.1:8013
+
 Bounded: --duration (<= 3600 s) and --max-requests per phase, plus --warmup s unrecorded before
 each phase. Loopback only: any --url whose host is not this machine is refused.
 Writes --out (JSON) and --plot (PNG); exit 0 on success, 2 on bad arguments or data, 1 when
@@ -44,6 +56,7 @@ import json
 import logging
 import os
 import sys
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +64,8 @@ import numpy as np
 # run from a checkout without install
 from adaptive_quant.cli import LOG_LEVELS, setup_logging
 from adaptive_quant.data import CIFAR10_CLASSES, DataError, make_synthetic, read_cifar_split
-from adaptive_quant.tools.loadtest.config import LoadTestConfig, LoadTestConfigError
+from adaptive_quant.tools.loadtest.config import LoadTestConfig, LoadTestConfigError, check_loopback
+from adaptive_quant.tools.loadtest.goodput import GoodputSpec, format_goodput, runner_probe, search_goodput
 from adaptive_quant.tools.loadtest.report import build_results, format_table
 from adaptive_quant.tools.loadtest.runner import CalibrationError, GatewayError, Workload, run_loadtest
 from adaptive_quant.tools.loadtest.schedule import MODES, image_groups, parse_budget, parse_phases
@@ -66,6 +80,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g = p.add_argument_group("target")
     g.add_argument("--url", default="http://127.0.0.1:8000", help="the gateway, on loopback" + d)
     g.add_argument("--api-key", help=f"sent as X-API-Key (default: ${API_KEY_ENV} if set)")
+    g.add_argument("--name", default="gateway", help="what the tables call --url" + d)
+    g.add_argument(
+        "--compare",
+        action="append",
+        default=[],
+        metavar="NAME=URL",
+        help="also run everything against this target (loopback), e.g. baseline=http://127.0.0.1:8013; repeatable",
+    )
+    g = p.add_argument_group("goodput search (--goodput)")
+    g.add_argument("--goodput", action="store_true", help="search each target's goodput instead of running phases")
+    g.add_argument("--goodput-budget", type=float, default=50.0, help="ms a good request is answered within" + d)
+    g.add_argument("--goodput-share", type=float, default=0.99, help="share of requests that must be good" + d)
+    g.add_argument("--goodput-start", type=float, default=100.0, help="first probe's rate, req/s" + d)
+    g.add_argument("--goodput-max", type=float, default=5000.0, help="highest rate probed, req/s" + d)
+    g.add_argument("--goodput-resolution", type=float, default=0.05, help="stop at fail/pass <= 1 + this" + d)
+    g.add_argument("--probe-duration", type=float, default=10.0, help="s of recorded load per probe" + d)
+    g.add_argument("--probe-warmup", type=float, default=2.0, help="s of unrecorded load before each probe" + d)
+    g.add_argument(
+        "--goodput-no-header",
+        action="store_true",
+        help="do not send the budget as X-Latency-Budget-Ms (by default the gateway is told it)",
+    )
     g = p.add_argument_group("load")
     g.add_argument("--mode", choices=MODES, default="closed", help="closed loop or open-loop arrivals" + d)
     g.add_argument("--concurrency", type=int, default=16, help="closed: workers" + d)
@@ -158,39 +194,115 @@ def load_images(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, str]:
     return split.images[pick], split.labels[pick], source
 
 
+def parse_targets(args: argparse.Namespace) -> dict[str, str]:
+    """{name: url}: --url as --name first, then each --compare NAME=URL (loopback only)."""
+    targets = {args.name: check_loopback(args.url)}
+    for spec in args.compare:
+        name, sep, url = spec.partition("=")
+        name = name.strip()
+        if not sep or not name or not url.strip():
+            raise LoadTestConfigError(f"--compare {spec!r}: expected NAME=URL, e.g. baseline=http://127.0.0.1:8013")
+        if name in targets:
+            raise LoadTestConfigError(f"--compare {spec!r}: the name {name!r} is already taken by another target")
+        targets[name] = check_loopback(url.strip())
+    return targets
+
+
+def goodput_spec(args: argparse.Namespace) -> GoodputSpec:
+    return GoodputSpec(
+        budget_ms=args.goodput_budget,
+        share=args.goodput_share,
+        start_rps=args.goodput_start,
+        max_rps=args.goodput_max,
+        resolution=args.goodput_resolution,
+        probe_s=args.probe_duration,
+        warmup_s=args.probe_warmup,
+        send_budget=not args.goodput_no_header,
+    )
+
+
+def ratio_lines(summaries: dict[str, dict[str, dict]], reference: str) -> list[str]:
+    """Per target and phase: throughput and images/s as a ratio to the reference target's same
+    phase, and the p50 latency difference, ms."""
+    ref = summaries[reference]
+    lines = []
+    for name, phases in summaries.items():
+        if name == reference:
+            continue
+        for phase, s in phases.items():
+            r = ref.get(phase)
+            if not r or not r["throughput_rps"] or s["throughput_rps"] is None:
+                continue
+            p50, rp50 = s["latency_ms"]["p50"], r["latency_ms"]["p50"]
+            d50 = "-" if p50 is None or rp50 is None else f"{p50 - rp50:+.2f} ms"
+            lines.append(
+                f"{name}/{phase} vs {reference}/{phase}: throughput {s['throughput_rps'] / r['throughput_rps']:.2f}x, "
+                f"images/s {s['samples_per_s'] / r['samples_per_s']:.2f}x, p50 {d50}"
+            )
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.log_level)
     try:
         cfg = make_config(args)
+        targets = parse_targets(args)
+        spec = goodput_spec(args) if args.goodput else None
         images, labels, source = load_images(args)
         groups = image_groups(len(images), cfg.batch, cfg.seed)
     except (ValueError, DataError) as exc:  # LoadTestConfigError, bad specs, no data
         print(f"error: {exc}", file=sys.stderr)
         return 2
     workload = Workload.from_images(images, labels, groups)
-    n_bodies = len(workload.bodies)
-    log.info("%d request bodies of %d image(s) from %s", n_bodies, cfg.batch, source)
+    log.info("%d request bodies of %d image(s) from %s", len(workload.bodies), cfg.batch, source)
+    extra = {"images_source": source, "images": len(images), "targets": targets}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    reference = list(targets)[1] if len(targets) > 1 else None  # ratios are to the first --compare target
     try:
-        run = run_loadtest(cfg, workload)
+        if spec is not None:
+            found = search_goodput(cfg, targets, spec, runner_probe(workload))
+            results = build_results(cfg, {}, None, {**extra, "goodput": asdict(spec)})
+            results["goodput"] = found
+            out.write_text(json.dumps(results, indent=2) + "\n")
+            print(format_goodput(found, spec, reference))
+            print(f"wrote {out}")
+            return 0
+        runs = {args.name: run_loadtest(cfg, workload)}  # cfg.url is --url; calibration, if asked, runs here
+        budget = runs[args.name].calibration and runs[args.name].calibration["resolved_budget"]
+        for name, url in list(targets.items())[1:]:  # the same budget, schedule and images
+            other = replace(cfg, url=url, calibrate=False, calibrate_url=None)
+            if budget:
+                other = replace(other, budget=parse_budget(budget))
+            runs[name] = run_loadtest(other, workload)
     except (GatewayError, CalibrationError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted: no results written", file=sys.stderr)
         return 130
+    run = runs[args.name]
     classes = run.service.get("classes")
     if classes and list(classes) != list(CIFAR10_CLASSES):
         log.warning(
             "the service's classes %s are not CIFAR-10's: accuracy figures compare against CIFAR-10 labels", classes
         )
-    summaries = {name: res.summary(cfg.bin_s) for name, res in run.phases.items()}
-    extra = {"images_source": source, "images": len(images), "service": run.service}
-    results = build_results(cfg, summaries, run.calibration, extra)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    by_target = {name: {p: res.summary(cfg.bin_s) for p, res in r.phases.items()} for name, r in runs.items()}
+    summaries = by_target[args.name]
+    results = build_results(cfg, summaries, run.calibration, {**extra, "service": run.service})
+    if len(runs) > 1:
+        results["compare"] = {
+            name: {"url": targets[name], "service": runs[name].service, "phases": by_target[name]}
+            for name in list(runs)[1:]
+        }
     out.write_text(json.dumps(results, indent=2) + "\n")
-    print(format_table(summaries))
+    if len(runs) > 1:
+        flat = {f"{name}/{p}": s for name, phases in by_target.items() for p, s in phases.items()}
+        print(format_table(flat))
+        print("\n".join(ratio_lines(by_target, reference or args.name)))
+    else:
+        print(format_table(summaries))
     if run.calibration:
         c = run.calibration
         print(
@@ -205,8 +317,10 @@ def main(argv: list[str] | None = None) -> int:
         if run.calibration_result is not None:
             calibration = run.calibration_result.records, run.calibration["summary"]
             shown["calibrate"] = calibration
-        for name, res in run.phases.items():
-            shown[name] = res.records, summaries[name]
+        for target, r in runs.items():
+            for name, res in r.phases.items():
+                label = name if len(runs) == 1 else f"{target}/{name}"
+                shown[label] = res.records, by_target[target][name]
         title = f"{cfg.mode} load on {cfg.url}, budget {cfg.budget}"
         png_path = args.plot or out.with_suffix(".png")
         png = plot_run(shown, png_path, title=title, bin_s=cfg.bin_s)

@@ -75,6 +75,12 @@ class LatencyEstimator:
         self._state = {k: _VariantState(profile=p, ratio_at=clock()) for k, p in profiles.items()}
         self._service_cache: dict[tuple[str, int], float] = {}  # (variant, batch) → ms
 
+    def set_profiles(self, profiles: Mapping[str, LatencyProfile]) -> None:
+        """Replace the profiles of these variants (measured on this host at start-up)."""
+        for key, profile in profiles.items():
+            self._state[key].profile = profile
+        self._service_cache.clear()
+
     @property
     def variants(self) -> list[str]:
         return list(self._state)

@@ -5,14 +5,12 @@ No torch: the same code measures variants at export time and in offline evaluati
 
 from __future__ import annotations
 
-import os
-import platform
-import time
 from dataclasses import dataclass
 
 import numpy as np
 import onnxruntime as ort
 
+from adaptive_quant.core.host import describe_host
 from adaptive_quant.core.manifest import LatencyPoint, LatencyProfile
 from adaptive_quant.core.stats import percentiles, time_calls
 
@@ -73,23 +71,7 @@ def gate_variant(logits: np.ndarray, fp32_logits: np.ndarray, labels: np.ndarray
 
 def host_info(threads: int) -> dict[str, object]:
     """Where a profile was measured: absolute times hold only for this host."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "threads": threads or os.cpu_count(),
-        "onnxruntime": ort.__version__,
-        "provider": "CPUExecutionProvider",
-        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
+    return describe_host(ort.__version__, threads)
 
 
 def profile_session(

@@ -8,6 +8,7 @@ Domain errors become HTTP answers here, in one place:
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -22,8 +23,9 @@ from adaptive_quant.core.memory_policy import MemorySample
 from adaptive_quant.predictor.runtime import AccuracyPredictor, LoadedPredictor, load_accuracy_predictor
 from adaptive_quant.serving.auth import ApiKeyMiddleware
 from adaptive_quant.serving.backends import Backend, make_backend
-from adaptive_quant.serving.errors import InputError, ServiceUnavailable
+from adaptive_quant.serving.errors import InputError, ServiceUnavailable, error_body
 from adaptive_quant.serving.followup import LoadedRouter, RouterPredictor, load_router
+from adaptive_quant.serving.hot_path import CLASSIFY_PATH, key_accepted, serve_classify
 from adaptive_quant.serving.memory_control import MemoryController
 from adaptive_quant.serving.metrics import GatewayMetrics
 from adaptive_quant.serving.routes import router as api_router
@@ -33,20 +35,26 @@ from adaptive_quant.serving.settings import ServeSettings, SettingsError
 
 log = logging.getLogger(__name__)
 
-_ERROR_TYPES = {
-    400: "bad_request",
-    401: "unauthorized",
-    404: "not_found",
-    405: "method_not_allowed",
-    413: "payload_too_large",
-    422: "invalid_input",
-    503: "unavailable",
-}
-
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    body = {"error": {"type": _ERROR_TYPES.get(status, "error"), "message": message}}
-    return JSONResponse(body, status_code=status, headers=headers)
+    return JSONResponse(error_body(status, message), status_code=status, headers=headers)
+
+
+class GatewayApp(FastAPI):
+    """FastAPI, except that POST /v1/classify goes straight from the ASGI server to
+    hot_path.serve_classify (see there why): the other routes, the OpenAPI document and the
+    probes keep FastAPI. A request the fast path cannot take (the service still starting, a
+    missing or wrong API key) falls through to FastAPI, whose route and middleware answer it."""
+
+    api_key: bytes | None = None
+
+    async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001 - the ASGI signature
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == CLASSIFY_PATH:
+            service = self.state.service
+            if service is not None and key_accepted(scope, self.api_key):
+                await serve_classify(service, scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -111,6 +119,8 @@ def create_app(
                     "intra_op_threads": settings.backend.intra_op_threads,
                     "verify_sha256": settings.backend.verify_sha256,
                     "memory_arena": settings.backend.memory_arena,
+                    "inline_max_batch": settings.backend.inline_max_batch,
+                    "allow_spinning": settings.backend.allow_spinning,
                 }
             )
             b = make_backend(settings.backend.kind, settings.repository, manifest, **opts)
@@ -128,12 +138,17 @@ def create_app(
         service = ClassifierService(settings, manifest, b, loaded, metrics, router=found.predictor)
         service.router_info = found
         await service.warm_up()
+        await service.profile_host()  # the planner's latency estimates, for this host (profiling.py)
         if settings.memory.enabled:
             service.memory_controller = MemoryController(
                 service, settings.memory, probe=memory_probe, triton_metrics_url=settings.backend.triton_metrics_url
             )
             service.memory_controller.start()
         app.state.service = service
+        # everything allocated so far (modules, sessions, the manifest, the router) lives as long
+        # as the process: take it out of the cyclic GC's scans, whose full passes over it were
+        # pauses every caller in flight waits for
+        gc.freeze()
         health = b.variants()
         log.info(
             "serving %s with the %s backend; variants: %s; router: %s%s",
@@ -153,7 +168,7 @@ def create_app(
                 await service.memory_controller.close()
             await b.close()
 
-    app = FastAPI(
+    app = GatewayApp(
         title="adaptive-quant gateway",
         version="0.1.0",
         description="One CIFAR-10 classifier at FP32, FP16 and INT8; every sample is routed to the "
@@ -177,5 +192,6 @@ def create_app(
 
     app.openapi = openapi  # type: ignore[method-assign]
     if settings.server.api_key:
+        app.api_key = settings.server.api_key.encode()
         app.add_middleware(ApiKeyMiddleware, api_key=settings.server.api_key, on_reject=metrics.unauthorized.inc)
     return app

@@ -13,6 +13,7 @@ import json
 from typing import Any
 
 import numpy as np
+import orjson
 from PIL import Image, UnidentifiedImageError
 
 from adaptive_quant.serving.errors import InputError, PayloadTooLarge
@@ -32,6 +33,10 @@ def parse_json(body: bytes) -> Any:
     """Raw body → JSON value; 400 when it is empty or not JSON."""
     if not body.strip():
         raise InputError("request body is empty; expected a JSON object with 'instances'", status=400)
+    try:
+        return orjson.loads(body)  # ~5× faster than json on a classify body
+    except orjson.JSONDecodeError:
+        pass  # strict JSON only: json also reads NaN and big integers, which decode_instances explains
     try:
         return json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

@@ -2,6 +2,21 @@
 
 from __future__ import annotations
 
+ERROR_TYPES = {
+    400: "bad_request",
+    401: "unauthorized",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    422: "invalid_input",
+    503: "unavailable",
+}
+
+
+def error_body(status: int, message: str) -> dict:
+    """The one error shape every route answers with: {"error": {"type", "message"}}."""
+    return {"error": {"type": ERROR_TYPES.get(status, "error"), "message": message}}
+
 
 class InputError(ValueError):
     """The caller's request is wrong; `status` is the 4xx to answer with."""

@@ -133,6 +133,9 @@ class StatusResponse(BaseModel):
     uptime_s: float
     model_control: str = Field(..., description="none | explicit (the gateway loads/unloads Triton models)")
     memory: dict[str, Any] = Field(..., description="the memory-pressure policy: thresholds, last measurement, actions")
+    profile: dict[str, Any] = Field(
+        ..., description="the latency profiles the planner uses: from the manifest or measured at start-up, and why"
+    )
 
 
 class ModelsResponse(BaseModel):

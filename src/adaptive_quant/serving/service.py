@@ -38,6 +38,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from adaptive_quant.core.host import describe_host
 from adaptive_quant.core.images import encode_png
 from adaptive_quant.core.latency import LatencyEstimator
 from adaptive_quant.core.manifest import Manifest
@@ -51,6 +52,7 @@ from adaptive_quant.serving.errors import InputError, ServiceUnavailable
 from adaptive_quant.serving.followup import FollowupStage, LoadedRouter, RouterPredictor, highest_precision
 from adaptive_quant.serving.metrics import GatewayMetrics
 from adaptive_quant.serving.options import ClassifyOptions
+from adaptive_quant.serving.profiling import ProfileInfo, _ort_version, measure_profiles, should_profile
 from adaptive_quant.serving.settings import ServeSettings
 
 log = logging.getLogger(__name__)
@@ -110,6 +112,8 @@ class ClassifierService:
         self.settings = settings
         self.manifest = manifest
         self.backend = backend
+        # an idle backend may compute on the event loop only while this is the one request in flight
+        backend.set_contention_probe(lambda: self.in_flight > 1)
         self.predictor = predictor
         self.prior = PriorPredictor.from_manifest(manifest)
         self.metrics = metrics
@@ -121,6 +125,8 @@ class ClassifierService:
         self.ranks = np.array([p.rank for p in self.precisions])  # (V,)
         self.precision_of = dict(zip(self.keys, self.precisions))
         self.estimator = LatencyEstimator({v.key: v.latency for v in served}, settings.latency)
+        self._order_entry()
+        self.profile_info = ProfileInfo("manifest", "not profiled yet", {})
         self.breakers = {k: _Breaker() for k in self.keys}
         self.started_at = time.monotonic()
         self.in_flight = 0
@@ -133,6 +139,54 @@ class ClassifierService:
         self.router_info = LoadedRouter(router, "given to the service" if router else "none: single-stage", {})
         if self.followup is not None:
             metrics.declare_plans([p.name for p in self.followup.plans[1:]])
+
+    def _order_entry(self) -> None:
+        # two-stage entry order: least profiled compute for one sample first (precision breaks ties)
+        self.entry_order = sorted(
+            range(len(self.keys)), key=lambda j: (self.estimator.service_ms(self.keys[j], 1), self.ranks[j])
+        )
+
+    async def profile_host(self) -> None:
+        """Re-profile the variants on this host when the manifest's profiles come from another
+        (serving/profiling.py); logs what it found, and /v1/status reports it."""
+        cfg = self.settings.profiling
+        here = describe_host(_ort_version(), getattr(self.backend, "intra_op_threads", 0))
+        first = next((self.manifest.variants[k].latency for k in self.keys if self.manifest.variants[k].latency), None)
+        do, reason = should_profile(self.manifest, self.keys, here, cfg.mode)
+        manifest_p95 = {k: self.estimator.service_ms(k, 1) for k in self.keys}
+        if not do:
+            self.profile_info = ProfileInfo("manifest", reason, first.host if first else {})
+            log.info("latency profiles: from the manifest (%s)", reason)
+            return
+        t = time.perf_counter()
+        try:
+            measured = await measure_profiles(self.backend, self.manifest, self.keys, cfg)
+        except Exception as exc:  # a variant failing here fails for callers too: plan with the manifest
+            self.profile_info = ProfileInfo(
+                "manifest", f"{reason}, but profiling failed: {exc}", first.host if first else {}
+            )
+            log.warning("latency profiles: re-profiling failed (%s); planning with the manifest's", exc)
+            return
+        seconds = time.perf_counter() - t
+        self.estimator.set_profiles(measured)
+        self._order_entry()  # the follow-up stage prices plans from the estimator: nothing else to update
+        used = {k: self.estimator.service_ms(k, 1) for k in self.keys}
+        host = next(iter(measured.values())).host if measured else here
+        self.profile_info = ProfileInfo(
+            "measured at start-up",
+            reason,
+            host,
+            round(seconds, 3),
+            {k: {"manifest": round(manifest_p95[k], 4), "used": round(used[k], 4)} for k in self.keys},
+        )
+        log.info(
+            "latency profiles: %s; measured %s on %s in %.1f s; batch-1 p95 %s",
+            reason,
+            ", ".join(measured),
+            host.get("cpu"),
+            seconds,
+            ", ".join(f"{k} {manifest_p95[k]:.2f} → {used[k]:.2f} ms" for k in measured),
+        )
 
     # ------------------------------------------------------------------ health
 
@@ -341,6 +395,9 @@ class ClassifierService:
         if not allowed.any():
             detail = "; ".join(state.errors) or self._why_none_allowed(floor_ok)
             raise ServiceUnavailable(f"no variant could answer: {detail}", retry_after_s=self._retry_after())
+        if self.followup is not None:  # two-stage: the entry pass is the cheapest allowed variant
+            await self._serve_entry(state, idx, tried, allowed, remaining, t)
+            return
         estimates = np.array(self.estimator.estimates_ms(self.keys, len(idx)))  # (V,) ms, with queueing
         # the balanced price is compute, not wait: the profiled service time. Not × the observed
         # ratio either: on shared cores that ratio measures the load (queueing inside the
@@ -368,6 +425,27 @@ class ClassifierService:
             last_resort = allowed.sum() == 1  # j is the only variant these samples may still go to
             calls.append(self._call(state, int(j), sub, float(estimates[j]), tried, last_resort))
         await asyncio.gather(*calls)
+
+    async def _serve_entry(
+        self,
+        state: _RequestState,
+        idx: np.ndarray,
+        tried: frozenset[str],
+        allowed: np.ndarray,
+        remaining: float | None,
+        t: float,
+    ) -> None:
+        """Two-stage entry: every sample to the allowed variant of least profiled compute (INT8,
+        unless the floor forbids it), even when its queue is long. Spreading entry passes over
+        costlier variants under load (what the single-stage policy does) added up to 3× the
+        compute per sample exactly when the cores were short of it (the hot-path issue measured
+        6.7 % of samples on FP32/FP16 at overload); follow-ups are where extra compute goes."""
+        j = next(j for j in self.entry_order if allowed[j])
+        estimate = self.estimator.estimate_ms(self.keys[j], len(idx))
+        if remaining is not None and estimate > remaining:
+            state.decision_met[idx] = False
+        state.routing_s += time.perf_counter() - t
+        await self._call(state, j, idx, estimate, tried, last_resort=bool(allowed.sum() == 1))
 
     async def _call(
         self,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +28,10 @@ class Backend(ABC):
     """Serves the manifest's variants. Lifecycle: `await start()` → infer* → `await close()`."""
 
     name: str = "abstract"
+
+    def set_contention_probe(self, probe: Callable[[], bool]) -> None:  # noqa: B027 - optional hook
+        """`probe()` says whether other requests are in the gateway now; a backend that can
+        compute on the caller's thread does so only when it says no (embedded). Default: unused."""
 
     @abstractmethod
     async def start(self) -> None:

@@ -9,6 +9,15 @@ that asyncio's timers wake with about 1 ms granularity, so any positive delay co
 
 The model call runs in a thread pool, off the event loop. A request whose caller gave up
 (its future was cancelled by the gateway's deadline) is dropped before it is computed.
+
+`inline_max_batch` (0 = off): batches of at most this many samples are computed on the event
+loop itself, as a plain server computes every request, instead of in the pool; and a request
+that finds the model idle and the gateway otherwise quiet (`contended()` false) is computed at
+once, without waiting a loop turn. Handing a small batch to a pool thread and its answer back
+costs two thread wake-ups, and on a virtual machine waking an idle vCPU is expensive: measured
+on 2 vCPUs (Intel Xeon, 2026-12-01), one INT8 batch-1 call took 0.75 ms wall / 0.73 ms CPU
+inline and 2.28 ms wall / 1.66 ms CPU through run_in_executor. Large batches, the ones that
+form under load, still go to the pool, so the loop keeps reading requests while they compute.
 """
 
 from __future__ import annotations
@@ -42,15 +51,20 @@ class DynamicBatcher:
         max_queue_delay_us: int = 0,
         instances: int = 1,
         name: str = "",
+        inline_max_batch: int = 0,
+        contended: Callable[[], bool] = lambda: False,
     ) -> None:
-        if max_batch_size < 1 or max_queue_delay_us < 0 or instances < 1:
-            raise ValueError("max_batch_size and instances must be >= 1, max_queue_delay_us >= 0")
+        if max_batch_size < 1 or max_queue_delay_us < 0 or instances < 1 or inline_max_batch < 0:
+            raise ValueError("max_batch_size and instances must be >= 1, max_queue_delay_us and inline_max_batch >= 0")
         self._run = run
         self._executor = executor
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_us / 1e6
         self.instances = instances
         self.name = name
+        self.inline_max_batch = inline_max_batch if max_queue_delay_us == 0 else 0
+        self._contended = contended  # other requests are in the gateway: computing inline would stall them
+        self._active = 0  # batches running in the pool
         self._queue: deque[_Pending] = deque()
         self._queued_samples = 0
         self._wakeup: asyncio.Event | None = None
@@ -61,6 +75,7 @@ class DynamicBatcher:
         self.batches = 0
         self.samples = 0
         self.largest_batch = 0
+        self.inline_batches = 0  # of `batches`, computed on the event loop (the model was idle)
 
     def start(self) -> None:
         self._wakeup = asyncio.Event()
@@ -83,6 +98,11 @@ class DynamicBatcher:
         """x (n, ...) → the model's output for x, (n, ...); split into ≤ max_batch_size chunks."""
         if self._task is None or self._wakeup is None:
             raise RuntimeError(f"batcher {self.name} is not started")
+        if x.shape[0] <= self.inline_max_batch and not self._active and not self._queue and not self._contended():
+            y = self._run(x)  # the one request in the gateway: no loop turn, no thread; errors reach the caller
+            self.inline_batches += 1
+            self._count(x.shape[0])
+            return y
         loop = asyncio.get_running_loop()
         futures = []
         for start in range(0, x.shape[0], self.max_batch_size):
@@ -141,9 +161,40 @@ class DynamicBatcher:
             if not batch:
                 self._slots.release()
                 continue
+            if size <= self.inline_max_batch:  # small: cheaper here than a round trip through a thread
+                self._slots.release()
+                self._run_inline(batch, size)
+                continue
+            self._active += 1  # from here: the model is busy, callers queue instead of running inline
             task = loop.create_task(self._execute(batch, size))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
+
+    def _run_inline(self, batch: list[_Pending], size: int) -> None:
+        x = batch[0].x if len(batch) == 1 else np.concatenate([p.x for p in batch])
+        try:
+            y = self._run(x)
+        except Exception as exc:  # deliver the model's error to every waiting request
+            for p in batch:
+                if not p.future.done():
+                    p.future.set_exception(exc)
+            return
+        self.inline_batches += 1
+        self._count(size)
+        self._deliver(batch, y)
+
+    def _deliver(self, batch: list[_Pending], y: np.ndarray) -> None:
+        offset = 0
+        for p in batch:
+            n = p.x.shape[0]
+            if not p.future.done():
+                p.future.set_result(y[offset : offset + n])
+            offset += n
+
+    def _count(self, size: int) -> None:
+        self.batches += 1
+        self.samples += size
+        self.largest_batch = max(self.largest_batch, size)
 
     async def _execute(self, batch: list[_Pending], size: int) -> None:
         assert self._slots is not None
@@ -156,14 +207,8 @@ class DynamicBatcher:
                     if not p.future.done():
                         p.future.set_exception(exc)
                 return
-            self.batches += 1
-            self.samples += size
-            self.largest_batch = max(self.largest_batch, size)
-            offset = 0
-            for p in batch:
-                n = p.x.shape[0]
-                if not p.future.done():
-                    p.future.set_result(y[offset : offset + n])
-                offset += n
+            self._count(size)
+            self._deliver(batch, y)
         finally:
+            self._active -= 1
             self._slots.release()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -37,6 +38,8 @@ class EmbeddedBackend(Backend):
         providers: list[str] | None = None,
         verify_sha256: bool = True,
         memory_arena: bool = False,
+        inline_max_batch: int = 0,  # batches this small compute on the event loop (batcher.py says why)
+        allow_spinning: bool = False,  # ORT's pool threads spin between calls (intra_op_threads > 1)
     ) -> None:
         self.repository = Path(repository)
         self.manifest = manifest
@@ -47,6 +50,9 @@ class EmbeddedBackend(Backend):
         self.providers = providers or ["CPUExecutionProvider"]
         self.verify_sha256 = verify_sha256
         self.memory_arena = memory_arena
+        self.inline_max_batch = inline_max_batch
+        self.allow_spinning = allow_spinning
+        self._contended: Callable[[], bool] = lambda: False
         self._health: dict[str, VariantHealth] = {
             v.key: VariantHealth(v.key, False, "not started") for v in manifest.served_variants()
         }
@@ -76,6 +82,8 @@ class EmbeddedBackend(Backend):
                 max_queue_delay_us=self.max_queue_delay_us,
                 instances=self.instances,
                 name=entry.key,
+                inline_max_batch=self.inline_max_batch,
+                contended=lambda: self._contended(),
             )
             batcher.start()
             self._batchers[entry.key] = batcher
@@ -104,7 +112,9 @@ class EmbeddedBackend(Backend):
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = self.intra_op_threads
         opts.inter_op_num_threads = 1
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # don't burn idle cores
+        # spinning keeps ORT's pool threads awake between calls: lower latency, but they burn
+        # cores the event loop and other variants need; off unless configured
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.allow_spinning else "0")
         opts.log_severity_level = 3  # errors only; ORT's warnings about casts would flood the log
         if not self.memory_arena:
             # the arena and the per-shape memory plans grow with every new batch size (1..32 per
@@ -144,13 +154,21 @@ class EmbeddedBackend(Backend):
 
     # ------------------------------------------------------------------ serving
 
+    def set_contention_probe(self, probe: Callable[[], bool]) -> None:
+        self._contended = probe
+
     def variants(self) -> dict[str, VariantHealth]:
         return dict(self._health)
 
     def batch_stats(self) -> dict[str, dict[str, int]]:
         """Batches, samples and largest batch per variant since start (for /v1/status)."""
         return {
-            k: {"batches": b.batches, "samples": b.samples, "largest_batch": b.largest_batch}
+            k: {
+                "batches": b.batches,
+                "samples": b.samples,
+                "largest_batch": b.largest_batch,
+                "inline_batches": b.inline_batches,
+            }
             for k, b in self._batchers.items()
         }
 

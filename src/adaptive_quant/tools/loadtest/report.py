@@ -39,9 +39,10 @@ def _f(v: float | None, fmt: str) -> str:
 
 def format_table(summaries: dict[str, dict[str, Any]]) -> str:
     """One line per phase: latency percentiles, budget shares, accuracy, throughput, errors, mix."""
+    w = max([10, *(len(n) for n in summaries)])  # "baseline/adaptive" with --compare
     head = (
-        f"{'phase':<10} {'answered':>9} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'in budget':>9} "
-        f"{'srv met':>8} {'acc':>6} {'eff acc':>7} {'req/s':>8} {'rss +% all/load':>15}  errors / variant mix"
+        f"{'phase':<{w}} {'answered':>9} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'in budget':>9} "
+        f"{'srv met':>8} {'acc':>6} {'eff acc':>7} {'req/s':>8} {'rss +% all/load':>15} {'cpu ms/req srv/cli':>18}  errors / variant mix"
     )
     lines = [head, "-" * len(head)]
     for name, s in summaries.items():
@@ -50,10 +51,12 @@ def format_table(summaries: dict[str, dict[str, Any]]) -> str:
         mix = " ".join(f"{k} {v:.0%}" for k, v in s["variant_mix"].items()) or "-"
         mem = s.get("memory", {})
         growth = f"{_f(mem.get('growth_pct'), '.2f')}/{_f(mem.get('growth_recorded_pct'), '.2f')}"
+        cpu = s.get("cpu_ms_per_request") or {}
+        cpu_text = f"{_f(cpu.get('server'), '.3f')}/{_f(cpu.get('client'), '.3f')}"
         lines.append(
-            f"{name:<10} {s['answered']:>4}/{s['requests']:<4} {_f(lat['p50'], '8.2f')} {_f(lat['p95'], '8.2f')} "
+            f"{name:<{w}} {s['answered']:>4}/{s['requests']:<4} {_f(lat['p50'], '8.2f')} {_f(lat['p95'], '8.2f')} "
             f"{_f(lat['p99'], '8.2f')} {_f(s['within_budget_share'], '9.3f')} {_f(s['server_budget_met_share'], '8.3f')} "
             f"{_f(s['accuracy'], '6.3f')} {_f(s['effective_accuracy'], '7.3f')} {_f(s['throughput_rps'], '8.1f')} "
-            f"{growth:>15}  {errors} / {mix}"
+            f"{growth:>15} {cpu_text:>18}  {errors} / {mix}"
         )
     return "\n".join(lines)

@@ -13,6 +13,7 @@ wait for what is in flight → GET /v1/status. Memory is compared across the who
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import time
@@ -79,9 +80,13 @@ class PhaseResult:
     status_start: dict[str, Any] | None  # /v1/status before the warm-up
     status_before: dict[str, Any] | None  # ... after the warm-up
     status_after: dict[str, Any] | None  # ... after the recorded load
+    client_cpu_s: float | None = None  # this process's CPU time over the recorded load, s
 
     def summary(self, bin_s: float) -> dict[str, Any]:
         s = summarize(self.records, self.duration_s, bin_s)
+        s["cpu_ms_per_request"] = cpu_per_request(
+            self.status_before, self.status_after, self.client_cpu_s, s["answered"]
+        )
         s["budget_spec"] = str(self.budget)
         s["headers"] = self.phase.headers()
         s["memory"] = memory_summary(_rss(self.status_start), _rss(self.status_after), _rss(self.status_before))
@@ -100,6 +105,19 @@ class RunResult:
 
 def _rss(status: dict[str, Any] | None) -> int | None:
     return (status or {}).get("process", {}).get("rss_bytes")
+
+
+def cpu_per_request(
+    before: dict[str, Any] | None, after: dict[str, Any] | None, client_cpu_s: float | None, answered: int
+) -> dict[str, float | None]:
+    """CPU ms spent per answered request over the recorded load, by the server (its /v1/status
+    process.cpu_s, every thread) and by this client: on a shared machine, what a request costs."""
+    if not answered:
+        return {"server": None, "client": None}
+    a, b = ((x or {}).get("process", {}).get("cpu_s") for x in (before, after))
+    server = None if a is None or b is None else round((b - a) * 1e3 / answered, 4)
+    client = None if client_cpu_s is None else round(client_cpu_s * 1e3 / answered, 4)
+    return {"server": server, "client": client}
 
 
 def _routing(status: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -294,6 +312,9 @@ class Runner:
         headers = {**self.base_headers, **phase.headers()}
         budgets = BudgetStream(budget, seed)
         self._live = {"done": 0, "errors": 0}
+        # the bodies and earlier phases' records stay alive to the end: out of the cyclic GC's
+        # scans, whose full passes over them were client-side pauses counted as server latency
+        gc.freeze()
         t0 = time.perf_counter()
         if cfg.mode == "closed":
             records = await self._closed(client, headers, budgets, duration_s, max_requests, t0)
@@ -339,13 +360,15 @@ class Runner:
         ticker = None
         if cfg.progress_s > 0:
             ticker = asyncio.create_task(self._progress(phase.name, cfg.duration_s))
+        cpu0 = time.process_time()
         try:
             records, elapsed = await self._load(client, phase, budget, cfg.duration_s, cfg.max_requests, cfg.seed)
         finally:
             if ticker is not None:
                 ticker.cancel()
+        client_cpu = time.process_time() - cpu0
         status_after = await self._status(client)
-        return PhaseResult(phase, budget, records, elapsed, status_start, status_before, status_after)
+        return PhaseResult(phase, budget, records, elapsed, status_start, status_before, status_after, client_cpu)
 
     async def _calibrate(self, client: WirePool) -> PhaseResult:
         """The calibration phase, on the service under test or on --calibrate-url."""

@@ -1,0 +1,116 @@
+"""Latency profiles measured on the host that serves, at start-up.
+
+The manifest's profiles were measured where the repository was exported (e.g. an AMD EPYC),
+and the planner prices follow-ups and checks budgets with them. On another CPU they are wrong
+by a factor (INT8 batch 1: 0.57 ms in the shipped manifest, 0.8 ms measured on the Intel Xeon
+of 2026-12-01). So at start-up, when the manifest's host differs from this one (`auto`) or
+always (`always`), each served variant is timed through the backend itself, the path requests
+take, at the profile's batch sizes, within a time budget (default 2 s, all variants together),
+and the estimator plans with what was measured. /v1/status says which profile is in use and why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+from pydantic import Field
+
+from adaptive_quant.core.host import describe_host, host_differences
+from adaptive_quant.core.manifest import LatencyPoint, LatencyProfile, Manifest
+from adaptive_quant.core.settings import Section
+from adaptive_quant.core.stats import percentiles
+from adaptive_quant.serving.backends.base import Backend
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BATCHES = (1, 8, 32)  # when the manifest has no profile to take batch sizes from
+
+
+class ProfilingSettings(Section):
+    config_key: ClassVar[str] = "profiling"
+
+    # auto: re-profile when the manifest's profile was measured on another host (CPU model,
+    # core count, ONNX Runtime version or provider differ); always; never (trust the manifest)
+    mode: Literal["auto", "always", "never"] = "auto"
+    budget_s: float = Field(2.0, gt=0, le=60)  # s of timing at start-up, all variants together
+    min_calls: int = Field(3, ge=1)  # timed calls per batch size at least (the budget may stretch)
+
+
+@dataclass
+class ProfileInfo:
+    """What /v1/status reports about the profiles in use."""
+
+    source: str  # "manifest" or "measured at start-up"
+    reason: str
+    host: dict[str, Any]  # the host the profiles in use were measured on
+    seconds: float = 0.0  # s the start-up profiling took
+    batch1_p95_ms: dict[str, dict[str, float]] = field(default_factory=dict)  # key → {manifest, used}
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def should_profile(manifest: Manifest, keys: list[str], here: dict[str, Any], mode: str) -> tuple[bool, str]:
+    if mode == "never":
+        return False, "profiling.mode is never: the manifest's profiles are used as they are"
+    if mode == "always":
+        return True, "profiling.mode is always"
+    diffs: list[str] = []
+    for key in keys:
+        profile = manifest.variants[key].latency
+        d = host_differences(profile.host if profile else None, here)
+        if d:
+            diffs = d
+            break
+    if not diffs:
+        return False, "the manifest's profiles were measured on this kind of host"
+    return True, "the manifest's profiles come from another host (" + "; ".join(diffs) + ")"
+
+
+async def measure_profiles(
+    backend: Backend, manifest: Manifest, keys: list[str], settings: ProfilingSettings
+) -> dict[str, LatencyProfile]:
+    """Time every healthy variant in `keys` through `backend` at its profile's batch sizes."""
+    health = backend.variants()
+    keys = [k for k in keys if health[k].healthy]
+    jobs = []
+    for key in keys:
+        profile = manifest.variants[key].latency
+        batches = sorted(int(b) for b in profile.batches) if profile and profile.batches else list(DEFAULT_BATCHES)
+        jobs += [(key, b) for b in batches]
+    share = settings.budget_s / max(1, len(jobs))  # s per (variant, batch)
+    size = manifest.image_size
+    points: dict[str, dict[str, LatencyPoint]] = {k: {} for k in keys}
+    for key, batch in jobs:
+        x = np.zeros((batch, 3, size, size), np.float32)
+        await backend.infer(key, x)  # the first call of a shape pays for allocation
+        times: list[float] = []
+        start = time.perf_counter()
+        while len(times) < settings.min_calls or time.perf_counter() - start < share:
+            t = time.perf_counter()
+            await backend.infer(key, x)
+            times.append((time.perf_counter() - t) * 1e3)
+            if len(times) >= 200:
+                break
+            await asyncio.sleep(0)  # requests that arrive meanwhile are not starved
+        q = percentiles(times)
+        points[key][str(batch)] = LatencyPoint(
+            p50_ms=q["p50"], p95_ms=q["p95"], throughput=batch / (float(np.mean(times)) / 1e3)
+        )
+    threads = getattr(backend, "intra_op_threads", 0)
+    host = describe_host(_ort_version(), threads)
+    return {k: LatencyProfile(host=host, batches=points[k]) for k in keys}
+
+
+def _ort_version() -> str:
+    try:
+        import onnxruntime
+
+        return onnxruntime.__version__
+    except ImportError:  # a Triton-only gateway: the server's runtime is not ours to name
+        return "unknown"
