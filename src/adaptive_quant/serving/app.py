@@ -115,7 +115,7 @@ def create_app(
                 else {
                     "max_batch_size": settings.batching.max_batch_size,
                     "max_queue_delay_us": settings.batching.max_queue_delay_us,
-                    "instances": settings.backend.instances,
+                    "instances": settings.backend.resolved_instances(),
                     "intra_op_threads": settings.backend.intra_op_threads,
                     "verify_sha256": settings.backend.verify_sha256,
                     "memory_arena": settings.backend.memory_arena,

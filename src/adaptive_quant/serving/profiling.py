@@ -78,30 +78,35 @@ async def measure_profiles(
     """Time every healthy variant in `keys` through `backend` at its profile's batch sizes."""
     health = backend.variants()
     keys = [k for k in keys if health[k].healthy]
-    jobs = []
+    wanted: dict[str, list[int]] = {}
     for key in keys:
         profile = manifest.variants[key].latency
-        batches = sorted(int(b) for b in profile.batches) if profile and profile.batches else list(DEFAULT_BATCHES)
-        jobs += [(key, b) for b in batches]
-    share = settings.budget_s / max(1, len(jobs))  # s per (variant, batch)
-    size = manifest.image_size
+        wanted[key] = sorted(int(b) for b in profile.batches) if profile and profile.batches else list(DEFAULT_BATCHES)
+    sizes = sorted({b for bs in wanted.values() for b in bs})
+    share = settings.budget_s / max(1, len(sizes))  # s per batch size, every variant together
+    image = manifest.image_size
     points: dict[str, dict[str, LatencyPoint]] = {k: {} for k in keys}
-    for key, batch in jobs:
-        x = np.zeros((batch, 3, size, size), np.float32)
-        await backend.infer(key, x)  # the first call of a shape pays for allocation
-        times: list[float] = []
+    for batch in sizes:
+        group = [k for k in keys if batch in wanted[k]]
+        x = np.zeros((batch, 3, image, image), np.float32)
+        for key in group:
+            await backend.infer(key, x)  # the first call of a shape pays for allocation
+        # round-robin, one call per variant per round: whatever else runs on the machine
+        # meanwhile slows every variant alike, so their order and ratios survive it
+        times: dict[str, list[float]] = {k: [] for k in group}
         start = time.perf_counter()
-        while len(times) < settings.min_calls or time.perf_counter() - start < share:
-            t = time.perf_counter()
-            await backend.infer(key, x)
-            times.append((time.perf_counter() - t) * 1e3)
-            if len(times) >= 200:
-                break
+        rounds = 0
+        while rounds < settings.min_calls or (time.perf_counter() - start < share and rounds < 200):
+            for key in group:
+                t = time.perf_counter()
+                await backend.infer(key, x)
+                times[key].append((time.perf_counter() - t) * 1e3)
+            rounds += 1
             await asyncio.sleep(0)  # requests that arrive meanwhile are not starved
-        q = percentiles(times)
-        points[key][str(batch)] = LatencyPoint(
-            p50_ms=q["p50"], p95_ms=q["p95"], throughput=batch / (float(np.mean(times)) / 1e3)
-        )
+        for key in group:
+            q = percentiles(times[key])
+            mean_s = float(np.mean(times[key])) / 1e3
+            points[key][str(batch)] = LatencyPoint(p50_ms=q["p50"], p95_ms=q["p95"], throughput=batch / mean_s)
     threads = getattr(backend, "intra_op_threads", 0)
     host = describe_host(_ort_version(), threads)
     return {k: LatencyProfile(host=host, batches=points[k]) for k in keys}
