@@ -127,6 +127,7 @@ class BackendSettings(Section):
         if self.instances == "auto":
             return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         return int(self.instances)
+
     # embedded: ORT's pool threads spin between calls (with intra_op_threads > 1): lower latency,
     # at the price of cores the event loop and the other variants need
     allow_spinning: bool = False
