@@ -50,6 +50,29 @@ def test_search_stops_at_the_cap_and_says_so():
     assert found["goodput_rps"] == 400 and found["capped"] and found["lowest_failing_rps"] is None
 
 
+def stalled_once(calls: list):
+    """A simulated server whose first probe at 400 req/s hits a host stall (3 of 200 late)."""
+
+    def run_probe(cfg):
+        calls.append(cfg.rate)
+        late = 3 if len(calls) == 2 else 0
+        return [RequestRecord(0, 1, 50.0, latency_ms=200.0 if i < late else 5.0) for i in range(200)]
+
+    return run_probe
+
+
+def test_a_near_miss_is_extended_and_judged_on_both_probes():
+    calls = []
+    spec = GoodputSpec(start_rps=200, max_rps=400, settle_s=0)
+    found = search_goodput(LoadTestConfig(), {"sim": "http://127.0.0.1:1"}, spec, stalled_once(calls))["sim"]
+    assert calls == [200, 400, 400]  # 98.5 % at 400: extended by a second probe
+    assert found["probes"][1]["requests"] == 400 and found["probes"][1]["good_share"] == 0.9925
+    assert found["goodput_rps"] == 400
+    strict = GoodputSpec(start_rps=200, max_rps=400, settle_s=0, extend_failures=False)
+    found = search_goodput(LoadTestConfig(), {"sim": "http://127.0.0.1:1"}, strict, stalled_once([]))["sim"]
+    assert found["probes"][1]["good_share"] == 0.985 and not found["probes"][1]["passed"]
+
+
 def test_errors_and_missing_answers_count_as_misses():
     recs = [RequestRecord(0, 1, 50.0, latency_ms=5.0), RequestRecord(0, 1, 50.0, error_kind="503")]
     assert good_share(recs, 50.0) == 0.5

@@ -102,6 +102,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="do not send the budget as X-Latency-Budget-Ms (by default the gateway is told it)",
     )
+    g.add_argument(
+        "--goodput-no-extend",
+        action="store_true",
+        help="judge a near-miss probe as it is (by default it is extended by one more probe and judged on both)",
+    )
     g = p.add_argument_group("load")
     g.add_argument("--mode", choices=MODES, default="closed", help="closed loop or open-loop arrivals" + d)
     g.add_argument("--concurrency", type=int, default=16, help="closed: workers" + d)
@@ -218,6 +223,7 @@ def goodput_spec(args: argparse.Namespace) -> GoodputSpec:
         probe_s=args.probe_duration,
         warmup_s=args.probe_warmup,
         send_budget=not args.goodput_no_header,
+        extend_failures=not args.goodput_no_extend,
     )
 
 

@@ -45,6 +45,10 @@ class GoodputSpec:
     warmup_s: float = 2.0  # s of unrecorded load at the probe's rate before it
     settle_s: float = 1.0  # s of quiet between probes (queues drain, the loop idles)
     send_budget: bool = True  # send the budget as X-Latency-Budget-Ms (the gateway plans with it)
+    # a failing probe is extended by one more probe at the same rate and judged on all its
+    # requests (2 × probe_s): on a shared VM a single stall of the host can fail a 10 s probe of
+    # either server at a rate it holds for minutes (seen: 96 % at 200 req/s, then 100 % for 20 s)
+    extend_failures: bool = True
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> LoadTestConfigError:
@@ -185,6 +189,12 @@ def search_goodput(
             assert rate is not None
             records = run_probe(probe_config(base, targets[name], spec, rate))
             probe = probe_from_records(records, rate, spec)
+            if not probe.passed and spec.extend_failures and probe.good_share >= spec.share - 0.25:
+                log.info(
+                    "goodput %s: %.0f req/s failed (%.2f%%); extending the probe", name, rate, 100 * probe.good_share
+                )
+                records = records + run_probe(probe_config(base, targets[name], spec, rate))
+                probe = probe_from_records(records, rate, spec)
             searches[name].record(probe)
             log.info(
                 "goodput %s: %.0f req/s → %.2f%% within %g ms (p99 %s ms, %d errors) %s",
