@@ -310,3 +310,12 @@ def test_inline_is_off_when_a_queue_delay_is_configured():
 
     run_batcher(model, go, max_batch_size=32, max_queue_delay_us=20_000, inline_max_batch=4)
     assert model.sizes == [2] and threading.get_ident() not in model.threads
+
+
+def test_inline_limits_follow_each_variants_cost(repo):
+    from adaptive_quant.serving.backends.embedded import inline_limits
+
+    served = load_manifest(repo).served_variants()  # profiled batch-1 p95: int8 30, fp32 80, fp16 90 ms
+    assert inline_limits(served, 4) == {"int8": 4, "fp32": 1, "fp16": 1}
+    assert inline_limits(served, 12) == {"int8": 12, "fp32": 4, "fp16": 4}
+    assert inline_limits(served, 0) == {"int8": 0, "fp32": 0, "fp16": 0}
