@@ -21,6 +21,7 @@ import numpy as np
 from pydantic import Field
 
 from adaptive_quant.core.host import describe_host, host_differences
+from adaptive_quant.core.latency import LatencyEstimator
 from adaptive_quant.core.manifest import LatencyPoint, LatencyProfile, Manifest
 from adaptive_quant.core.settings import Section
 from adaptive_quant.core.stats import percentiles
@@ -72,10 +73,49 @@ def should_profile(manifest: Manifest, keys: list[str], here: dict[str, Any], mo
     return True, "the manifest's profiles come from another host (" + "; ".join(diffs) + ")"
 
 
+async def profile_on_host(
+    backend: Backend, manifest: Manifest, keys: list[str], estimator: LatencyEstimator, settings: ProfilingSettings
+) -> ProfileInfo:
+    """Decide (should_profile), measure, hand the profiles to `estimator`, log; what is in use."""
+    here = describe_host(_ort_version(), getattr(backend, "intra_op_threads", 0))
+    first = next((manifest.variants[k].latency for k in keys if manifest.variants[k].latency), None)
+    manifest_host = first.host if first else {}
+    do, reason = should_profile(manifest, keys, here, settings.mode)
+    if not do:
+        log.info("latency profiles: from the manifest (%s)", reason)
+        return ProfileInfo("manifest", reason, manifest_host)
+    manifest_p95 = {k: estimator.service_ms(k, 1) for k in keys}
+    t = time.perf_counter()
+    try:
+        measured = await measure_profiles(backend, manifest, keys, settings, here)
+    except Exception as exc:  # a variant failing here fails for callers too: plan with the manifest
+        log.warning("latency profiles: re-profiling failed (%s); planning with the manifest's", exc)
+        return ProfileInfo("manifest", f"{reason}, but profiling failed: {exc}", manifest_host)
+    seconds = time.perf_counter() - t
+    estimator.set_profiles(measured)
+    used = {k: estimator.service_ms(k, 1) for k in keys}
+    log.info(
+        "latency profiles: %s; measured %s on %s in %.1f s; batch-1 p95 %s",
+        reason,
+        ", ".join(measured),
+        here.get("cpu"),
+        seconds,
+        ", ".join(f"{k} {manifest_p95[k]:.2f} → {used[k]:.2f} ms" for k in measured),
+    )
+    return ProfileInfo(
+        "measured at start-up",
+        reason,
+        here,
+        round(seconds, 3),
+        {k: {"manifest": round(manifest_p95[k], 4), "used": round(used[k], 4)} for k in keys},
+    )
+
+
 async def measure_profiles(
-    backend: Backend, manifest: Manifest, keys: list[str], settings: ProfilingSettings
+    backend: Backend, manifest: Manifest, keys: list[str], settings: ProfilingSettings, host: dict[str, Any]
 ) -> dict[str, LatencyProfile]:
-    """Time every healthy variant in `keys` through `backend` at its profile's batch sizes."""
+    """Time every healthy variant in `keys` through `backend` at its profile's batch sizes;
+    the profiles carry `host` (where they were measured)."""
     health = backend.variants()
     keys = [k for k in keys if health[k].healthy]
     wanted: dict[str, list[int]] = {}
@@ -107,8 +147,6 @@ async def measure_profiles(
             q = percentiles(times[key])
             mean_s = float(np.mean(times[key])) / 1e3
             points[key][str(batch)] = LatencyPoint(p50_ms=q["p50"], p95_ms=q["p95"], throughput=batch / mean_s)
-    threads = getattr(backend, "intra_op_threads", 0)
-    host = describe_host(_ort_version(), threads)
     return {k: LatencyProfile(host=host, batches=points[k]) for k in keys}
 
 

@@ -9,8 +9,8 @@ import psutil
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
-from adaptive_quant.serving.errors import PayloadTooLarge, ServiceUnavailable
-from adaptive_quant.serving.hot_path import ReadBody, classify_request
+from adaptive_quant.serving.errors import ServiceUnavailable
+from adaptive_quant.serving.hot_path import asgi_body_reader, classify_request
 from adaptive_quant.serving.metrics import OUTCOMES
 from adaptive_quant.serving.schemas import ClassifyResponse, ErrorResponse, ModelsResponse, StatusResponse
 from adaptive_quant.serving.service import ClassifierService
@@ -62,24 +62,6 @@ CLASSIFY_HEADERS = [
 ]
 
 
-def request_body_reader(request: Request) -> ReadBody:
-    """The body of a FastAPI request, refusing more than `limit` bytes without reading it all (413)."""
-
-    async def read(limit: int) -> bytes:
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise PayloadTooLarge(f"request body is {int(declared)} bytes; at most {limit} are accepted")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:  # chunked upload without Content-Length
-                raise PayloadTooLarge(f"request body exceeds {limit} bytes, the most accepted")
-            chunks.append(chunk)
-        return b"".join(chunks)
-
-    return read
-
-
 @router.post(
     "/v1/classify",
     response_model=ClassifyResponse,
@@ -100,7 +82,7 @@ async def classify(request: Request, service: ServiceDep) -> Response:
     # that path is bypassed (an app mounted inside another, a test calling the router directly):
     # the same function, so the same behaviour
     status, headers, body = await classify_request(
-        service, request.headers, request_body_reader(request), time.perf_counter()
+        service, request.headers, asgi_body_reader(request.scope, request.receive), time.perf_counter()
     )
     return Response(body, status_code=status, headers={k.decode(): v.decode() for k, v in headers})
 

@@ -38,7 +38,6 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from adaptive_quant.core.host import describe_host
 from adaptive_quant.core.images import encode_png
 from adaptive_quant.core.latency import LatencyEstimator
 from adaptive_quant.core.manifest import Manifest
@@ -52,7 +51,7 @@ from adaptive_quant.serving.errors import InputError, ServiceUnavailable
 from adaptive_quant.serving.followup import FollowupStage, LoadedRouter, RouterPredictor, highest_precision
 from adaptive_quant.serving.metrics import GatewayMetrics
 from adaptive_quant.serving.options import ClassifyOptions
-from adaptive_quant.serving.profiling import ProfileInfo, _ort_version, measure_profiles, should_profile
+from adaptive_quant.serving.profiling import ProfileInfo, profile_on_host
 from adaptive_quant.serving.settings import ServeSettings
 
 log = logging.getLogger(__name__)
@@ -152,45 +151,11 @@ class ClassifierService:
 
     async def profile_host(self) -> None:
         """Re-profile the variants on this host when the manifest's profiles come from another
-        (serving/profiling.py); logs what it found, and /v1/status reports it."""
-        cfg = self.settings.profiling
-        here = describe_host(_ort_version(), getattr(self.backend, "intra_op_threads", 0))
-        first = next((self.manifest.variants[k].latency for k in self.keys if self.manifest.variants[k].latency), None)
-        do, reason = should_profile(self.manifest, self.keys, here, cfg.mode)
-        manifest_p95 = {k: self.estimator.service_ms(k, 1) for k in self.keys}
-        if not do:
-            self.profile_info = ProfileInfo("manifest", reason, first.host if first else {})
-            log.info("latency profiles: from the manifest (%s)", reason)
-            return
-        t = time.perf_counter()
-        try:
-            measured = await measure_profiles(self.backend, self.manifest, self.keys, cfg)
-        except Exception as exc:  # a variant failing here fails for callers too: plan with the manifest
-            self.profile_info = ProfileInfo(
-                "manifest", f"{reason}, but profiling failed: {exc}", first.host if first else {}
-            )
-            log.warning("latency profiles: re-profiling failed (%s); planning with the manifest's", exc)
-            return
-        seconds = time.perf_counter() - t
-        self.estimator.set_profiles(measured)
+        (serving/profiling.py); /v1/status reports what is in use."""
+        self.profile_info = await profile_on_host(
+            self.backend, self.manifest, self.keys, self.estimator, self.settings.profiling
+        )
         self._order_entry()  # the follow-up stage prices plans from the estimator: nothing else to update
-        used = {k: self.estimator.service_ms(k, 1) for k in self.keys}
-        host = next(iter(measured.values())).host if measured else here
-        self.profile_info = ProfileInfo(
-            "measured at start-up",
-            reason,
-            host,
-            round(seconds, 3),
-            {k: {"manifest": round(manifest_p95[k], 4), "used": round(used[k], 4)} for k in self.keys},
-        )
-        log.info(
-            "latency profiles: %s; measured %s on %s in %.1f s; batch-1 p95 %s",
-            reason,
-            ", ".join(measured),
-            host.get("cpu"),
-            seconds,
-            ", ".join(f"{k} {manifest_p95[k]:.2f} → {used[k]:.2f} ms" for k in measured),
-        )
 
     # ------------------------------------------------------------------ health
 

@@ -100,8 +100,7 @@ class DynamicBatcher:
             raise RuntimeError(f"batcher {self.name} is not started")
         if x.shape[0] <= self.inline_max_batch and not self._active and not self._queue and not self._contended():
             y = self._run(x)  # the one request in the gateway: no loop turn, no thread; errors reach the caller
-            self.inline_batches += 1
-            self._count(x.shape[0])
+            self._count(x.shape[0], inline=True)
             return y
         loop = asyncio.get_running_loop()
         futures = []
@@ -179,8 +178,7 @@ class DynamicBatcher:
                 if not p.future.done():
                     p.future.set_exception(exc)
             return
-        self.inline_batches += 1
-        self._count(size)
+        self._count(size, inline=True)
         self._deliver(batch, y)
 
     def _deliver(self, batch: list[_Pending], y: np.ndarray) -> None:
@@ -191,7 +189,8 @@ class DynamicBatcher:
                 p.future.set_result(y[offset : offset + n])
             offset += n
 
-    def _count(self, size: int) -> None:
+    def _count(self, size: int, inline: bool = False) -> None:
+        self.inline_batches += inline
         self.batches += 1
         self.samples += size
         self.largest_batch = max(self.largest_batch, size)
