@@ -41,12 +41,20 @@ def client(base_url):
         yield c
 
 
+def error_message(body: dict) -> str:
+    """The message of either front's error: REST {"error": {"type", "message"}}, v2 {"error": "..."}."""
+    err = body["error"]
+    if isinstance(err, str):
+        return err
+    assert err["type"]
+    return err["message"]
+
+
 def check_answer(r: httpx.Response) -> None:
     """What a client may rely on: no 5xx; a 4xx carries a JSON error with a message."""
     assert r.status_code < 500, f"{r.status_code}: {r.text[:500]}"
     if r.status_code >= 400:
-        err = r.json()["error"]
-        assert err["type"] and len(err["message"]) > 10, r.text
+        assert len(error_message(r.json())) > 10, r.text
 
 
 # ----------------------------------------------------------------------------- schemathesis
@@ -58,11 +66,23 @@ def check_answer(r: httpx.Response) -> None:
 def test_schema_driven_fuzz_finds_no_5xx(base_url, mode):
     schema = schemathesis.openapi.from_url(f"{base_url}/openapi.json")
     operations = [op.ok() for op in schema.get_all_operations()]
-    assert {op.path for op in operations} >= {"/v1/classify", "/v1/status", "/v1/models", "/readyz", "/metrics"}
+    assert {op.path for op in operations} >= {
+        "/v1/classify",
+        "/v1/status",
+        "/v1/models",
+        "/readyz",
+        "/metrics",
+        "/v2/models/{model}/infer",
+        "/v2/models/{model}",
+        "/v2/health/ready",
+    }
     seen: dict[int, int] = {}
     for op in operations:
-        if mode == schemathesis.GenerationMode.NEGATIVE and not (list(op.iter_parameters()) or list(op.body)):
-            continue  # nothing to send wrong (GET /healthz): negative generation has no input to break
+        # nothing to send wrong: no input at all (GET /healthz), or only path strings, which any
+        # string satisfies (GET /v2/models/{model}): negative generation has no input to break
+        breakable = [p for p in op.iter_parameters() if str(getattr(p.location, "value", p.location)) != "path"]
+        if mode == schemathesis.GenerationMode.NEGATIVE and not (breakable or list(op.body)):
+            continue
 
         @given(case=op.as_strategy(generation_mode=mode))
         @FUZZ
@@ -72,7 +92,7 @@ def test_schema_driven_fuzz_finds_no_5xx(base_url, mode):
             assert r.status_code < 500, f"{case.method} {case.formatted_path}: {r.status_code} {r.text[:500]}"
             content_type = (r.headers.get("content-type") or [""])[0]  # schemathesis: header → list
             if r.status_code >= 400 and content_type.startswith("application/json"):
-                assert r.json()["error"]["message"]
+                assert error_message(r.json())
 
         run()
     print(f"{mode.value}: responses by status {dict(sorted(seen.items()))}")
@@ -147,6 +167,52 @@ def test_raw_bytes_get_a_4xx_that_explains(client, raw):
     r = client.post("/v1/classify", content=raw, headers={"Content-Type": "application/json"})
     check_answer(r)
     assert r.status_code != 200 or json.loads(raw)["instances"]
+
+
+# ----------------------------------------------------------------------------- hypothesis on v2 infer
+
+tensor_value = st.floats(allow_nan=True, allow_infinity=True, width=32) | st.integers(-300, 300) | json_leaf
+v2_input = st.fixed_dictionaries(
+    {
+        "name": st.sampled_from(["images", "pixels", "input__0"]) | st.text(max_size=8),
+        "shape": st.sampled_from([[1, 3, 32, 32], [1, 32, 32, 3], [2, 3, 32, 32], [0, 3, 32, 32], [5, 3, 32, 32]])
+        | st.lists(st.integers(-2, 40) | json_leaf, max_size=5),
+        "datatype": st.sampled_from(["FP32", "UINT8", "FP16", "BYTES", "INT64"]) | st.text(max_size=6),
+    },
+    optional={
+        "data": st.lists(tensor_value, max_size=40)
+        | st.builds(lambda n, v: [v] * n, st.sampled_from([3072, 3071, 6144]), tensor_value)
+        | json_tree,
+        "parameters": st.fixed_dictionaries({}, optional={"binary_data_size": st.integers(-5, 30000) | json_leaf})
+        | json_tree,
+    },
+)
+v2_params = st.fixed_dictionaries(
+    {},
+    optional={
+        "latency_budget_ms": json_leaf | st.sampled_from([5, 0, -1, "10", 1e309]),
+        "priority": json_leaf | st.sampled_from(["quality", "speed", 3, -1]),
+        "routing_priority": json_leaf | st.sampled_from(["balanced"]),
+        "min_precision": json_leaf | st.sampled_from(["fp32", "int4"]),
+        "binary_data_output": json_leaf,
+        "sequence_id": json_leaf,
+    },
+)
+v2_body = st.one_of(
+    st.fixed_dictionaries(
+        {"inputs": st.lists(v2_input, max_size=3)},
+        optional={"parameters": v2_params | json_tree, "outputs": json_tree, "id": json_leaf},
+    ),
+    json_tree,
+)
+
+
+@given(payload=v2_body, tail=st.binary(max_size=64), header_length=st.none() | st.integers(-3, 4000) | header_text)
+@FUZZ
+def test_any_v2_infer_request_gets_200_or_a_4xx_that_explains(client, payload, tail, header_length):
+    head = json.dumps(payload, allow_nan=True).encode()
+    hdrs = {} if header_length is None else {"Inference-Header-Content-Length": str(header_length)}
+    check_answer(client.post("/v2/models/tiny/infer", content=head + tail, headers=hdrs))
 
 
 def test_after_the_fuzzing_the_service_still_serves_and_counted_no_errors(client):

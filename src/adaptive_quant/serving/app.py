@@ -28,6 +28,8 @@ from adaptive_quant.serving.followup import LoadedRouter, RouterPredictor, load_
 from adaptive_quant.serving.hot_path import CLASSIFY_PATH, key_accepted, serve_classify
 from adaptive_quant.serving.memory_control import MemoryController
 from adaptive_quant.serving.metrics import GatewayMetrics
+from adaptive_quant.serving.oip_http import INFER_PATH, serve_infer
+from adaptive_quant.serving.oip_http import router as oip_router
 from adaptive_quant.serving.routes import router as api_router
 from adaptive_quant.serving.schemas import request_schemas
 from adaptive_quant.serving.service import ClassifierService
@@ -42,18 +44,24 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
 
 class GatewayApp(FastAPI):
     """FastAPI, except that POST /v1/classify goes straight from the ASGI server to
-    hot_path.serve_classify (see there why): the other routes, the OpenAPI document and the
+    hot_path.serve_classify (see there why), and POST /v2/models/.../infer to
+    oip_http.serve_infer: the other routes, the OpenAPI document and the
     probes keep FastAPI. A request the fast path cannot take (the service still starting, a
     missing or wrong API key) falls through to FastAPI, whose route and middleware answer it."""
 
     api_key: bytes | None = None
 
     async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001 - the ASGI signature
-        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == CLASSIFY_PATH:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            path = scope["path"]
             service = self.state.service
             if service is not None and key_accepted(scope, self.api_key):
-                await serve_classify(service, scope, receive, send)
-                return
+                if path == CLASSIFY_PATH:
+                    await serve_classify(service, scope, receive, send)
+                    return
+                if path.startswith("/v2/") and (match := INFER_PATH.match(path)):
+                    await serve_infer(service, scope, receive, send, match)
+                    return
         await super().__call__(scope, receive, send)
 
 
@@ -181,6 +189,7 @@ def create_app(
     app.state.service = None
     install_error_handlers(app)
     app.include_router(api_router)
+    app.include_router(oip_router)
     generate_openapi = app.openapi
 
     def openapi() -> dict:  # the request schema depends on this service's image size and limits

@@ -17,7 +17,8 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+# the probes of both fronts (REST and the v2 protocol) and the scrape endpoint
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"})
 KEY_HEADER = b"x-api-key"
 
 Scope = MutableMapping[str, Any]
@@ -60,15 +61,13 @@ class ApiKeyMiddleware:
         log.warning("401 for %s %s from %s: %s", scope["method"], scope["path"], client[0], reason)
         if self.on_reject is not None:
             self.on_reject()
-        body = json.dumps(
-            {
-                "error": {
-                    "type": "unauthorized",
-                    "message": f"this service needs an API key and the request carried {reason}; "
-                    "send it as X-API-Key: <key> or Authorization: Bearer <key>",
-                }
-            }
-        ).encode()
+        message = (
+            f"this service needs an API key and the request carried {reason}; "
+            "send it as X-API-Key: <key> or Authorization: Bearer <key>"
+        )
+        # each front's own error shape: the v2 protocol's is {"error": "<message>"}
+        shape = message if scope["path"].startswith("/v2") else {"type": "unauthorized", "message": message}
+        body = json.dumps({"error": shape}).encode()
         await send(
             {
                 "type": "http.response.start",

@@ -46,47 +46,75 @@ def precision_header(precisions: set[str]) -> str:
 
 
 def error_answer(status: int, message: str, headers: list[tuple[bytes, bytes]] | None = None) -> Answer:
+    """The REST front's error: {"error": {"type", "message"}} (errors.error_body)."""
     return status, [JSON, *(headers or [])], orjson.dumps(error_body(status, message))
 
 
-async def classify_request(service: Any, headers: Mapping[str, str], read_body: ReadBody, started: float) -> Answer:
-    """One classify request, end to end: options, body, decode, route + infer, the answer.
-    `headers` maps lower-case names to values; `started` is perf_counter() s at arrival."""
+ErrorAnswer = Callable[[int, str, "list[tuple[bytes, bytes]] | None"], Answer]  # status, message, headers
+
+
+async def guarded(
+    service: Any, started: float, work: Callable[[], Awaitable[Answer]], on_error: ErrorAnswer = error_answer
+) -> Answer:
+    """Run one request's `work` with the accounting every front shares (in-flight gauge,
+    outcome counter, request time) and turn its failures into answers in the front's own error
+    shape (`on_error`): an InputError its 4xx, ServiceUnavailable 503 + Retry-After, a bug 500.
+    Never raises for a request's own problems, so the service keeps serving; only cancellation
+    (the drain timeout) propagates. `started`: perf_counter() s at the request's arrival."""
     m = service.metrics
     m.in_flight.inc()
     service.in_flight += 1
     outcome = "error"
     try:
+        answer = await work()
+        outcome = "ok"
+        return answer
+    except InputError as exc:
+        outcome = "client_error"
+        return on_error(exc.status, exc.message, None)
+    except ServiceUnavailable as exc:
+        outcome = "unavailable"
+        return on_error(503, exc.message, [(b"retry-after", str(exc.retry_after_s).encode())])
+    except asyncio.CancelledError:  # the shutdown's drain timeout cut it
+        outcome = "cancelled"
+        raise
+    except Exception:
+        log.exception("internal error while serving a request")
+        return on_error(500, "internal error; see the server log", None)
+    finally:
+        m.in_flight.dec()
+        service.in_flight -= 1
+        m.requests.labels(outcome).inc()
+        m.request_time.observe(time.perf_counter() - started)
+
+
+async def classify_request(service: Any, headers: Mapping[str, str], read_body: ReadBody, started: float) -> Answer:
+    """One classify request, end to end: options, body, decode, route + infer, the answer.
+    `headers` maps lower-case names to values; `started` is perf_counter() s at arrival."""
+
+    async def work() -> Answer:
         options = parse_options(headers, service.settings.routing.default_priority)
         limits = service.settings.limits
         body = await read_body(limits.max_request_bytes)
         images = decode_instances(parse_json(body), limits.max_instances, service.manifest.image_size)
         x = to_model_input(images, service.manifest.mean, service.manifest.std)  # (N, 3, H, W)
         result = await service.classify(images, x, options, started)
-        outcome = "ok"
-    except InputError as exc:
-        outcome = "client_error"
-        return error_answer(exc.status, exc.message)
-    except ServiceUnavailable as exc:
-        outcome = "unavailable"
-        return error_answer(503, exc.message, [(b"retry-after", str(exc.retry_after_s).encode())])
-    except asyncio.CancelledError:  # the shutdown's drain timeout cut it
-        outcome = "cancelled"
-        raise
-    except Exception:
-        log.exception("internal error while serving a classify request")
-        return error_answer(500, "internal error; see the server log")
-    finally:
-        m.in_flight.dec()
-        service.in_flight -= 1
-        m.requests.labels(outcome).inc()
-        m.request_time.observe(time.perf_counter() - started)
-    return shape_answer(service, result, options.budget_ms, started)
+        return shape_answer(service, result, options.budget_ms, started)
+
+    return await guarded(service, started, work)
+
+
+def record_result(service: Any, result: Any, budget_ms: float | None) -> None:
+    """The per-sample and budget counters of one answered request (every front)."""
+    m = service.metrics
+    for key in set(result.variants):
+        m.samples_routed.labels(key).inc(result.variants.count(key))
+    if budget_ms is not None:
+        m.budget.labels("met" if result.budget_met else "missed").inc()
 
 
 def shape_answer(service: Any, result: Any, budget_ms: float | None, started: float) -> Answer:
     """ClassifyResult → the JSON answer and its headers (the contract in schemas.ClassifyResponse)."""
-    m = service.metrics
     probs = result.probs  # (N, C): averaged over the passes that answered each sample
     class_ids = probs.argmax(axis=1).tolist()
     confidences = probs[range(len(class_ids)), class_ids].tolist()
@@ -102,10 +130,7 @@ def shape_answer(service: Any, result: Any, budget_ms: float | None, started: fl
         }
         for c, conf, prec, key, passes in zip(class_ids, confidences, result.precisions, result.variants, result.passes)
     ]
-    for key in set(result.variants):
-        m.samples_routed.labels(key).inc(result.variants.count(key))
-    if budget_ms is not None:
-        m.budget.labels("met" if result.budget_met else "missed").inc()
+    record_result(service, result, budget_ms)
     precision = precision_header(set(result.precisions))
     body = {
         "predictions": predictions,

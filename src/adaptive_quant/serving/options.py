@@ -1,4 +1,7 @@
-"""The classify request's headers → typed options (X-Latency-Budget-Ms, X-Priority, X-Min-Precision)."""
+"""Routing options of a request → typed ClassifyOptions. The REST front reads them from headers
+(X-Latency-Budget-Ms, X-Priority, X-Min-Precision), the Open Inference Protocol front from
+request parameters (oip.py); both validate with the functions here, so a bad value gets the
+same explanation, naming the header or parameter it came in."""
 
 from __future__ import annotations
 
@@ -20,37 +23,50 @@ class ClassifyOptions:
     budget_ms: float | None  # ms of server time the caller allows; None = no budget
     priority: Priority
     floor: Precision | None  # never answer below this precision; None = any
+    # one variant key, and only it, answers (no routing, no follow-ups): what a caller asking
+    # Triton for a variant model by name (cifar_resnet_int8) expects; None = routed
+    variant: str | None = None
+
+
+def parse_budget(raw: object, name: str = "X-Latency-Budget-Ms") -> float:
+    """A positive, finite number of ms (a string from a header, a number from a parameter)."""
+    bad = isinstance(raw, bool)  # JSON true is not a budget, though Python calls it 1
+    try:
+        budget = float(raw)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        budget, bad = math.nan, True
+    if bad or not math.isfinite(budget) or budget <= 0:
+        raise InputError(
+            f"{name} must be a positive number of milliseconds (e.g. 10 or 2.5), got {raw!r}; "
+            "leave it out for no budget"
+        )
+    return budget
+
+
+def parse_priority(raw: object, name: str = "X-Priority") -> Priority:
+    try:
+        if not isinstance(raw, str):
+            raise ValueError(f"expected a string, got {raw!r}; accepted: {', '.join(p.value for p in Priority)}")
+        return Priority.parse(raw)
+    except ValueError as exc:
+        raise InputError(f"{name}: {exc}") from None
+
+
+def parse_floor(raw: object, name: str = "X-Min-Precision") -> Precision:
+    try:
+        if not isinstance(raw, str):
+            raise ValueError(f"expected a string, got {raw!r}; accepted: {', '.join(p.value for p in Precision)}")
+        return Precision.parse(raw)
+    except ValueError as exc:
+        raise InputError(f"{name}: {exc}") from None
 
 
 def parse_options(headers: Mapping[str, str], default_priority: Priority) -> ClassifyOptions:
     """Header values → options; an invalid value is a 422 naming the header and what it accepts."""
-    budget = None
     raw = headers.get(BUDGET_HEADER)
-    if raw is not None:
-        try:
-            budget = float(raw)
-        except ValueError:
-            budget = None
-            bad = True
-        else:
-            bad = not math.isfinite(budget) or budget <= 0
-        if bad:
-            raise InputError(
-                f"X-Latency-Budget-Ms must be a positive number of milliseconds (e.g. 10 or 2.5), got {raw!r}; "
-                "leave the header out for no budget"
-            )
-    priority = default_priority
+    budget = None if raw is None else parse_budget(raw)
     raw = headers.get(PRIORITY_HEADER)
-    if raw is not None:
-        try:
-            priority = Priority.parse(raw)
-        except ValueError as exc:
-            raise InputError(f"X-Priority: {exc}") from None
-    floor = None
+    priority = default_priority if raw is None else parse_priority(raw)
     raw = headers.get(FLOOR_HEADER)
-    if raw is not None:
-        try:
-            floor = Precision.parse(raw)
-        except ValueError as exc:
-            raise InputError(f"X-Min-Precision: {exc}") from None
+    floor = None if raw is None else parse_floor(raw)
     return ClassifyOptions(budget, priority, floor)

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from adaptive_quant.core.images import encode_png
+from adaptive_quant.core.images import encode_png, from_model_input
 from adaptive_quant.core.latency import LatencyEstimator
 from adaptive_quant.core.manifest import Manifest
 from adaptive_quant.core.precision import Precision
@@ -170,6 +170,19 @@ class ClassifierService:
         now = time.monotonic()
         return np.array([health[k].healthy and self.breakers[k].open_until <= now for k in self.keys])
 
+    def check_options(self, options: ClassifyOptions) -> None:
+        """A floor above every precision this model offers, or a pinned variant this service does
+        not route to (or below the floor), is the caller's mistake (422)."""
+        self.check_floor(options.floor)
+        v = options.variant
+        if v is None:
+            return
+        if v not in self.precision_of:
+            raise InputError(f"variant {v!r} is not served here (served: {', '.join(self.keys)})")
+        floor = options.floor
+        if floor is not None and self.precision_of[v].rank < floor.rank:
+            raise InputError(f"variant {v} is {self.precision_of[v].value}, below the requested floor {floor.value}")
+
     def check_floor(self, floor: Precision | None) -> None:
         """A floor above every precision this model offers is the caller's mistake (422)."""
         if floor is not None and not (self.ranks >= floor.rank).any():
@@ -218,13 +231,16 @@ class ClassifierService:
     # ------------------------------------------------------------------ classify
 
     async def classify(
-        self, images: np.ndarray, x: np.ndarray, options: ClassifyOptions, started: float
+        self, images: np.ndarray | None, x: np.ndarray, options: ClassifyOptions, started: float
     ) -> ClassifyResult:
-        """images (N, H, W, 3) uint8 for the predictor, x (N, 3, H, W) float32 for the model."""
-        self.check_floor(options.floor)
-        n = images.shape[0]
+        """images (N, H, W, 3) uint8 for the pixel predictor, x (N, 3, H, W) float32 for the model;
+        images None (a caller that sent the model input) = recovered from x, when the predictor needs them."""
+        self.check_options(options)
+        n = x.shape[0]
         t = time.perf_counter()
         if self.followup is None:
+            if images is None:
+                images = from_model_input(x, self.manifest.mean, self.manifest.std)
             acc = accuracy_matrix(self.predictor.predictor, images, self.keys, self.prior)  # (N, V)
             entry_options = options
         else:
@@ -246,7 +262,7 @@ class ClassifierService:
         passes = [[k] for k in variants]
         probs = softmax(state.logits)
         followups = lost = 0
-        if self.followup is not None:
+        if self.followup is not None and options.variant is None:  # a pinned variant answers alone
             followups, lost = await self._follow_up(state, options, probs, passes)
         self.metrics.decision_time.observe(state.routing_s)
         server_ms = (time.perf_counter() - started) * 1e3
@@ -360,6 +376,8 @@ class ClassifierService:
         t = time.perf_counter()
         floor_ok = self.ranks >= (state.options.floor.rank if state.options.floor else -1)
         allowed = floor_ok & self.routable() & np.array([k not in tried for k in self.keys])
+        if state.options.variant is not None:  # pinned: that variant or nothing (no fallback)
+            allowed &= np.array([k == state.options.variant for k in self.keys])
         remaining = self._remaining_ms(state)
         if not allowed.any():
             detail = "; ".join(state.errors) or self._why_none_allowed(floor_ok)

@@ -146,6 +146,10 @@ class LimitsSettings(Section):
     config_key: ClassVar[str] = "limits"
 
     max_request_bytes: int = Field(2_097_152, gt=0)  # 2 MiB: ~64 instances as pixel lists, ~400 as PNG
+    # bytes of an Open Inference Protocol infer body (after decompression): FP32 tensors are
+    # 12 KiB per image in the binary extension, ~40-70 KB as JSON text, so 64 images as JSON
+    # need ~4.5 MB
+    max_tensor_request_bytes: int = Field(8_388_608, gt=0)
     max_instances: int = Field(64, gt=0)  # images per request
 
 
