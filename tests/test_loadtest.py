@@ -362,6 +362,32 @@ def test_closed_loop_run_over_http_with_two_phases(gateway_url, tmp_path):
     assert png.read_bytes()[:8] == PNG_SIGNATURE
 
 
+def test_the_v2_protocol_front_is_driven_side_by_side_with_v1(gateway_url, tmp_path):
+    # each of the 32 images once per target: the same images through both fronts of one gateway
+    rc, results, _ = run_script(
+        gateway_url,
+        tmp_path,
+        *("--name", "v1", "--compare", f"v2=v2+{gateway_url}", "--concurrency", "2", "--duration", "30"),
+        *("--max-requests", "32", "--images", "32", "--warmup", "0", "--no-plot"),
+    )
+    assert rc == 0
+    v1, v2 = results["phases"]["adaptive"], results["compare"]["v2"]["phases"]["adaptive"]
+    assert results["compare"]["v2"]["service"]["protocol"] == "v2"
+    for s in (v1, v2):
+        assert s["requests"] == s["answered"] == 32 and s["errors_by_kind"] == {}
+        assert sum(s["server_routing"]["samples_by_variant"].values()) == 32
+    # the labels came back through the binary logits tensor and scored the same
+    assert v2["accuracy"] == v1["accuracy"] and v2["variant_mix"] == v1["variant_mix"]
+
+
+def test_a_v2_calibrate_url_is_refused():
+    with pytest.raises(LoadTestConfigError, match="calibrate-url"):
+        LoadTestConfig(calibrate=True, calibrate_url="v2+http://127.0.0.1:8000")
+    assert check_loopback("v2+http://127.0.0.1:8000/") == "v2+http://127.0.0.1:8000"
+    with pytest.raises(LoadTestConfigError, match="not this machine"):
+        check_loopback("v2+http://10.0.0.1:8000")
+
+
 def test_open_loop_counts_overload_and_calibrates_the_budget(gateway_url, tmp_path):
     # one request in flight at most, 400 req/s offered: most arrivals find the cap reached
     rc, results, png = run_script(

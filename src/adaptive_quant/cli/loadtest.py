@@ -36,6 +36,12 @@ table gives each target's rows and its throughput ratio to the first (--name, "g
   python scripts/baseline_server.py --port 8013 &
   python scripts/loadtest.py --concurrency 64 --compare baseline=http://127.0.0.1:8013
 
+The Open Inference Protocol (KServe v2): a URL written v2+http://HOST:PORT is driven with POST
+/v2/models/{model}/infer, the images as a binary FP32 tensor (what tritonclient sends), the
+budget in the X-Latency-Budget-Ms header the v2 front reads too. Its overhead against /v1/classify,
+same gateway, same images, one run:
+  python scripts/loadtest.py --concurrency 64 --name v1 --compare v2=v2+http://127.0.0.1:8000
+
 Goodput (--goodput): instead of the phases, search for each target's highest Poisson rate with
 at least --goodput-share of requests answered within --goodput-budget ms (tools/loadtest/goodput.py:
 grow the rate ×2 from --goodput-start while probes pass, then bisect to 5 %), the targets'
@@ -64,7 +70,7 @@ import numpy as np
 # run from a checkout without install
 from adaptive_quant.cli import LOG_LEVELS, setup_logging
 from adaptive_quant.data import CIFAR10_CLASSES, DataError, make_synthetic, read_cifar_split
-from adaptive_quant.tools.loadtest.config import LoadTestConfig, LoadTestConfigError, check_loopback
+from adaptive_quant.tools.loadtest.config import LoadTestConfig, LoadTestConfigError, check_loopback, split_protocol
 from adaptive_quant.tools.loadtest.goodput import GoodputSpec, format_goodput, runner_probe, search_goodput
 from adaptive_quant.tools.loadtest.report import build_results, format_table
 from adaptive_quant.tools.loadtest.runner import CalibrationError, GatewayError, Workload, run_loadtest
@@ -78,7 +84,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     d = " (default: %(default)s)"
     g = p.add_argument_group("target")
-    g.add_argument("--url", default="http://127.0.0.1:8000", help="the gateway, on loopback" + d)
+    g.add_argument(
+        "--url",
+        default="http://127.0.0.1:8000",
+        help="the gateway, on loopback; v2+http://... drives its Open Inference Protocol front" + d,
+    )
     g.add_argument("--api-key", help=f"sent as X-API-Key (default: ${API_KEY_ENV} if set)")
     g.add_argument("--name", default="gateway", help="what the tables call --url" + d)
     g.add_argument(
@@ -260,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, DataError) as exc:  # LoadTestConfigError, bad specs, no data
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    workload = Workload.from_images(images, labels, groups)
+    v2 = any(split_protocol(url)[0] == "v2" for url in targets.values())
+    workload = Workload.from_images(images, labels, groups, v2=v2)
     log.info("%d request bodies of %d image(s) from %s", len(workload.bodies), cfg.batch, source)
     extra = {"images_source": source, "images": len(images), "targets": targets}
     out = Path(args.out)

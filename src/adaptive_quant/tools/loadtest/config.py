@@ -28,17 +28,31 @@ class LoadTestConfigError(ValueError):
     """A setting is out of bounds or inconsistent; the message says which and what is accepted."""
 
 
+V2_PREFIX = "v2+"  # v2+http://host:port: the target is driven over the Open Inference Protocol
+
+
+def split_protocol(url: str) -> tuple[str, str]:
+    """'v2+http://127.0.0.1:8000' → ('v2', 'http://127.0.0.1:8000'); a plain URL is 'v1' (/v1/classify)."""
+    if url.startswith(V2_PREFIX):
+        return "v2", url[len(V2_PREFIX) :]
+    return "v1", url
+
+
 def check_loopback(url: str) -> str:
     """The base URL without a trailing slash, if its host is this machine (127.0.0.0/8, ::1 or
-    localhost); anything else is refused: this tool must never load someone else's service."""
+    localhost); anything else is refused: this tool must never load someone else's service.
+    A v2+ prefix (the Open Inference Protocol) is kept."""
+    protocol, http_url = split_protocol(url)
     try:
-        parts = urlsplit(url)
+        parts = urlsplit(http_url)
         host = parts.hostname  # lower-cased, IPv6 brackets removed
         parts.port  # noqa: B018  (raises ValueError on a bad port)
     except ValueError as exc:
         raise LoadTestConfigError(f"--url {url!r} is not a valid URL: {exc}") from None
     if parts.scheme not in ("http", "https") or not host:
-        raise LoadTestConfigError(f"--url {url!r} must look like http://127.0.0.1:8000")
+        raise LoadTestConfigError(
+            f"--url {url!r} must look like http://127.0.0.1:8000 (or v2+http://127.0.0.1:8000 for the v2 protocol)"
+        )
     if not is_loopback(host):
         raise LoadTestConfigError(
             f"--url {url!r} targets host {host!r}, which is not this machine; the load tester "
@@ -80,6 +94,8 @@ class LoadTestConfig:
         object.__setattr__(self, "url", check_loopback(self.url))
         if self.calibrate_url is not None:
             object.__setattr__(self, "calibrate_url", check_loopback(self.calibrate_url))
+            if split_protocol(self.calibrate_url)[0] != "v1":
+                raise LoadTestConfigError("--calibrate-url is driven over /v1/classify: give it without v2+")
             if not self.calibrate:
                 raise LoadTestConfigError("--calibrate-url needs --calibrate")
         if self.mode not in MODES:
@@ -125,6 +141,16 @@ class LoadTestConfig:
     @property
     def arrivals(self) -> ArrivalSpec:
         return ArrivalSpec(self.mode, self.rate, self.burst_factor, self.burst_s, self.period_s)
+
+    @property
+    def protocol(self) -> str:
+        """'v1' (POST /v1/classify, PNG instances) or 'v2' (the Open Inference Protocol, FP32 tensors)."""
+        return split_protocol(self.url)[0]
+
+    @property
+    def http_url(self) -> str:
+        """The URL the connections go to (without the v2+ prefix)."""
+        return split_protocol(self.url)[1]
 
     @property
     def pool_size(self) -> int:

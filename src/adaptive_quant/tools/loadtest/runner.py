@@ -37,6 +37,9 @@ from adaptive_quant.tools.loadtest.stats import (
     routing_delta,
     summarize,
 )
+from adaptive_quant.tools.loadtest.v2 import INFER_PATH
+from adaptive_quant.tools.loadtest.v2 import parse_answer as parse_v2_answer
+from adaptive_quant.tools.loadtest.v2 import request_body as v2_request_body
 from adaptive_quant.tools.loadtest.wire import WireError, WirePool
 
 log = logging.getLogger(__name__)
@@ -60,15 +63,20 @@ class Workload:
 
     bodies: list[bytes]  # JSON {"instances": [...]}, one per request group
     labels: np.ndarray  # (n_bodies, batch) int: the known class of each image
+    # the same images as v2 infer bodies (binary FP32 tensors) and their JSON header lengths
+    tensors: list[tuple[bytes, int]] = field(default_factory=list)
 
     @classmethod
-    def from_images(cls, images: np.ndarray, labels: np.ndarray, groups: np.ndarray) -> Workload:
+    def from_images(cls, images: np.ndarray, labels: np.ndarray, groups: np.ndarray, v2: bool = False) -> Workload:
         """images (N, H, W, 3) uint8, labels (N,), groups (n_requests, batch) indices
-        → bodies encoded once (PNG + base64, as any caller would send them)."""
+        → bodies encoded once (PNG + base64, as any caller would send them); with v2, the
+        Open Inference Protocol bodies too (normalised with CIFAR-10's mean and std)."""
+        from adaptive_quant.data import CIFAR10_MEAN, CIFAR10_STD
         from adaptive_quant.tools.client import request_body
 
         bodies = [json.dumps(request_body(images[g])).encode() for g in groups]
-        return cls(bodies, np.asarray(labels)[groups])
+        tensors = [v2_request_body(images[g], CIFAR10_MEAN, CIFAR10_STD) for g in groups] if v2 else []
+        return cls(bodies, np.asarray(labels)[groups], tensors)
 
 
 @dataclass
@@ -146,15 +154,18 @@ class Runner:
         self.base_headers = {"Content-Type": "application/json"}
         self.auth = {"X-API-Key": cfg.api_key} if cfg.api_key else {}
         self._live: dict[str, int] = {}  # progress counters of the running phase
+        self.v2_path = ""  # POST path of v2 infer, once the model's name is known (run())
+        if cfg.protocol == "v2" and len(workload.tensors) != len(workload.bodies):
+            raise ValueError("a v2 target needs a Workload built with v2=True")
 
     # ------------------------------------------------------------------ plumbing
 
     def _client(self) -> WirePool:
         # no proxy and no redirects by construction: loopback traffic stays on loopback
-        return WirePool(self.cfg.url, self.cfg.pool_size, self.cfg.timeout_s, headers=self.auth)
+        return WirePool(self.cfg.http_url, self.cfg.pool_size, self.cfg.timeout_s, headers=self.auth)
 
     async def get_json(self, client: WirePool, path: str) -> dict[str, Any]:
-        where = f"{self.cfg.url}{path}"
+        where = f"{self.cfg.http_url}{path}"
         try:
             r = await client.request("GET", path)
         except (WireError, TimeoutError) as exc:
@@ -191,7 +202,7 @@ class Runner:
         labels = self.work.labels[k]
         rec = RequestRecord(t_s=scheduled - t0, n_samples=len(labels), budget_ms=budget)
         try:
-            await self._exchange(client, headers, rec, self.work.bodies[k], labels, scheduled)
+            await self._exchange(client, headers, rec, k, labels, scheduled)
         except Exception:  # a bug of ours: counted and logged, the run goes on
             log.exception("request %d failed inside the load tester", i)
             rec.error_kind = CLIENT_BUG
@@ -202,15 +213,27 @@ class Runner:
         client: WirePool,
         headers: dict[str, str],
         rec: RequestRecord,
-        body: bytes,
+        k: int,
         labels: np.ndarray,
         scheduled: float,
     ) -> None:
+        """Body k, sent and its answer checked, into `rec`."""
         if rec.budget_ms is not None:
             headers = {**headers, "X-Latency-Budget-Ms": f"{rec.budget_ms:.3f}"}
+        v2 = self.cfg.protocol == "v2"
+        if v2:  # the budget travels as the header, which the v2 front reads too: one body per image group
+            body, header_length = self.work.tensors[k]
+            path = self.v2_path
+            headers = {
+                **headers,
+                "Content-Type": "application/octet-stream",
+                "Inference-Header-Content-Length": str(header_length),
+            }
+        else:
+            body, path = self.work.bodies[k], CLASSIFY
         rec.send_lag_ms = max(0.0, (time.perf_counter() - scheduled) * 1e3)
         try:
-            r = await client.request("POST", CLASSIFY, body, headers)
+            r = await client.request("POST", path, body, headers)
         except TimeoutError:
             rec.error_kind = TIMEOUT
             return
@@ -223,19 +246,23 @@ class Runner:
             rec.error_kind = str(r.status)
             return
         try:
-            answer = r.json()
-            preds = answer["predictions"]
-            if len(preds) != len(labels):
-                raise ValueError(f"{len(preds)} predictions for {len(labels)} images")
-            correct = sum(int(p["class_id"] == int(y)) for p, y in zip(preds, labels))
-            variants = tuple(str(p["variant"]) for p in preds)
-            budget_met = bool(answer["budget_met"])
+            if v2:
+                class_ids, variant_list, budget_met = parse_v2_answer(r.headers, r.body)
+            else:
+                answer = r.json()
+                preds = answer["predictions"]
+                class_ids = [p["class_id"] for p in preds]
+                variant_list = [str(p["variant"]) for p in preds]
+                budget_met = bool(answer["budget_met"])
+            if len(class_ids) != len(labels):
+                raise ValueError(f"{len(class_ids)} predictions for {len(labels)} images")
+            correct = sum(int(c == int(y)) for c, y in zip(class_ids, labels))
             server_ms = float(r.headers["x-server-time-ms"])
         except (ValueError, KeyError, TypeError) as exc:
             rec.error_kind = BAD_RESPONSE
             log.debug("%r", exc)
             return
-        rec.correct, rec.variants, rec.server_budget_met = correct, variants, budget_met
+        rec.correct, rec.variants, rec.server_budget_met = correct, tuple(variant_list), budget_met
         rec.precision = r.headers.get("x-precision")
         rec.server_time_ms = server_ms
 
@@ -387,7 +414,9 @@ class Runner:
             # first: reachable, the key accepted, and it is the gateway
             models = await self.get_json(client, "/v1/models")
             status = await self.get_json(client, "/v1/status")
+            self.v2_path = INFER_PATH.format(model=models.get("model"))
             out.service = {
+                "protocol": cfg.protocol,
                 "model": models.get("model"),
                 "classes": models.get("classes"),
                 "backend": status.get("backend"),
