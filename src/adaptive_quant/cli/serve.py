@@ -3,6 +3,7 @@
     python scripts/serve.py                                   # embedded ONNX Runtime, configs/serve.yaml
     python scripts/serve.py --backend triton --triton-url 127.0.0.1:8001
     python scripts/serve.py --port 9000 --set routing.default_priority=speed
+    python scripts/serve.py --grpc-port 8081                  # + Open Inference Protocol over gRPC
     AQ_SERVER__API_KEY=s3cret python scripts/serve.py          # /v1/ calls need X-API-Key: s3cret
 
 Listens on 127.0.0.1 unless --host says otherwise. On SIGTERM or Ctrl-C it stops accepting
@@ -27,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repository", help="model repository with manifest.json")
     p.add_argument("--host", help="address to listen on (default 127.0.0.1: loopback only)")
     p.add_argument("--port", type=int, help="default 8000")
+    p.add_argument("--grpc-port", type=int, help="serve the Open Inference Protocol over gRPC here too (default: off)")
     p.add_argument("--backend", choices=["embedded", "triton"])
     p.add_argument("--triton-url", help="host:port of a Triton server")
     p.add_argument("--triton-protocol", choices=["grpc", "http"])
@@ -38,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         "repository": args.repository,
         "server.host": args.host,
         "server.port": args.port,
+        "server.grpc_port": args.grpc_port,
         "backend.kind": args.backend,
         "backend.triton_url": args.triton_url,
         "backend.triton_protocol": args.triton_protocol,
@@ -53,8 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=settings.server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    grpc = f" and grpc://{settings.server.host}:{settings.server.grpc_port}" if settings.server.grpc_port else ""
     print(
-        f"serving {settings.repository} ({settings.backend.kind} backend) on http://{settings.server.host}:{settings.server.port}"
+        f"serving {settings.repository} ({settings.backend.kind} backend) on http://{settings.server.host}:{settings.server.port}{grpc}"
     )
     run(app, settings)  # until SIGTERM/SIGINT, then drains the requests in flight
     return 0

@@ -1,4 +1,5 @@
-"""App factory: `create_app(settings)` → a FastAPI app whose lifespan starts and stops the backend.
+"""App factory: `create_app(settings)` → a FastAPI app whose lifespan starts and stops the backend
+(and the gRPC front, oip_grpc.py, when server.grpc_port is set).
 
 Domain errors become HTTP answers here, in one place:
   InputError (and FastAPI's own validation errors) → its 4xx, {"error": {"type", "message"}}
@@ -28,6 +29,7 @@ from adaptive_quant.serving.followup import LoadedRouter, RouterPredictor, load_
 from adaptive_quant.serving.hot_path import CLASSIFY_PATH, key_accepted, serve_classify
 from adaptive_quant.serving.memory_control import MemoryController
 from adaptive_quant.serving.metrics import GatewayMetrics
+from adaptive_quant.serving.oip_grpc import GrpcFront
 from adaptive_quant.serving.oip_http import INFER_PATH, serve_infer
 from adaptive_quant.serving.oip_http import router as oip_router
 from adaptive_quant.serving.routes import router as api_router
@@ -168,9 +170,23 @@ def create_app(
         )
         if not b.ready():
             log.error("no variant can serve: /readyz answers 503 and classify requests get 503")
+        grpc_front = None
+        if settings.server.grpc_port:
+            grpc_front = GrpcFront(
+                service,
+                settings.server.host,
+                settings.server.grpc_port,
+                settings.server.api_key,
+                settings.limits.max_tensor_request_bytes,
+            )
+            await grpc_front.start()
+            app.state.grpc = grpc_front  # server.py stops it when the HTTP drain begins
+            log.info("Open Inference Protocol over gRPC on %s (inference.GRPCInferenceService)", grpc_front.address)
         try:
             yield
         finally:
+            if grpc_front is not None:  # already stopping if server.py began the drain
+                await grpc_front.stop(settings.server.drain_timeout_s)
             app.state.service = None
             if service.memory_controller is not None:
                 await service.memory_controller.close()
@@ -187,6 +203,7 @@ def create_app(
     app.state.manifest = manifest
     app.state.metrics = metrics
     app.state.service = None
+    app.state.grpc = None
     install_error_handlers(app)
     app.include_router(api_router)
     app.include_router(oip_router)

@@ -20,7 +20,7 @@ import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 
@@ -51,14 +51,19 @@ def error_answer(status: int, message: str, headers: list[tuple[bytes, bytes]] |
 
 
 ErrorAnswer = Callable[[int, str, "list[tuple[bytes, bytes]] | None"], Answer]  # status, message, headers
+T = TypeVar("T")  # what a front answers with: an Answer over HTTP, a response message over gRPC
 
 
 async def guarded(
-    service: Any, started: float, work: Callable[[], Awaitable[Answer]], on_error: ErrorAnswer = error_answer
-) -> Answer:
+    service: Any,
+    started: float,
+    work: Callable[[], Awaitable[T]],
+    on_error: Callable[[int, str, list[tuple[bytes, bytes]] | None], T] = error_answer,  # type: ignore[assignment]
+) -> T:
     """Run one request's `work` with the accounting every front shares (in-flight gauge,
     outcome counter, request time) and turn its failures into answers in the front's own error
-    shape (`on_error`): an InputError its 4xx, ServiceUnavailable 503 + Retry-After, a bug 500.
+    shape (`on_error`, given the HTTP status, the message and extra headers; gRPC maps the
+    status to its code): an InputError its 4xx, ServiceUnavailable 503 + Retry-After, a bug 500.
     Never raises for a request's own problems, so the service keeps serving; only cancellation
     (the drain timeout) propagates. `started`: perf_counter() s at the request's arrival."""
     m = service.metrics

@@ -1,5 +1,6 @@
 """The Open Inference Protocol (KServe v2) codec: pure functions between the protocol's JSON and
-binary tensors and the gateway's types. No I/O here: oip_http.py serves them over HTTP.
+binary tensors and the gateway's types. No I/O here: oip_http.py serves them over HTTP,
+oip_grpc.py over gRPC.
 
 What a caller sees (the model metadata says the same):
   inputs   images  FP32  [N, 3, H, W]  normalised as the manifest says (what the variants take)
@@ -27,8 +28,9 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from importlib import metadata
 from typing import Any
 
 import numpy as np
@@ -51,6 +53,11 @@ from adaptive_quant.serving.options import (
 IMAGES, PIXELS = "images", "pixels"
 LOGITS, PASSES, PRECISION = "logits", "passes", "precision"
 VERSION = "1"  # the one version of every model here
+SERVER_NAME, PLATFORM = "adaptive-quant", "adaptive_quant"  # what server and model metadata say
+try:
+    SERVER_VERSION = metadata.version(SERVER_NAME)
+except metadata.PackageNotFoundError:  # running from a source tree without an install
+    SERVER_VERSION = "0+unknown"
 # |value| accepted in the FP32 input: normalised CIFAR pixels lie within about ±3; far beyond
 # that the variants' logits overflow, and the answer would be NaN rather than an error
 MAX_ABS_INPUT = 1e3
@@ -211,7 +218,6 @@ def parse_infer_request(body: bytes, header_length: str | None, manifest: Manife
     inputs = req.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise ProtocolError(f"'inputs' must be a non-empty list of tensors; accepted inputs: {IMAGES!r} or {PIXELS!r}")
-    size = manifest.image_size
     specs = {t.name: t for t in input_specs(manifest)}
     tensors: dict[str, np.ndarray] = {}
     offset = 0
@@ -220,10 +226,7 @@ def parse_infer_request(body: bytes, header_length: str | None, manifest: Manife
             raise ProtocolError(f"inputs[{i}] must be an object with name, shape, datatype and data")
         name = inp.get("name")
         if name not in specs:
-            raise ProtocolError(
-                f"inputs[{i}]: unknown input {name!r}; this model takes {IMAGES!r} (FP32 [N, 3, {size}, {size}], "
-                f"normalised) or {PIXELS!r} (UINT8 [N, {size}, {size}, 3])"
-            )
+            raise unknown_input(i, name, manifest)
         if name in tensors:
             raise ProtocolError(f"input {name!r} appears twice")
         array, offset = decode_tensor(inp, specs[name], tail, offset, max_instances)
@@ -233,22 +236,11 @@ def parse_infer_request(body: bytes, header_length: str | None, manifest: Manife
             f"the body carries {len(tail)} bytes after the JSON header, but the inputs' binary_data_size add up "
             f"to {offset}"
         )
-    if len(tensors) != 1:
-        raise ProtocolError(f"send one input, {IMAGES!r} or {PIXELS!r}, not both")
-    images = tensors.get(PIXELS)
-    if images is not None:
-        x = to_model_input(images, manifest.mean, manifest.std)
-    else:
-        x = np.ascontiguousarray(tensors[IMAGES], dtype=np.float32)
-        if not np.isfinite(x).all() or np.abs(x).max() > MAX_ABS_INPUT:
-            raise ProtocolError(
-                f"input {IMAGES!r} must hold finite values within ±{MAX_ABS_INPUT:g} (normalised pixels: "
-                f"(pixel / 255 - mean) / std, mean {manifest.mean}, std {manifest.std})"
-            )
+    x, images = model_input(tensors, manifest)
     binary_all = params.get(BINARY_OUTPUT_PARAM, False)
     if not isinstance(binary_all, bool):
         raise ProtocolError(f"parameter binary_data_output must be true or false, got {binary_all!r}")
-    outputs = _requested_outputs(req.get("outputs"), manifest, binary_all)
+    outputs = requested_outputs(req.get("outputs"), manifest, binary_all)
     return InferRequest(x=x, images=images, id=rid, parameters=params, outputs=outputs)
 
 
@@ -257,10 +249,39 @@ def decode_tensor(
 ) -> tuple[np.ndarray, int]:
     """One input tensor (JSON `data`, or its slice of the binary tail from `offset`) → an array
     of the spec's shape; returns it and the offset after its bytes."""
-    name, dtype = spec.name, inp.get("datatype")
-    if dtype != spec.datatype:
-        raise ProtocolError(f"input {name!r} must have datatype {spec.datatype}, got {dtype!r}")
-    shape = inp.get("shape")
+    name = spec.name
+    shape = check_tensor(spec, inp.get("datatype"), inp.get("shape"), max_instances)
+    p = _object(inp.get("parameters"), f"inputs {name!r} parameters")
+    if "shared_memory_region" in p:
+        raise ProtocolError(SHARED_MEMORY_REFUSED)
+    size = p.get("binary_data_size")
+    if size is not None:
+        if "data" in inp:
+            raise ProtocolError(f"input {name!r} has both 'data' and binary_data_size; send one")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise ProtocolError(f"input {name!r}: binary_data_size must be a byte count, got {size!r}")
+        check_byte_size(spec, shape, size, "binary_data_size")
+        if offset + size > len(tail):
+            raise ProtocolError(
+                f"input {name!r}: binary_data_size {size} runs past the body's end ({len(tail) - offset} bytes left)"
+            )
+        return tensor_from_bytes(tail[offset : offset + size], spec, shape), offset + size
+    data = inp.get("data")
+    if data is None:
+        raise ProtocolError(f"input {name!r} has no 'data' (and no binary_data_size parameter)")
+    return tensor_from_values(_flatten(data, name), spec, shape, "'data'"), offset
+
+
+# the checks and conversions below are transport-neutral: oip_grpc.py runs the same ones on a
+# ModelInferRequest's tensors, so both fronts refuse a request with the same message
+SHARED_MEMORY_REFUSED = "shared-memory inputs are not supported here; send the data in the request"
+
+
+def check_tensor(spec: TensorSpec, datatype: Any, shape: Any, max_instances: int) -> list[int]:
+    """An input's declared datatype and shape against its spec; returns the shape."""
+    name = spec.name
+    if datatype != spec.datatype:
+        raise ProtocolError(f"input {name!r} must have datatype {spec.datatype}, got {datatype!r}")
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
         raise ProtocolError(f"input {name!r}: 'shape' must be a list of integers, got {shape!r}")
     want = list(spec.shape)
@@ -269,43 +290,64 @@ def decode_tensor(
         raise ProtocolError(f"input {name!r} must have shape {shown} with N ≥ 1, got {shape}")
     if shape[0] > max_instances:
         raise PayloadTooLarge(f"input {name!r} holds {shape[0]} images; at most {max_instances} per request")
-    count = math.prod(shape)
-    np_dtype = DTYPES[spec.datatype]
-    p = _object(inp.get("parameters"), f"inputs {name!r} parameters")
-    if "shared_memory_region" in p:
-        raise ProtocolError("shared-memory inputs are not supported here; send the data in the request")
-    size = p.get("binary_data_size")
-    if size is not None:
-        if "data" in inp:
-            raise ProtocolError(f"input {name!r} has both 'data' and binary_data_size; send one")
-        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-            raise ProtocolError(f"input {name!r}: binary_data_size must be a byte count, got {size!r}")
-        expected = count * np_dtype.itemsize
-        if size != expected:
-            raise ProtocolError(
-                f"input {name!r}: binary_data_size is {size} bytes, but shape {shape} of {spec.datatype} needs {expected}"
-            )
-        if offset + size > len(tail):
-            raise ProtocolError(
-                f"input {name!r}: binary_data_size {size} runs past the body's end ({len(tail) - offset} bytes left)"
-            )
-        array = np.frombuffer(tail[offset : offset + size], dtype=np_dtype).reshape(shape)
-        return array, offset + size
-    data = inp.get("data")
-    if data is None:
-        raise ProtocolError(f"input {name!r} has no 'data' (and no binary_data_size parameter)")
-    flat = _flatten(data, name)
+    return shape
+
+
+def check_byte_size(spec: TensorSpec, shape: list[int], size: int, what: str) -> None:
+    """`size` bytes (named `what` in the message: binary_data_size, raw_input_contents[0]) must
+    be exactly what `shape` of the spec's datatype takes."""
+    expected = math.prod(shape) * DTYPES[spec.datatype].itemsize
+    if size != expected:
+        raise ProtocolError(
+            f"input {spec.name!r}: {what} is {size} bytes, but shape {shape} of {spec.datatype} needs {expected}"
+        )
+
+
+def tensor_from_bytes(raw: bytes | memoryview, spec: TensorSpec, shape: list[int]) -> np.ndarray:
+    """Little-endian raw bytes (size already checked) → the array, without a copy."""
+    return np.frombuffer(raw, dtype=DTYPES[spec.datatype]).reshape(shape)
+
+
+def tensor_from_values(flat: Sequence[Any], spec: TensorSpec, shape: list[int], what: str) -> np.ndarray:
+    """A flat sequence of numbers (JSON `data`, a gRPC InferTensorContents field, named `what`)
+    → the array; UINT8 values must be integers from 0 to 255."""
+    name, count = spec.name, math.prod(shape)
     if len(flat) != count:
-        raise ProtocolError(f"input {name!r}: shape {shape} needs {count} values, 'data' holds {len(flat)}")
+        raise ProtocolError(f"input {name!r}: shape {shape} needs {count} values, {what} holds {len(flat)}")
     kind = "integers from 0 to 255" if spec.datatype == "UINT8" else "numbers"
     try:
         array = np.asarray(flat, dtype=np.float64)
     except (TypeError, ValueError):
-        raise ProtocolError(f"input {name!r}: 'data' must hold {kind}") from None
+        raise ProtocolError(f"input {name!r}: {what} must hold {kind}") from None
     integral = (array >= 0) & (array <= 255) & (array == np.round(array))
     if spec.datatype == "UINT8" and not integral.all():
-        raise ProtocolError(f"input {name!r}: 'data' must hold {kind}")
-    return array.astype(np_dtype).reshape(shape), offset
+        raise ProtocolError(f"input {name!r}: {what} must hold {kind}")
+    return array.astype(DTYPES[spec.datatype]).reshape(shape)
+
+
+def model_input(tensors: Mapping[str, np.ndarray], manifest: Manifest) -> tuple[np.ndarray, np.ndarray | None]:
+    """The decoded inputs (name → array) → x (N, 3, H, W) float32 and the pixels (N, H, W, 3)
+    uint8 when the caller sent them (else None). Exactly one input, finite values."""
+    if len(tensors) != 1:
+        raise ProtocolError(f"send one input, {IMAGES!r} or {PIXELS!r}, not both")
+    images = tensors.get(PIXELS)
+    if images is not None:
+        return to_model_input(images, manifest.mean, manifest.std), images
+    x = np.ascontiguousarray(tensors[IMAGES], dtype=np.float32)
+    if not np.isfinite(x).all() or np.abs(x).max() > MAX_ABS_INPUT:
+        raise ProtocolError(
+            f"input {IMAGES!r} must hold finite values within ±{MAX_ABS_INPUT:g} (normalised pixels: "
+            f"(pixel / 255 - mean) / std, mean {manifest.mean}, std {manifest.std})"
+        )
+    return x, None
+
+
+def unknown_input(index: int, name: Any, manifest: Manifest) -> ProtocolError:
+    size = manifest.image_size
+    return ProtocolError(
+        f"inputs[{index}]: unknown input {name!r}; this model takes {IMAGES!r} (FP32 [N, 3, {size}, {size}], "
+        f"normalised) or {PIXELS!r} (UINT8 [N, {size}, {size}, 3])"
+    )
 
 
 def _flatten(data: Any, name: str) -> list[Any]:
@@ -336,7 +378,8 @@ def _object(value: Any, what: str) -> dict[str, Any]:
     return value
 
 
-def _requested_outputs(outputs: Any, manifest: Manifest, binary_all: bool) -> list[RequestedOutput]:
+def requested_outputs(outputs: Any, manifest: Manifest, binary_all: bool) -> list[RequestedOutput]:
+    """The outputs a request asks for (a list of {name, parameters} objects; None = all), checked."""
     names = [t.name for t in output_specs(manifest)]
     if outputs is None:
         return [RequestedOutput(n, binary_all) for n in names]
@@ -430,6 +473,32 @@ def classification(probs: np.ndarray, k: int, classes: list[str]) -> list[bytes]
     return [f"{probs[i, c]:f}:{c}:{classes[c]}".encode() for i in range(len(probs)) for c in top[i]]
 
 
+def answer_tensors(
+    wanted: Sequence[RequestedOutput],
+    tensors: Mapping[str, tuple[str, Any]],
+    probs: np.ndarray,
+    classes: list[str],
+) -> list[tuple[RequestedOutput, str, list[int], Any]]:
+    """The outputs a request asked for, in its order: (output, datatype, shape, values), the
+    classification extension applied. Both fronts encode these (JSON/binary, or gRPC raw)."""
+    n = len(probs)
+    out = []
+    for want in wanted:
+        datatype, values = tensors[want.name]
+        if want.classification:
+            datatype, values = "BYTES", classification(probs, want.classification, classes)
+            shape = [n, want.classification]
+        else:
+            shape = [n, *np.shape(values)[1:]] if datatype != "BYTES" else [n]
+        out.append((want, datatype, shape, values))
+    return out
+
+
+def tensor_bytes(datatype: str, values: Any) -> bytes:
+    """An output's raw little-endian bytes (BYTES: each element length-prefixed)."""
+    return _bytes_blob(values) if datatype == "BYTES" else np.ascontiguousarray(values, "<f4").tobytes()
+
+
 def encode_infer_response(
     model_name: str,
     request: InferRequest,
@@ -440,18 +509,11 @@ def encode_infer_response(
 ) -> tuple[bytes, int | None]:
     """The response body, and the JSON header's length when binary outputs follow it (the value
     of Inference-Header-Content-Length), else None."""
-    n = len(probs)
     outputs, blobs = [], []
-    for want in request.outputs:
-        datatype, values = tensors[want.name]
-        if want.classification:
-            datatype, values = "BYTES", classification(probs, want.classification, classes)
-            shape = [n, want.classification]
-        else:
-            shape = [n, *np.shape(values)[1:]] if datatype != "BYTES" else [n]
+    for want, datatype, shape, values in answer_tensors(request.outputs, tensors, probs, classes):
         entry: dict[str, Any] = {"name": want.name, "datatype": datatype, "shape": shape}
         if want.binary:
-            blob = _bytes_blob(values) if datatype == "BYTES" else np.ascontiguousarray(values, "<f4").tobytes()
+            blob = tensor_bytes(datatype, values)
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:
@@ -468,5 +530,50 @@ def encode_infer_response(
     return b"".join([header, *blobs]), len(header)
 
 
+def response_parameters(result: Any, precision: str, budget_ms: float | None, ignored: list[str]) -> dict[str, Any]:
+    """An answered request's response parameters (a ClassifyResult's summary), for both fronts."""
+    params: dict[str, Any] = {
+        "precision": precision,
+        "budget_met": result.budget_met,
+        "server_time_ms": round(result.server_time_ms, 3),
+        "followups": result.followups,
+        "followups_lost": result.followups_lost,
+        "fallbacks": result.fallbacks,
+    }
+    if budget_ms is not None:
+        params["latency_budget_ms"] = budget_ms
+    if ignored:
+        params["ignored_parameters"] = ",".join(sorted(ignored))
+    return params
+
+
 def _bytes_blob(values: list[bytes]) -> bytes:
     return b"".join(struct.pack("<I", len(v)) + v for v in values)
+
+
+# ------------------------------------------------------------------------------- models by name
+# `service` is a ClassifierService (typed Any: this module imports nothing that serves)
+
+
+def resolve_model(service: Any, name: str, version: str | None) -> str | None:
+    """The model a caller names → None (the logical model, routed) or the pinned variant key.
+    An unknown name or version is a 404 that lists what exists."""
+    if version not in (None, "", VERSION):
+        raise ProtocolError(f"model {name!r} has no version {version!r}; versions: {VERSION}", status=404)
+    if name == service.manifest.model_name:
+        return None
+    for key in service.keys:
+        if service.manifest.variants[key].triton_name == name:
+            return key
+    raise ProtocolError(f"unknown model {name!r}; models: {', '.join(model_names(service))}", status=404)
+
+
+def model_names(service: Any) -> list[str]:
+    """The logical model first, then each served variant by its Triton name."""
+    return [service.manifest.model_name, *(service.manifest.variants[k].triton_name for k in service.keys)]
+
+
+def model_ready(service: Any, variant: str | None) -> bool:
+    if variant is None:
+        return service.ready()
+    return bool(service.routable()[service.keys.index(variant)])

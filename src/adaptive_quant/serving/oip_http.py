@@ -26,7 +26,6 @@ import re
 import time
 import zlib
 from collections.abc import Mapping
-from importlib import metadata
 from typing import Any
 
 import orjson
@@ -43,14 +42,20 @@ from adaptive_quant.serving.hot_path import (
     record_result,
 )
 from adaptive_quant.serving.oip import (
-    VERSION,
+    PLATFORM,
+    SERVER_NAME,
+    SERVER_VERSION,
     ProtocolError,
     encode_infer_response,
     error_json,
     model_config,
     model_metadata,
+    model_names,  # noqa: F401 - part of this front's API, kept importable from here
+    model_ready,
     output_tensors,
     parse_infer_request,
+    resolve_model,
+    response_parameters,
     routing_options,
 )
 
@@ -59,42 +64,12 @@ from adaptive_quant.serving.oip import (
 INFER_PATH = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]*))?/infer$")
 JSON = (b"content-type", b"application/json")
 BINARY = (b"content-type", b"application/octet-stream")
-PLATFORM = "adaptive_quant"
 EXTENSIONS = ["binary_tensor_data", "classification", "parameters"]
 ENCODINGS = ("gzip", "deflate")
-
-try:
-    _VERSION = metadata.version("adaptive-quant")
-except metadata.PackageNotFoundError:  # running from a source tree without an install
-    _VERSION = "0+unknown"
 
 
 def v2_error(status: int, message: str, headers: list[tuple[bytes, bytes]] | None = None) -> Answer:
     return status, [JSON, *(headers or [])], error_json(message)
-
-
-def resolve_model(service: Any, name: str, version: str | None) -> str | None:
-    """The model a caller names → None (the logical model, routed) or the pinned variant key.
-    An unknown name or version is a 404 that lists what exists."""
-    if version not in (None, "", VERSION):
-        raise ProtocolError(f"model {name!r} has no version {version!r}; versions: {VERSION}", status=404)
-    if name == service.manifest.model_name:
-        return None
-    for key in service.keys:
-        if service.manifest.variants[key].triton_name == name:
-            return key
-    raise ProtocolError(f"unknown model {name!r}; models: {', '.join(model_names(service))}", status=404)
-
-
-def model_names(service: Any) -> list[str]:
-    """The logical model first, then each served variant by its Triton name."""
-    return [service.manifest.model_name, *(service.manifest.variants[k].triton_name for k in service.keys)]
-
-
-def model_ready(service: Any, variant: str | None) -> bool:
-    if variant is None:
-        return service.ready()
-    return bool(service.routable()[service.keys.index(variant)])
 
 
 def _decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
@@ -142,18 +117,7 @@ async def infer_request(
         result = await service.classify(request.images, request.x, options, started)
         record_result(service, result, options.budget_ms)
         precision = precision_header(set(result.precisions))
-        params: dict[str, Any] = {
-            "precision": precision,
-            "budget_met": result.budget_met,
-            "server_time_ms": round(result.server_time_ms, 3),
-            "followups": result.followups,
-            "followups_lost": result.followups_lost,
-            "fallbacks": result.fallbacks,
-        }
-        if options.budget_ms is not None:
-            params["latency_budget_ms"] = options.budget_ms
-        if ignored:
-            params["ignored_parameters"] = ",".join(sorted(ignored))
+        params = response_parameters(result, precision, options.budget_ms, ignored)
         body, header_length = encode_infer_response(
             name,
             request,
@@ -241,7 +205,7 @@ async def ready(request: Request) -> Response:
 
 @router.get("/v2", summary="v2: server metadata")
 async def server_metadata() -> Response:
-    return _json({"name": "adaptive-quant", "version": _VERSION, "extensions": EXTENSIONS})
+    return _json({"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": EXTENSIONS})
 
 
 async def _metadata(request: Request, model: str, version: str | None) -> Response:

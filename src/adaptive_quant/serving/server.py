@@ -7,6 +7,7 @@ lifespan closes the backend. This module adds the logs an operator needs to see 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 import time
@@ -36,7 +37,17 @@ class DrainingServer(uvicorn.Server):
         metrics = self.app.state.metrics
         cancelled_before = metrics.value("aq_requests_total", outcome="cancelled")
         t = time.perf_counter()
+        grpc_front = getattr(self.app.state, "grpc", None)
+        # the gRPC front drains alongside HTTP (same timeout), not after it: the lifespan's own
+        # stop, once uvicorn is done, then finds it stopped
+        stopping = (
+            None
+            if grpc_front is None
+            else asyncio.ensure_future(grpc_front.stop(self.config.timeout_graceful_shutdown or 0))
+        )
         await super().shutdown(sockets)
+        if stopping is not None:
+            await stopping
         left = int(metrics.value("aq_requests_total", outcome="cancelled") - cancelled_before)
         if left:
             log.error(

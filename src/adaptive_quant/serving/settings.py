@@ -73,6 +73,16 @@ class ServerSettings(Section):
     # idle timeouts (often 60 s): uvicorn's 5 s closed connections just as clients reused them
     # (seen as resets in bursty load tests with 5 s gaps)
     keep_alive_s: float = Field(75.0, gt=0)
+    # port of the Open Inference Protocol's gRPC front (what tritonclient.grpc calls), on `host`;
+    # 0 = off. Off unless asked for: a second listening port is a deliberate exposure, like
+    # `host`, and gRPC's customary 8001 is Triton's own, the default backend.triton_url here
+    grpc_port: int = Field(0, ge=0, lt=65536)
+
+    @model_validator(mode="after")
+    def _ports_differ(self) -> ServerSettings:
+        if self.grpc_port == self.port:
+            raise FieldError("grpc_port", f"server.grpc_port {self.grpc_port} is also server.port; give gRPC its own")
+        return self
 
     @model_validator(mode="after")
     def _read_key_file(self) -> ServerSettings:
