@@ -111,7 +111,7 @@ def test_a_misspelt_key_of_a_gateway_section_is_still_refused():
         load_settings(environ={"AQ_SERVER__PROT": "9000"})
     assert str(e.value) == (
         "unknown setting 'server.prot' (from AQ_SERVER__PROT); known here: access_log, api_key, "
-        "api_key_file, drain_timeout_s, host, keep_alive_s, log_level, port"
+        "api_key_file, drain_timeout_s, grpc_port, host, keep_alive_s, log_level, port"
     )
 
 
@@ -184,7 +184,10 @@ def test_unknown_yaml_keys_are_refused_with_the_known_ones(tmp_path):
 def test_unknown_set_keys_are_refused_with_the_known_ones():
     with pytest.raises(SettingsError) as e:
         load_settings(overrides=parse_set(["limits.max_instance=3"]), environ={})
-    assert str(e.value) == "unknown setting 'limits.max_instance'; known here: max_instances, max_request_bytes"
+    assert (
+        str(e.value)
+        == "unknown setting 'limits.max_instance'; known here: max_instances, max_request_bytes, max_tensor_request_bytes"
+    )
     with pytest.raises(SettingsError, match=r"--set 'server\.port': expected key\.path=value"):
         parse_set(["server.port"])
 
