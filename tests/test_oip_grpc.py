@@ -16,10 +16,13 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from adaptive_quant.core.images import to_model_input
+from adaptive_quant.core.manifest import load_manifest
 from adaptive_quant.core.stats import softmax
 from adaptive_quant.data import CIFAR10_MEAN, CIFAR10_STD
 from adaptive_quant.serving.app import create_app
+from adaptive_quant.serving.backends.embedded import EmbeddedBackend
 from adaptive_quant.serving.settings import SettingsError, load_settings
+from fake_backends import FakeFlakyBackend
 from gateway_repo import MODEL, build_repo, images, pixels_instance
 from http_server import serve_in_thread
 from prometheus_scrape import metric
@@ -38,14 +41,14 @@ def repo(tmp_path_factory):
     return build_repo(tmp_path_factory.mktemp("repo"))
 
 
-def _serve(repo, **overrides):
+def _serve(repo, backend=None, **overrides):
     """(HTTP base URL, gRPC host:port) of a gateway serving both fronts."""
     port = free_port()
     settings = load_settings(
         overrides={"repository": str(repo), "latency.ewma_alpha": 0.0, "server.grpc_port": port, **overrides},
         environ={},
     )
-    return serve_in_thread(create_app(settings)), f"127.0.0.1:{port}"
+    return serve_in_thread(create_app(settings, backend=backend)), f"127.0.0.1:{port}"
 
 
 @pytest.fixture(scope="module")
@@ -279,6 +282,25 @@ def test_an_api_key_guards_grpc_but_not_its_probes(repo):
         c.close()
     with socket.socket() as sock:  # the lifespan stopped the gRPC server with the HTTP one
         assert sock.connect_ex(("127.0.0.1", int(target.rsplit(":", 1)[1]))) != 0
+
+
+def test_when_no_variant_can_answer_it_is_unavailable_and_then_serves_again(repo):
+    backend = FakeFlakyBackend(EmbeddedBackend(repo, load_manifest(repo)))
+    server, target = _serve(repo, backend=backend, **{"breaker.cooldown_s": 0})
+    with server as url:
+        backend.fail = {"fp32", "fp16", "int8"}
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel := grpc.insecure_channel(target))
+        request = service_pb2.ModelInferRequest(model_name=MODEL, raw_input_contents=[X1.tobytes()])
+        request.inputs.add(name="images", datatype="FP32", shape=[1, 3, 32, 32])
+        with pytest.raises(grpc.RpcError) as err:
+            stub.ModelInfer(request)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "no variant could answer" in err.value.details()
+        assert int(dict(err.value.trailing_metadata())["retry-after"]) >= 1
+        backend.fail = set()
+        assert len(stub.ModelInfer(request).raw_output_contents) == 3  # the outage is over: serving again
+        channel.close()
+        with httpx.Client(base_url=url) as http:
+            assert metric(http, "aq_requests_total", outcome="unavailable") == 1
 
 
 def test_grpc_port_setting():
