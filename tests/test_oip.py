@@ -76,6 +76,7 @@ def test_probes_and_metadata_answer_like_triton(client):
     assert [o["name"] for o in model["outputs"]] == ["logits", "passes", "precision"]
     config = client.get_model_config(MODEL)
     assert config["max_batch_size"] == 64 and config["output"][0]["dims"] == [10]
+    assert [o["data_type"] for o in config["output"]] == ["TYPE_FP32", "TYPE_STRING", "TYPE_STRING"]
     assert client.get_model_metadata(MODEL, model_version="1")["name"] == MODEL
     for call in (lambda: client.get_model_metadata("resnet50"), lambda: client.is_model_ready(MODEL, "7")):
         with pytest.raises(InferenceServerException) as err:

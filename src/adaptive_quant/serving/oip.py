@@ -136,6 +136,11 @@ def model_metadata(manifest: Manifest, name: str, platform: str) -> dict[str, An
     }
 
 
+def config_type(datatype: str) -> str:
+    """A protocol datatype → Triton's model-configuration enum name (BYTES is TYPE_STRING there)."""
+    return "TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}"
+
+
 def model_config(manifest: Manifest, name: str, max_batch_size: int, variant: str | None) -> dict[str, Any]:
     """GET /v2/models/{name}/config, in the shape of Triton's model configuration (JSON): dims
     without the batch dimension, both inputs optional (a request sends one of them)."""
@@ -149,9 +154,10 @@ def model_config(manifest: Manifest, name: str, max_batch_size: int, variant: st
         "platform": "adaptive_quant",
         "max_batch_size": max_batch_size,
         "input": [
-            {"name": t.name, "data_type": f"TYPE_{t.datatype}", "dims": dims(t), "optional": True} for t in tensors_in
+            {"name": t.name, "data_type": config_type(t.datatype), "dims": dims(t), "optional": True}
+            for t in tensors_in
         ],
-        "output": [{"name": t.name, "data_type": f"TYPE_{t.datatype}", "dims": dims(t)} for t in tensors_out],
+        "output": [{"name": t.name, "data_type": config_type(t.datatype), "dims": dims(t)} for t in tensors_out],
         "parameters": {
             "classes": {"string_value": ",".join(manifest.classes)},
             "mean": {"string_value": ",".join(str(v) for v in manifest.mean)},

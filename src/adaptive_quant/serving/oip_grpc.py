@@ -251,9 +251,6 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         variant = await self._model(context, "ModelConfig", request.name, request.version)
         s = self.service
         config = model_config(s.manifest, request.name, s.settings.limits.max_instances, variant)
-        for tensor in (*config["input"], *config["output"]):  # Triton's enum calls BYTES TYPE_STRING
-            if tensor["data_type"] == "TYPE_BYTES":
-                tensor["data_type"] = "TYPE_STRING"
         return service_pb2.ModelConfigResponse(config=json_format.ParseDict(config, model_config_pb2.ModelConfig()))
 
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
