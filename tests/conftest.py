@@ -35,6 +35,22 @@ def smoke_run(tmp_path_factory: pytest.TempPathFactory, smoke_config_path: Path)
     return cfg, result, uri
 
 
+# a fast export: short latency profile, small PTQ calibration, no MLflow registry
+EXPORT_FAST = dict(profile_seconds=0.05, profile_batch_sizes=[1, 8], ptq_calibration_images=64, register=False)
+
+
+@pytest.fixture(scope="session")
+def smoke_export(smoke_run, tmp_path_factory: pytest.TempPathFactory):
+    """(repository, ExportResult) of the smoke run, exported once per session; copy it before changing it."""
+    from adaptive_quant.config import ExportConfig
+    from adaptive_quant.export.pipeline import build_repository
+
+    _, result, _ = smoke_run
+    repo = tmp_path_factory.mktemp("export") / "model_repository"
+    out = build_repository(result.checkpoint, ExportConfig(repository=str(repo), **EXPORT_FAST), tracking=False)
+    return repo, out
+
+
 @pytest.fixture(autouse=True)
 def _no_user_mlflow_env(monkeypatch: pytest.MonkeyPatch) -> None:
     # a developer's MLFLOW_TRACKING_URI must never receive test runs

@@ -11,17 +11,15 @@ from adaptive_quant.core.manifest import ManifestError, load_manifest, sha256_fi
 from adaptive_quant.export import onnx_export
 from adaptive_quant.export import pipeline as export_mod
 from adaptive_quant.export.pipeline import ExportGateError, build_repository
+from conftest import EXPORT_FAST
 
 ONNX_TO_TRITON = {onnx.TensorProto.FLOAT: model_config_pb2.TYPE_FP32}
-FAST = dict(profile_seconds=0.05, profile_batch_sizes=[1, 8], ptq_calibration_images=64, register=False)
+FAST = EXPORT_FAST
 
 
 @pytest.fixture(scope="module")
-def smoke_repo(smoke_run, tmp_path_factory):
-    cfg, result, _ = smoke_run
-    repo = tmp_path_factory.mktemp("export") / "model_repository"
-    out = build_repository(result.checkpoint, ExportConfig(repository=str(repo), **FAST), tracking=False)
-    return repo, out
+def smoke_repo(smoke_export):
+    return smoke_export  # shared with tests/test_export_variant.py, which works on a copy
 
 
 def test_repository_layout_has_every_variant(smoke_repo) -> None:

@@ -255,6 +255,10 @@ class ExportConfig(_Section):
     repository: str = "model_repository"
     # the gate: a variant more than this many accuracy points below FP32 (validation split) is refused
     max_accuracy_drop: float = Field(1.0, ge=0)
+    # the same gate for an extra INT8 variant added to an existing repository (a structurally
+    # pruned network, `aq-export --add-variant`), in points below that repository's FP32: pruning
+    # trades some accuracy for speed on purpose, so it gets its own, wider limit
+    max_pruned_accuracy_drop: float = Field(1.5, ge=0)
     max_batch_size: int = Field(64, ge=1)  # Triton max_batch_size and the gateway's largest batch
     preferred_batch_sizes: list[int] = Field(default_factory=lambda: [8, 32, 64])
     max_queue_delay_us: int = Field(500, ge=0)  # Triton dynamic batching: µs a request may wait for company

@@ -8,6 +8,12 @@ against FP32, latency-profiled with ONNX Runtime, and described in manifest.json
 
 Nothing is published unless every served variant passes the gate (--force overrides it); the
 repository is assembled aside and moved into place only when complete.
+
+A pruned checkpoint becomes an extra, opt-in INT8 variant of an existing repository, gated against
+that repository's FP32 (limit export.max_pruned_accuracy_drop, 1.5 points) and profiled beside its INT8:
+
+  python scripts/export.py --checkpoint runs/prune50/best.pt --repository model_repository --add-variant
+  #   → model_repository/cifar_resnet_int8_pruned50 (the key says the share; --add-variant int8_<tag> names it)
 """
 
 from __future__ import annotations
@@ -22,8 +28,10 @@ from adaptive_quant.config import (
     apply_overrides,
     config_from_dict,
 )
+from adaptive_quant.core.manifest import ManifestError
 from adaptive_quant.data import DataError
 from adaptive_quant.export.pipeline import ExportGateError, build_repository
+from adaptive_quant.export.variant import VariantError, VariantResult, add_variant
 from adaptive_quant.tracking import name_runs_after
 from adaptive_quant.training.checkpoint import CheckpointError, load_checkpoint
 
@@ -47,6 +55,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=["onnxruntime", "python"],
         help="python: also write <repository>_python for the local tritonserver of nvidia-pytriton",
     )
+    p.add_argument(
+        "--add-variant",
+        nargs="?",
+        const="",
+        metavar="KEY",
+        help="add the checkpoint's converted INT8 network to the existing --repository as variant KEY "
+        "(default int8_pruned<share>, from prune.amount) instead of building a repository; opt-in for the gateway",
+    )
     p.add_argument("--force", action="store_true", help="publish even if a variant fails the accuracy gate")
     p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow or register models")
     p.add_argument("--log-level", default="INFO", choices=LOG_LEVELS)
@@ -65,8 +81,21 @@ def main(argv: list[str] | None = None) -> int:
         if args.triton_flavor:
             data["export"] = {**data.get("export", {}), "triton_flavor": args.triton_flavor}
         cfg = config_from_dict(data)
+        if args.add_variant is not None:
+            if not args.repository:
+                raise VariantError("--add-variant needs --repository: the existing repository to add the variant to")
+            added = add_variant(
+                args.checkpoint,
+                args.repository,
+                args.add_variant or None,
+                cfg.export,
+                force=args.force,
+                tracking=not args.no_mlflow,
+            )
+            print_added(added)
+            return 0
         result = build_repository(args.checkpoint, cfg.export, force=args.force, tracking=not args.no_mlflow)
-    except (ConfigError, DataError, CheckpointError, ExportGateError) as exc:
+    except (ConfigError, DataError, CheckpointError, ManifestError, ExportGateError, VariantError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     m = result.manifest
@@ -92,6 +121,26 @@ def main(argv: list[str] | None = None) -> int:
             f"accuracy ORT {m.variants['int8'].val_accuracy:.2%} vs torch {p['int8']['torch_accuracy']:.2%}"
         )
     return 0
+
+
+def print_added(r: VariantResult) -> None:
+    v, g = r.entry, r.gate
+    print(f"\nrepository: {r.repository}: added {v.triton_name} (opt-in: the gateway routes to it only when named)")
+    print(
+        f"val acc {g.accuracy:.2%} (FP32 {r.fp32_val_accuracy:.2%}, drop {g.accuracy_drop:.2f} points), "
+        f"agreement with FP32 {g.agreement_with_fp32:.2%}, {v.size_bytes / 1e3:.1f} KB"
+    )
+    print(f"{'batch':>6}{'p50 ms':>9}{'INT8 p50 ms':>13}{'× INT8':>8}{'img/s':>8}")
+    for b, ratio in r.time_vs_int8.items():
+        print(
+            f"{b:>6}{v.latency.batches[b].p50_ms:>9.3f}{r.int8_latency.batches[b].p50_ms:>13.3f}"
+            f"{ratio:>8.2f}{v.latency.batches[b].throughput:>8.0f}"
+        )
+    p = r.parity
+    print(
+        f"ORT vs torch: max|Δ| {p['max_abs_diff_vs_torch']:.3f}, top-1 agreement {p['top1_agreement_vs_torch']:.2%}, "
+        f"accuracy ORT {g.accuracy:.2%} vs torch {p['torch_accuracy']:.2%}"
+    )
 
 
 if __name__ == "__main__":

@@ -52,6 +52,11 @@ class VariantEntry:
     sha256: str
     size_bytes: int
     served: bool = True  # baselines are exported for reports, not routed to
+    # an extra variant of a precision the repository already has (e.g. "int8_pruned50", a pruned
+    # network added by `aq-export --add-variant`): loaded and listed like any served variant, but
+    # routed to only when the gateway's `variants` setting names it, so adding one never moves
+    # traffic by surprise (the cheapest variant of the lowest precision takes every entry pass)
+    opt_in: bool = False
     val_accuracy: float | None = None  # share, on the validation split
     agreement_with_fp32: float | None = None  # share of validation samples with FP32's top-1
     max_abs_logit_diff: float | None = None  # vs FP32, on the validation split
@@ -95,6 +100,13 @@ class Manifest:
 
     def served_variants(self) -> list[VariantEntry]:
         return [v for v in self.variants.values() if v.served]
+
+    def routed_variants(self, pinned: list[str] | None = None) -> list[VariantEntry]:
+        """The served variants a gateway routes to: those named in `pinned` (its `variants`
+        setting) when given, else every served variant that is not opt-in."""
+        if pinned:
+            return [v for v in self.served_variants() if v.key in pinned]
+        return [v for v in self.served_variants() if not v.opt_in]
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=False)

@@ -228,6 +228,9 @@ def evaluate_repository(repo: str | Path, test: Split, opts: EvalOptions) -> Eva
     x = to_normalized_tensor(test.images).numpy()  # (N, 3, 32, 32) float32, the serving input
     keys = list(manifest.variants)  # served variants and the PTQ baseline
     served_keys = [v.key for v in manifest.served_variants()]
+    # the policy sweep routes over what a default gateway routes to: opt-in variants (a pruned INT8
+    # network) are measured and shown alone, but never taken into routing unless the gateway is told
+    routed_keys = [v.key for v in manifest.routed_variants()]
 
     logits, timings, thr = {}, {}, {}
     for k in tqdm(keys, desc="measure variants", unit="variant", disable=not opts.progress, dynamic_ncols=True):
@@ -254,15 +257,15 @@ def evaluate_repository(repo: str | Path, test: Split, opts: EvalOptions) -> Eva
 
     loaded = load_accuracy_predictor(repo, manifest)
     prior = PriorPredictor.from_manifest(manifest)
-    pred_acc = accuracy_matrix(loaded.predictor, test.images, served_keys, prior)  # (N, S)
+    pred_acc = accuracy_matrix(loaded.predictor, test.images, routed_keys, prior)  # (N, S)
     profiles = {}
-    for k in served_keys:
+    for k in routed_keys:
         q = percentiles(timings[k], (50, 95))
         profiles[k] = LatencyProfile(host={}, batches={"1": LatencyPoint(q["p50"], q["p95"], 0.0)})
-    estimates = router_estimates(profiles, served_keys)
+    estimates = router_estimates(profiles, routed_keys)
     budgets: list[float | None] = [*(opts.budgets or default_budgets(list(estimates))), None]
-    served_cols = [keys.index(k) for k in served_keys]
-    precisions = [manifest.variants[k].precision for k in served_keys]
+    served_cols = [keys.index(k) for k in routed_keys]
+    precisions = [manifest.variants[k].precision for k in routed_keys]
 
     outcomes = Outcomes(keys, correct, lat, throughput, share_budgets=[b for b in budgets if b is not None])
     points = baseline_points(outcomes, logits, served_keys, opts)
@@ -294,7 +297,7 @@ def evaluate_repository(repo: str | Path, test: Split, opts: EvalOptions) -> Eva
             "speed_tolerance": opts.routing.speed_tolerance,
             "accuracy_per_halving": opts.routing.accuracy_per_halving,
         },
-        "router_estimates_ms": {k: float(e) for k, e in zip(served_keys, estimates)},
+        "router_estimates_ms": {k: float(e) for k, e in zip(routed_keys, estimates)},
         "budgets_ms": [b for b in budgets if b is not None],
         "latency_model": LATENCY_MODEL.format(iters=opts.latency_iters),
         "latency_iters": opts.latency_iters,

@@ -52,7 +52,7 @@ class ExportResult:
     parity: dict[str, dict[str, float]] = field(default_factory=dict)  # ORT vs torch, per variant
 
 
-def _model_dir(repo: Path, name: str) -> Path:
+def model_dir(repo: Path, name: str) -> Path:
     return repo / name / "1"
 
 
@@ -64,9 +64,9 @@ def write_variant_files(
     converted = restore_converted_model(payload)
     name, size = cfg.model.name, cfg.data.image_size
     paths = {
-        Precision.FP32.value: _model_dir(repo, triton_model_name(name, Precision.FP32)) / "model.onnx",
-        Precision.FP16.value: _model_dir(repo, triton_model_name(name, Precision.FP16)) / "model.onnx",
-        Precision.INT8.value: _model_dir(repo, triton_model_name(name, Precision.INT8)) / "model.onnx",
+        Precision.FP32.value: model_dir(repo, triton_model_name(name, Precision.FP32)) / "model.onnx",
+        Precision.FP16.value: model_dir(repo, triton_model_name(name, Precision.FP16)) / "model.onnx",
+        Precision.INT8.value: model_dir(repo, triton_model_name(name, Precision.INT8)) / "model.onnx",
     }
     steps = [
         ("fp32", lambda: onnx_export.export_fp32(float_model, paths["fp32"], size)),
@@ -74,7 +74,7 @@ def write_variant_files(
         ("int8", lambda: onnx_export.export_int8(converted, paths["int8"], size)),
     ]
     if cfg.export.ptq_baseline:
-        paths[PTQ_KEY] = _model_dir(repo, f"{name}_{PTQ_KEY}") / "model.onnx"
+        paths[PTQ_KEY] = model_dir(repo, f"{name}_{PTQ_KEY}") / "model.onnx"
         steps.append((PTQ_KEY, lambda: onnx_export.export_ptq_int8(paths["fp32"], paths[PTQ_KEY], calibration)))
     for key, step in tqdm(steps, desc="export ONNX", unit="variant", dynamic_ncols=True):
         t = time.perf_counter()
@@ -83,7 +83,7 @@ def write_variant_files(
     return paths, {"fp32": float_model, "int8": converted}
 
 
-def _spec(cfg: ExperimentConfig, name: str) -> TritonModelSpec:
+def triton_spec(cfg: ExperimentConfig, name: str) -> TritonModelSpec:
     e = cfg.export
     return TritonModelSpec(
         name=name,
@@ -134,7 +134,7 @@ def build_repository(
             from adaptive_quant.export.plans import fit_router
 
             result.manifest = fit_router(work, data.val, e.plans, entry="int8", threads=e.ort_threads).manifest
-        _publish(work, target)
+        publish_repository(work, target)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
@@ -206,7 +206,7 @@ def _validate_profile_describe(
     variants: dict[str, VariantEntry] = {}
     for k, path in paths.items():
         tname = path.parent.parent.name
-        (path.parent.parent / "config.pbtxt").write_text(render_config(_spec(cfg, tname)))
+        (path.parent.parent / "config.pbtxt").write_text(render_config(triton_spec(cfg, tname)))
         g = gates[k]
         variants[k] = VariantEntry(
             key=k,
@@ -243,7 +243,7 @@ def _validate_profile_describe(
     return ExportResult(repository=repo, manifest=manifest, gates=gates, parity=parity)
 
 
-def _publish(work: Path, target: Path) -> None:
+def publish_repository(work: Path, target: Path) -> None:
     """Swap the finished repository into place; the old one is removed only after the swap."""
     old = None
     if target.exists():

@@ -116,9 +116,9 @@ class ClassifierService:
         self.predictor = predictor
         self.prior = PriorPredictor.from_manifest(manifest)
         self.metrics = metrics
-        served = manifest.served_variants()
-        if settings.variants:  # pinned to a subset (benchmarks, or a variant taken out by config)
-            served = [v for v in served if v.key in settings.variants]
+        # pinned to a subset (benchmarks, a variant taken out by config, an opt-in variant such as
+        # a pruned INT8 network taken in), else every served variant but the opt-in ones
+        served = manifest.routed_variants(settings.variants)
         self.keys = [v.key for v in served]  # column order everywhere below
         self.precisions = [Precision(v.precision) for v in served]
         self.ranks = np.array([p.rank for p in self.precisions])  # (V,)

@@ -209,7 +209,8 @@ class ServeSettings(BaseSettings):
     )
 
     repository: str = "model_repository"
-    # manifest keys to route among (e.g. [int8] to pin one precision); empty = every served variant
+    # manifest keys to route among (e.g. [int8] to pin one precision; [int8_pruned50, fp32] to take an
+    # opt-in pruned INT8 variant in as the entry pass); empty = every served variant but the opt-in ones
     variants: Annotated[list[str], BeforeValidator(_comma_list)] = Field(default_factory=list)
     server: ServerSettings = Field(default_factory=ServerSettings)
     backend: BackendSettings = Field(default_factory=BackendSettings)
