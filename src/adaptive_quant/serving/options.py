@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from adaptive_quant.core.precision import Precision
 from adaptive_quant.core.routing import Priority
@@ -43,22 +44,22 @@ def parse_budget(raw: object, name: str = "X-Latency-Budget-Ms") -> float:
     return budget
 
 
-def parse_priority(raw: object, name: str = "X-Priority") -> Priority:
+def _parse_choice(cls: type[Priority] | type[Precision], raw: object, name: str) -> Any:
+    """A string naming one member of `cls` (Priority, Precision), case-insensitive; else a 422 naming `name`."""
     try:
         if not isinstance(raw, str):
-            raise ValueError(f"expected a string, got {raw!r}; accepted: {', '.join(p.value for p in Priority)}")
-        return Priority.parse(raw)
+            raise ValueError(f"expected a string, got {raw!r}; accepted: {', '.join(p.value for p in cls)}")
+        return cls.parse(raw)
     except ValueError as exc:
         raise InputError(f"{name}: {exc}") from None
+
+
+def parse_priority(raw: object, name: str = "X-Priority") -> Priority:
+    return _parse_choice(Priority, raw, name)
 
 
 def parse_floor(raw: object, name: str = "X-Min-Precision") -> Precision:
-    try:
-        if not isinstance(raw, str):
-            raise ValueError(f"expected a string, got {raw!r}; accepted: {', '.join(p.value for p in Precision)}")
-        return Precision.parse(raw)
-    except ValueError as exc:
-        raise InputError(f"{name}: {exc}") from None
+    return _parse_choice(Precision, raw, name)
 
 
 def parse_options(headers: Mapping[str, str], default_priority: Priority) -> ClassifyOptions:
