@@ -380,6 +380,19 @@ def test_the_v2_protocol_front_is_driven_side_by_side_with_v1(gateway_url, tmp_p
     assert v2["accuracy"] == v1["accuracy"] and v2["variant_mix"] == v1["variant_mix"]
 
 
+def test_a_calibrated_budget_is_sent_to_every_compare_target(gateway_url, tmp_path):
+    rc, results, _ = run_script(
+        gateway_url,
+        tmp_path,
+        *("--compare", f"other={gateway_url}", "--calibrate", "--budget", "calibrated:2", "--concurrency", "2"),
+        *("--duration", "0.5", "--warmup", "0", "--max-requests", "8", "--images", "8", "--no-plot"),
+    )
+    assert rc == 0
+    resolved = results["calibration"]["resolved_budget"]
+    assert results["phases"]["adaptive"]["budget_spec"] == resolved
+    assert results["compare"]["other"]["phases"]["adaptive"]["budget_spec"] == resolved
+
+
 def test_a_v2_calibrate_url_is_refused():
     with pytest.raises(LoadTestConfigError, match="calibrate-url"):
         LoadTestConfig(calibrate=True, calibrate_url="v2+http://127.0.0.1:8000")

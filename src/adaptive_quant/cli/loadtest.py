@@ -289,9 +289,10 @@ def main(argv: list[str] | None = None) -> int:
         runs = {args.name: run_loadtest(cfg, workload)}  # cfg.url is --url; calibration, if asked, runs here
         budget = runs[args.name].calibration and runs[args.name].calibration["resolved_budget"]
         for name, url in list(targets.items())[1:]:  # the same budget, schedule and images
-            other = replace(cfg, url=url, calibrate=False, calibrate_url=None)
-            if budget:
-                other = replace(other, budget=parse_budget(budget))
+            # one replace: the calibrated budget spec is valid only with calibrate, so the resolved
+            # budget must arrive in the same step as calibrate=False
+            resolved = parse_budget(budget) if budget else cfg.budget
+            other = replace(cfg, url=url, calibrate=False, calibrate_url=None, budget=resolved)
             runs[name] = run_loadtest(other, workload)
     except (GatewayError, CalibrationError) as exc:
         print(f"error: {exc}", file=sys.stderr)
