@@ -25,7 +25,7 @@ import gzip
 import re
 import time
 import zlib
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import orjson
@@ -284,54 +284,41 @@ _INFER_BODY = {
 }
 
 
-@router.get("/v2/models/{model}", summary="v2: model metadata", responses=_ERRORS)  # type: ignore[arg-type]
-async def metadata_latest(request: Request, model: str) -> Response:
-    return await _metadata(request, model, None)
+Handler = Callable[[Request, str, "str | None"], Awaitable[Response]]  # request, model, version (None: latest)
 
 
-@router.get("/v2/models/{model}/versions/{version}", summary="v2: model metadata", responses=_ERRORS)  # type: ignore[arg-type]
-async def metadata_version(request: Request, model: str, version: str) -> Response:
-    return await _metadata(request, model, version)
+def _per_model(method: str, suffix: str, handler: Handler, summary: str, **kw: Any) -> None:
+    """Serve `handler` at /v2/models/{model}<suffix> and .../versions/{version}<suffix>, as Triton does."""
+
+    async def latest(request: Request, model: str) -> Response:
+        return await handler(request, model, None)
+
+    async def versioned(request: Request, model: str, version: str) -> Response:
+        return await handler(request, model, version)
+
+    name = handler.__name__.lstrip("_")
+    for path, endpoint, tail in (("", latest, "latest"), ("/versions/{version}", versioned, "version")):
+        router.add_api_route(
+            f"/v2/models/{{model}}{path}{suffix}",
+            endpoint,
+            methods=[method],
+            summary=summary,
+            name=f"v2_{name}_{tail}",
+            **kw,
+        )
 
 
-@router.get("/v2/models/{model}/ready", summary="v2: model ready", responses=_ERRORS)  # type: ignore[arg-type]
-async def ready_latest(request: Request, model: str) -> Response:
-    return await _ready(request, model, None)
-
-
-@router.get("/v2/models/{model}/versions/{version}/ready", summary="v2: model ready", responses=_ERRORS)  # type: ignore[arg-type]
-async def ready_version(request: Request, model: str, version: str) -> Response:
-    return await _ready(request, model, version)
-
-
-@router.get("/v2/models/{model}/config", summary="v2: model configuration", responses=_ERRORS)  # type: ignore[arg-type]
-async def config_latest(request: Request, model: str) -> Response:
-    return await _config(request, model, None)
-
-
-@router.get("/v2/models/{model}/versions/{version}/config", summary="v2: model configuration", responses=_ERRORS)  # type: ignore[arg-type]
-async def config_version(request: Request, model: str, version: str) -> Response:
-    return await _config(request, model, version)
-
-
-@router.post(
-    "/v2/models/{model}/infer",
-    summary="v2: inference, routed per sample (parameters latency_budget_ms, priority, min_precision)",
-    responses=_INFER_ERRORS,  # type: ignore[arg-type]
+_per_model("GET", "", _metadata, "v2: model metadata", responses=_ERRORS)
+_per_model("GET", "/ready", _ready, "v2: model ready", responses=_ERRORS)
+_per_model("GET", "/config", _config, "v2: model configuration", responses=_ERRORS)
+_per_model(
+    "POST",
+    "/infer",
+    _infer,
+    "v2: inference, routed per sample (parameters latency_budget_ms, priority, min_precision)",
+    responses=_INFER_ERRORS,
     openapi_extra=_INFER_BODY,
 )
-async def infer_latest(request: Request, model: str) -> Response:
-    return await _infer(request, model, None)
-
-
-@router.post(
-    "/v2/models/{model}/versions/{version}/infer",
-    summary="v2: inference of one version",
-    responses=_INFER_ERRORS,  # type: ignore[arg-type]
-    openapi_extra=_INFER_BODY,
-)
-async def infer_version(request: Request, model: str, version: str) -> Response:
-    return await _infer(request, model, version)
 
 
 @router.api_route(
