@@ -149,14 +149,18 @@ def shape_answer(service: Any, result: Any, budget_ms: float | None, started: fl
         "followups_lost": result.followups_lost,  # follow-up passes cut at the deadline or failed
     }
     out = orjson.dumps(body)
-    server_ms = (time.perf_counter() - started) * 1e3  # includes shaping the answer
-    headers = [
-        JSON,
+    return 200, [JSON, *answer_headers(precision, result.budget_met, started)], out
+
+
+def answer_headers(precision: str, budget_met: bool, started: float) -> list[tuple[bytes, bytes]]:
+    """X-Precision, X-Budget-Met and X-Server-Time-Ms (ms since `started`, shaping the answer
+    included): every HTTP front's answer carries them."""
+    server_ms = (time.perf_counter() - started) * 1e3
+    return [
         (b"x-precision", precision.encode()),
-        (b"x-budget-met", b"true" if result.budget_met else b"false"),
+        (b"x-budget-met", b"true" if budget_met else b"false"),
         (b"x-server-time-ms", f"{server_ms:.3f}".encode()),
     ]
-    return 200, headers, out
 
 
 # ---------------------------------------------------------------------------- the raw ASGI front

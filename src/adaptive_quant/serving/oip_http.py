@@ -36,6 +36,7 @@ from adaptive_quant.serving.errors import InputError, PayloadTooLarge
 from adaptive_quant.serving.hot_path import (
     Answer,
     ReadBody,
+    answer_headers,
     asgi_body_reader,
     guarded,
     precision_header,
@@ -133,13 +134,7 @@ async def infer_request(
         if enc is not None:
             body = gzip.compress(body, 1) if enc == "gzip" else zlib.compress(body, 1)
             out.append((b"content-encoding", enc.encode()))
-        server_ms = (time.perf_counter() - started) * 1e3
-        out += [
-            (b"x-precision", precision.encode()),
-            (b"x-budget-met", b"true" if result.budget_met else b"false"),
-            (b"x-server-time-ms", f"{server_ms:.3f}".encode()),
-        ]
-        return 200, out, body
+        return 200, out + answer_headers(precision, result.budget_met, started), body
 
     return await guarded(service, started, work, v2_error)
 
