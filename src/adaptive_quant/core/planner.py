@@ -20,6 +20,7 @@ size), so the price means the same on a CPU and a GPU; extra_ms is absolute and 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -134,22 +135,50 @@ def _plan_one(
 ) -> PlanDecision:
     """`plan_followups` for N = 1, scalar remaining budget and (P,) extra_ms: identical decisions."""
     row = acc[0].tolist()
-    p = len(row)
     cost, ms, ok = list(map(float, extra_cost)), list(map(float, extra_ms)), [bool(a) for a in allowed]
+    index, predicted = plan_one(row, cost, ms, ok, remaining_ms, priority, config, load)
+    return PlanDecision(index=np.array([index], dtype=np.int64), predicted=np.array([predicted]))
+
+
+def plan_one(
+    row: list[float],
+    cost: list[float],
+    ms: list[float],
+    ok: list[bool],
+    remaining_ms: float | None,
+    priority: Priority,
+    config: PlannerConfig,
+    load: float = 0.0,
+) -> tuple[int, float]:
+    """The rule of `plan_followups` for one sample over P plain Python floats: (plan index, its
+    predicted p(right)). The gateway's one-image path calls it straight, with no NumPy at all:
+    NumPy's ~1 µs per call on (1, P) arrays was most of the vectorised path's cost at N = 1."""
+    p = len(row)
     if not (len(cost) == len(ms) == len(ok) == p) or p < 1:
         raise ValueError(
             f"extra_cost, extra_ms and allowed must be ({p},) like pred_acc's row; "
             f"got {len(cost)}, {len(ms)}, {len(ok)} (column 0 = none)"
         )
-    price = config.followup_price * (1.0 + config.load_price * max(0.0, load))
-    left = None if remaining_ms is None else float(remaining_ms)
-    scores = [-np.inf] * p
-    for j in range(p):
-        if j == 0 or (ok[j] and (left is None or config.slack * ms[j] <= left)):
-            scores[j] = row[j] if priority is Priority.QUALITY else row[j] - price * cost[j]
-    best = max(scores)
+    # quality ranks by predicted accuracy alone: a zero price
+    price = 0.0 if priority is Priority.QUALITY else config.followup_price * (1.0 + config.load_price * max(0.0, load))
+    left = math.inf if remaining_ms is None else float(remaining_ms)
+    slack = config.slack
+    best = row[0] - price * cost[0]  # "none": always feasible
+    scores = [best]
+    for j in range(1, p):
+        if ok[j] and slack * ms[j] <= left:
+            score = row[j] - price * cost[j]
+            if score > best:
+                best = score
+        else:
+            score = -math.inf
+        scores.append(score)
     # among equally good plans, the cheapest; the first of equal costs (argmin's rule)
-    index = min((j for j in range(p) if scores[j] >= best - _TIE), key=lambda j: (cost[j], j))
+    good = best - _TIE
+    index, low = 0, math.inf
+    for j in range(p):
+        if scores[j] >= good and cost[j] < low:
+            index, low = j, cost[j]
     if priority is Priority.SPEED and row[index] - row[0] < config.speed_tolerance - _TIE:
         index = 0
-    return PlanDecision(index=np.array([index], dtype=np.int64), predicted=np.array([row[index]]))
+    return index, row[index]

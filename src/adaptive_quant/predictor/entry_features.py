@@ -107,12 +107,14 @@ def features_one(values: list[float]) -> list[float]:
     c = len(values)
     k = min(c, TOP_K)
     m = max(values)
-    ex = [math.exp(v - m) for v in values]
-    total = math.fsum(ex)  # ≥ 1
+    exp = math.exp
+    ex = [exp(v - m) for v in values]
+    total = sum(ex)  # ≥ 1 (the max contributes exp(0))
     inv = 1.0 / total
-    top = sorted(ex, reverse=True)[:k]
-    top = [e * inv for e in top]
+    top = [e * inv for e in sorted(ex, reverse=True)[:k]]
     log_total = math.log(total)
-    expected = math.fsum([e * (v - m) for e, v in zip(ex, values)]) * inv
-    entropy = min(1.0, max(0.0, (log_total - expected) / math.log(c)))
+    # E_p[z − m] = E_p[z] − m, as Σ p = 1: one subtraction instead of C
+    expected = sum([e * v for e, v in zip(ex, values)]) * inv - m
+    entropy = (log_total - expected) / math.log(c)
+    entropy = 0.0 if entropy < 0.0 else 1.0 if entropy > 1.0 else entropy  # rounding can step outside [0, 1]
     return [*top, top[0] - top[1], entropy, -log_total]
