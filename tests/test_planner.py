@@ -61,14 +61,55 @@ def test_load_raises_the_price_so_follow_ups_are_shed_first(problem, load, more)
 
 
 @settings(max_examples=200, deadline=None)
-@given(problems())
-def test_one_sample_requests_get_the_same_decision_as_the_vectorised_rule(problem):
+@given(problems(), st.booleans())
+def test_one_sample_requests_get_the_same_decision_as_the_vectorised_rule(problem, with_prior):
     acc, cost, ms, allowed, remaining, load = problem
+    prior = np.random.default_rng(len(acc)).uniform(0.85, 0.92, acc.shape[1]) if with_prior else None
     for priority in Priority:
-        batch = plan_followups(acc, cost, ms, allowed, remaining, priority, CFG, load)  # N >= 1, vectorised
+        batch = plan_followups(acc, cost, ms, allowed, remaining, priority, CFG, load, prior)  # vectorised
         for i in range(len(acc)):  # each row alone takes the scalar path
-            one = plan_followups(acc[i : i + 1], cost, ms, allowed, remaining, priority, CFG, load)
+            one = plan_followups(acc[i : i + 1], cost, ms, allowed, remaining, priority, CFG, load, prior)
             assert one.index.tolist() == [batch.index[i]] and one.predicted[0] == batch.predicted[i]
+
+
+@settings(max_examples=150, deadline=None)
+@given(problems())
+def test_quality_ties_go_to_the_plan_more_accurate_on_validation(problem):
+    """quality with a prior: the chosen plan is predicted within quality_tie of the best feasible
+    one, and no feasible plan that is as close has a higher validation accuracy."""
+    acc, cost, ms, allowed, remaining, load = problem
+    prior = np.random.default_rng(acc.shape[1]).uniform(0.85, 0.92, acc.shape[1])
+    d = plan_followups(acc, cost, ms, allowed, remaining, Priority.QUALITY, CFG, load, prior)
+    ok = allowed.copy()
+    ok[0] = True
+    feasible = ok & (True if remaining is None else CFG.slack * ms <= remaining)
+    feasible[0] = True
+    best = np.where(feasible, acc, -np.inf).max(axis=1)
+    assert (d.predicted >= best - CFG.quality_tie - 1e-12).all()
+    tied = feasible & (acc >= best[:, None] - CFG.quality_tie)
+    assert (prior[d.index] >= np.where(tied, prior, -np.inf).max(axis=1) - 1e-9).all()
+    balanced = plan_followups(acc, cost, ms, allowed, remaining, Priority.BALANCED, CFG, load, prior)
+    assert (d.predicted >= balanced.predicted - CFG.quality_tie - 1e-12).all()
+
+
+def test_quality_spends_compute_on_a_confident_sample_only_when_the_validation_prior_says_it_pays():
+    # a confident sample: the router sees 0.2 points between none and a flip, less than it resolves
+    acc = np.array([[0.980, 0.978, 0.979]])
+    cost, ms = np.array([0.0, 1.0, 3.7]), np.array([0.0, 1.0, 3.0])
+    prior = np.array([0.8923, 0.8987, 0.8942])  # validation: none, int8:hflip, fp32 (every sample)
+    q = plan_followups(acc, cost, ms, np.ones(3, bool), None, Priority.QUALITY, CFG, 0.0, prior)
+    assert q.index.tolist() == [1]  # the flip, which is the most accurate plan on validation
+    plain = plan_followups(acc, cost, ms, np.ones(3, bool), None, Priority.QUALITY, CFG)
+    assert plain.index.tolist() == [0]  # no prior: the prediction alone, and "none" is highest
+    off = PlannerConfig(quality_tie=0.0)
+    assert plan_followups(acc, cost, ms, np.ones(3, bool), None, Priority.QUALITY, off, 0.0, prior).index.tolist() == [
+        0
+    ]
+    clear = np.array([[0.50, 0.56, 0.53]])  # an unsure sample: the router's 6 points decide, not the prior
+    assert plan_followups(
+        clear, cost, ms, np.ones(3, bool), None, Priority.QUALITY, CFG, 0.0, prior
+    ).index.tolist() == [1]
+    assert plan_followups(acc, cost, ms, np.ones(3, bool), 0.5, Priority.QUALITY, CFG, 0.0, prior).index.tolist() == [0]
 
 
 def test_a_follow_up_runs_where_it_is_predicted_to_pay_and_not_elsewhere():

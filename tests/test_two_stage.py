@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from adaptive_quant.core.manifest import load_manifest
+from adaptive_quant.core.manifest import PlanEntry, load_manifest, save_manifest
 from adaptive_quant.data import make_synthetic
 from adaptive_quant.export.plans import fit_router
 from adaptive_quant.serving.app import create_app
@@ -152,3 +152,27 @@ def test_a_router_fitted_by_the_exporter_is_served_from_the_manifest(tmp_path):
         status = client.get("/v1/status").json()["router"]
         assert not status["two_stage"] and "sha256" in status["summary"]
         assert classify(client, images(1)).json()["predictions"][0]["passes"] == ["int8"]
+
+
+def test_quality_breaks_a_near_tie_by_the_plans_validation_accuracy(tmp_path):
+    """The router sees 0.2 points between the plans of a confident sample, less than it resolves
+    (planner.quality_tie): quality then runs the plan that was more accurate on validation, as the
+    manifest records it; balanced does not pay a pass for 0.2 points."""
+    repo = build_repo(tmp_path / "repo")
+    manifest = load_manifest(repo)
+    manifest.plans = [
+        PlanEntry(name=name, passes=[name], entry="int8", val_accuracy=acc)
+        for name, acc in (("int8:hflip", 0.8987), ("fp32", 0.8944), ("fp32:hflip", 0.9004))
+    ]
+    manifest.router = {"val_entry_accuracy": 0.8923}
+    save_manifest(repo, manifest)
+    router = FakePlanRouter(none=0.980, int8__hflip=0.978, fp32=0.979, fp32__hflip=0.977)
+    imgs = images(2, seed=11)
+    with serve(repo, router=router) as client:
+        quality = classify(client, imgs, X_Priority="quality").json()
+        balanced = classify(client, imgs).json()
+    assert [p["passes"] for p in quality["predictions"]] == [["int8", "fp32:hflip"]] * 2
+    assert [p["passes"] for p in balanced["predictions"]] == [["int8"]] * 2
+    with serve(repo, router=router, **{"planner.quality_tie": 0.0}) as client:  # the rule off: the prediction alone
+        off = classify(client, imgs, X_Priority="quality").json()
+    assert [p["passes"] for p in off["predictions"]] == [["int8"]] * 2

@@ -61,7 +61,13 @@ def bench_routing(settings: ServeSettings, iterations: int = 3000) -> dict[str, 
         # two-stage: the routing cost is the router reading the entry logits + the planner. The
         # logits are drawn once (their values do not change the work); the entry pass itself is
         # backend compute, measured by the overhead part
-        stage = FollowupStage(router.predictor, keys, [Precision(v.precision) for v in served], settings.planner)
+        stage = FollowupStage(
+            router.predictor,
+            keys,
+            [Precision(v.precision) for v in served],
+            settings.planner,
+            manifest.plan_accuracies(router.predictor.plan_names),
+        )
         entry = manifest.router["entry"]
         routable = dict.fromkeys(keys, True)
         pool = np.random.default_rng(0).normal(0.0, 3.0, (256, len(manifest.classes))).astype(np.float32)

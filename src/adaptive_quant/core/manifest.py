@@ -98,6 +98,18 @@ class Manifest:
     created_at: str = ""
     schema_version: int = SCHEMA_VERSION
 
+    def plan_accuracies(self, plan_names: list[str]) -> list[float] | None:
+        """Each plan's accuracy on the validation split when every sample gets it, in `plan_names`'
+        order ("none": the entry pass alone), as the exporter measured them; None when one is
+        missing (a repository written before the plans carried it). Names as the router spells
+        them (core.plans.Plan.name): 'int8:hflip', 'fp32', 'int8:hflip+fp32:hflip'."""
+        measured: dict[str, float | None] = {e.name: e.val_accuracy for e in self.plans}
+        measured["none"] = (self.router or {}).get("val_entry_accuracy")
+        values = [measured.get(name) for name in plan_names]
+        if any(v is None for v in values):
+            return None
+        return [float(v) for v in values if v is not None]
+
     def served_variants(self) -> list[VariantEntry]:
         return [v for v in self.variants.values() if v.served]
 

@@ -152,6 +152,25 @@ def random_escalation(rec: Recorded, plan: str, rate: float, seed: int = 0, draw
     return TwoStagePoint("random", f"{plan} @{rate:.1%}", float(np.mean(accs)), 1.0 + cost * rate, rate)
 
 
+def router_choice(
+    rec: Recorded,
+    pred_acc: np.ndarray,
+    priority: Priority,
+    config: PlannerConfig,
+    budget_ms: float | None = None,
+    prior: Sequence[float] | None = None,
+) -> np.ndarray:
+    """(N,) the plan column the gateway's planner gives each sample of one-image requests on an idle
+    server (load 0) under `budget_ms` (None: no budget), every plan allowed.
+
+    `prior`: the plans' validation accuracies (Manifest.plan_accuracies), as the gateway passes
+    them: they break quality's ties. Never the recorded split's own accuracies."""
+    remaining = None if budget_ms is None else budget_ms - rec.pass_ms[rec.entry]
+    allowed = np.ones(len(rec.plans), dtype=bool)
+    d = plan_followups(pred_acc, rec.extra_cost(), rec.extra_ms(), allowed, remaining, priority, config, 0.0, prior)
+    return d.index
+
+
 def router_points(
     rec: Recorded,
     pred_acc: np.ndarray,
@@ -159,25 +178,34 @@ def router_points(
     prices: Sequence[float],
     config: PlannerConfig,
     budgets_ms: Sequence[float | None] = (None,),
+    prior: Sequence[float] | None = None,
 ) -> list[TwoStagePoint]:
-    """The planner over the router's predictions, per priority × price × budget (idle server: load 0)."""
+    """`router_choice` per priority × price × budget, scored on the recorded outcomes."""
     ok = rec.correct()
-    cost, ms = rec.extra_cost(), rec.extra_ms()
-    allowed = np.ones(len(rec.plans), dtype=bool)
+    ms = rec.extra_ms()
     entry_ms = rec.pass_ms[rec.entry]
     out = []
     for budget in budgets_ms:
-        remaining = None if budget is None else budget - entry_ms
         for priority in priorities:
             for price in prices if priority is not Priority.QUALITY else prices[:1]:
                 cfg = config.model_copy(update={"followup_price": price})
-                d = plan_followups(pred_acc, cost, ms, allowed, remaining, priority, cfg)
+                index = router_choice(rec, pred_acc, priority, cfg, budget, prior)
                 label = priority.value if priority is Priority.QUALITY else f"{priority.value} price={price:g}"
                 if budget is not None:
                     label += f" budget={budget:g}ms"
-                latency = float(entry_ms + ms[d.index].mean())
-                out.append(_point("router", label, rec, ok, d.index, latency_ms=latency))
+                latency = float(entry_ms + ms[index].mean())
+                out.append(_point("router", label, rec, ok, index, latency_ms=latency))
     return out
+
+
+def random_assignment(rec: Recorded, index: np.ndarray, seed: int = 0, draws: int = 50) -> float:
+    """Accuracy when the same plans as `index` (N,) are given to randomly chosen samples: the same
+    escalation rate and plan mix, hence the same compute, without the router's choice of who gets
+    them (mean over `draws` seeded shuffles)."""
+    ok = rec.correct()
+    rng = np.random.default_rng(seed)
+    rows = np.arange(len(index))
+    return float(np.mean([ok[rows, rng.permutation(index)].mean() for _ in range(draws)]))
 
 
 def oracle(rec: Recorded) -> TwoStagePoint:

@@ -68,7 +68,10 @@ class FollowupStage:
         keys: Sequence[str],
         precisions: Sequence[Precision],
         config: PlannerConfig,
+        prior: Sequence[float] | None = None,
     ) -> None:
+        """`prior`: each plan's validation accuracy in the router's column order (`plan_prior`),
+        which breaks quality's ties (core.planner); None: ties go to the cheaper plan."""
         if not router.plan_names or router.plan_names[0] != NONE:
             raise ValueError(f"the router's first plan column must be {NONE!r}, got {router.plan_names[:1]}")
         self.router = router
@@ -76,6 +79,10 @@ class FollowupStage:
         self.keys = list(keys)
         self.precision = dict(zip(keys, precisions))
         self.config = config
+        if prior is not None and len(prior) != len(router.plan_names):
+            raise ValueError(f"prior must give one accuracy per plan {router.plan_names}; got {len(prior)}")
+        self.prior = None if prior is None else [float(v) for v in prior]
+        self._prior_array = None if prior is None else np.asarray(self.prior)
         known = set(keys)
         # plans over variants this service does not serve (pinned to a subset) are never allowed
         self._servable = np.array([p.variants <= known for p in self.plans])
@@ -138,7 +145,9 @@ class FollowupStage:
             return self._decide_one(entry, entry_logits, allowed, remaining_ms, priority, estimator)
         acc = self.router.predict(entry_logits)  # (N, P)
         cost, ms = self.price(entry, n, estimator)
-        return plan_followups(acc, cost, ms, allowed, remaining_ms, priority, self.config, estimator.load())
+        return plan_followups(
+            acc, cost, ms, allowed, remaining_ms, priority, self.config, estimator.load(), self._prior_array
+        )
 
     def _decide_one(
         self,
@@ -163,7 +172,7 @@ class FollowupStage:
         now = estimator.estimates_ms(self.keys, 1)
         ms = [sum([now[v] for v in passes]) for passes in self._pass_index]
         index, predicted = plan_one(
-            row, cost, ms, allowed.tolist(), remaining_ms, priority, self.config, estimator.load()
+            row, cost, ms, allowed.tolist(), remaining_ms, priority, self.config, estimator.load(), self.prior
         )
         return PlanDecision(index=self._index_one[index], predicted=np.array([predicted]))
 

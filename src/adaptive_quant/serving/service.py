@@ -48,7 +48,12 @@ from adaptive_quant.predictor.runtime import LoadedPredictor, PriorPredictor, ac
 from adaptive_quant.serving.backends.base import Backend
 from adaptive_quant.serving.decode import decode_instances
 from adaptive_quant.serving.errors import InputError, ServiceUnavailable
-from adaptive_quant.serving.followup import FollowupStage, LoadedRouter, RouterPredictor, highest_precision
+from adaptive_quant.serving.followup import (
+    FollowupStage,
+    LoadedRouter,
+    RouterPredictor,
+    highest_precision,
+)
 from adaptive_quant.serving.metrics import GatewayMetrics
 from adaptive_quant.serving.options import ClassifyOptions
 from adaptive_quant.serving.profiling import ProfileInfo, profile_on_host
@@ -133,7 +138,13 @@ class ClassifierService:
         self.memory_controller = None  # a gateway.memory_control.MemoryController when memory.enabled
         metrics.declare_variants(self.keys)
         # two-stage routing when the repository ships a router (see the module docstring)
-        self.followup = FollowupStage(router, self.keys, self.precisions, settings.planner) if router else None
+        self.followup = (
+            FollowupStage(
+                router, self.keys, self.precisions, settings.planner, manifest.plan_accuracies(router.plan_names)
+            )
+            if router
+            else None
+        )
         # what /v1/status says about it; create_app replaces it with what load_router found
         self.router_info = LoadedRouter(router, "given to the service" if router else "none: single-stage", {})
         if self.followup is not None:
