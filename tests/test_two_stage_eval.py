@@ -20,7 +20,9 @@ from adaptive_quant.evaluation.two_stage import (
     confidence_cascade,
     fixed_plans,
     oracle,
+    random_assignment,
     random_escalation,
+    router_choice,
     router_points,
 )
 from adaptive_quant.evaluation.two_stage_report import evaluate_two_stage, write_two_stage
@@ -65,6 +67,20 @@ def test_the_router_points_use_the_planner_and_respect_budgets():
     assert balanced.accuracy == 0.75 and balanced.escalated == 0.25 and balanced.compute == 1.25
     [tight] = router_points(rec, pred, [Priority.BALANCED], [0.01], PlannerConfig(), budgets_ms=[1.5])
     assert tight.escalated == 0.0 and tight.accuracy == 0.5  # 1 ms entry + 1 ms flip > 1.5 ms
+
+
+def test_quality_ties_follow_the_validation_prior_and_random_assignment_keeps_the_plan_mix():
+    rec = hand_recorded()
+    # confident samples: the router sees a hair between the plans; an unsure one it resolves
+    pred = np.array([[0.990, 0.985, 0.986], [0.990, 0.985, 0.986], [0.4, 0.9, 0.4], [0.40, 0.41, 0.40]])
+    plain = router_choice(rec, pred, Priority.QUALITY, PlannerConfig())
+    assert plain.tolist() == [0, 0, 1, 1]  # no prior: the highest prediction
+    prior = [0.50, 0.75, 0.50]  # the flip plan is the most accurate on validation
+    tied = router_choice(rec, pred, Priority.QUALITY, PlannerConfig(), prior=prior)
+    assert tied.tolist() == [1, 1, 1, 1]  # ties within 0.01 go to the flip; sample 2's 0.5 lead stands
+    # random assignment of [none, none, flip, flip]: sample 2 gets the flip in half the shuffles
+    assert 0.55 < random_assignment(rec, plain, draws=400) < 0.70
+    assert random_assignment(rec, tied) == 0.75  # every sample escalated: nothing left to chance
 
 
 def test_corruptions_change_the_images_and_keep_their_shape():

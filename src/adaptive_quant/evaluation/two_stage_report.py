@@ -246,11 +246,15 @@ def _verdict(report: TwoStageReport, default, best_fixed, best_plan, quality) ->
     if report.budgets:
         worst = min(report.budgets, key=lambda b: b["quality_acc"] - b["best_fixed_acc"])
         gap = 100 * (worst["quality_acc"] - worst["best_fixed_acc"])
+        plannable = min(b["quality_acc"] - b["best_plannable_acc"] for b in report.budgets)
         budgets = (
             f" Under budgets ({len(report.budgets)} from {report.budgets[0]['budget_ms']:.2f} to "
             f"{report.budgets[-1]['budget_ms']:.2f} ms), `quality` is at worst {gap:+.2f} points against the best "
-            f"fixed choice that fits ({worst['best_fixed']} at {worst['budget_ms']:.2f} ms); "
-            f"{'above' if t.get('budgets_met_random') else 'not always above'} random assignment of the same plans."
+            f"fixed choice whose time fits ({worst['best_fixed']} at {worst['budget_ms']:.2f} ms) and at worst "
+            f"{100 * plannable:+.2f} against the best one the planner could plan there (planner.slack × a "
+            f"follow-up's time within what the entry leaves); "
+            f"{'never below' if t.get('budgets_met_random') else 'not always above'} random assignment of the "
+            f"same plans at the same rate."
         )
     return (
         f"Two-stage routing (balanced, default price {report.meta['followup_price']:g}) answers "
