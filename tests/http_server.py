@@ -10,14 +10,20 @@ from contextlib import contextmanager
 
 import uvicorn
 
+from adaptive_quant.serving.transport import CoalescingHttpToolsProtocol
+
 
 @contextmanager
-def serve_in_thread(app, start_timeout_s: float = 30.0) -> Iterator[str]:
-    """Run `app` on 127.0.0.1 (a free port) until the block ends; yields its base URL."""
+def serve_in_thread(app, start_timeout_s: float = 30.0, coalesce: bool = True) -> Iterator[str]:
+    """Run `app` on 127.0.0.1 (a free port) until the block ends; yields its base URL.
+
+    `coalesce`: uvicorn's protocol as the gateway runs it (serving/transport.py: one send() per
+    response), or uvicorn's own."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    http = CoalescingHttpToolsProtocol if coalesce else "auto"
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", http=http))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + start_timeout_s

@@ -250,3 +250,26 @@ def test_the_gateways_one_image_planning_decides_as_the_batched_planner(fitted) 
     # both answers were compared: no follow-up, and the plan that pays (the synthetic fp32 plan
     # breaks more than it fixes, so no priority picks it)
     assert chosen == {0, 1}
+
+
+def test_follow_ups_are_priced_by_the_profiles_median_so_a_noisy_tail_does_not_make_fp32_look_cheap(fitted):
+    """A start-up profile taken on busy cores inflates every p95 alike (seen: INT8 5.1 ms, FP32
+    6.9 ms, where quiet it is 4.4x). The price of a plan is its compute, the p50 ratio; its
+    feasibility under a budget still uses the p95 estimate."""
+    from adaptive_quant.core.latency import LatencyConfig, LatencyEstimator
+    from adaptive_quant.core.manifest import LatencyPoint, LatencyProfile
+    from adaptive_quant.core.planner import PlannerConfig
+    from adaptive_quant.core.precision import Precision
+    from adaptive_quant.serving.followup import FollowupStage
+
+    def profile(p50: float, p95: float) -> LatencyProfile:
+        return LatencyProfile(host={"cpu": "busy"}, batches={"1": LatencyPoint(p50_ms=p50, p95_ms=p95, throughput=1.0)})
+
+    est = LatencyEstimator({"int8": profile(0.5, 5.1), "fp32": profile(2.2, 6.9)}, LatencyConfig())
+    predictor, _ = fitted
+    stage = FollowupStage(predictor, ["int8", "fp32"], [Precision.INT8, Precision.FP32], PlannerConfig())
+    cost, ms = stage.price("int8", 1, est)
+    by_plan = dict(zip(predictor.plan_names, cost))
+    assert by_plan["int8:hflip"] == pytest.approx(1.0) and by_plan["fp32"] == pytest.approx(4.4)
+    assert dict(zip(predictor.plan_names, ms))["fp32"] == pytest.approx(6.9)  # deadlines: the p95
+    assert est.compute_ms("fp32", 1) == 2.2 and est.service_ms("fp32", 1) == 6.9

@@ -125,8 +125,8 @@ class FollowupStage:
         Passes of one plan run at once, but on shared cores they compete, so a plan's time is the
         sum of its passes' estimates (conservative); its cost is their profiled compute over the entry's.
         """
-        entry_ms = max(estimator.service_ms(entry, n), 1e-6)
-        service = np.array([estimator.service_ms(k, n) for k in self.keys])  # (V,) cached by the estimator
+        entry_ms = max(estimator.compute_ms(entry, n), 1e-6)
+        service = np.array([estimator.compute_ms(k, n) for k in self.keys])  # (V,) p50, cached by the estimator
         now = np.array([estimator.estimate_ms(k, n) for k in self.keys])  # (V,) with the queue seen now
         # plans over an unserved variant are never allowed (mask), so their price does not matter
         return self._passes @ service / entry_ms, self._passes @ now
@@ -165,8 +165,8 @@ class FollowupStage:
         key = (entry, id(estimator), estimator.profile_version)
         cost = self._cost_one.get(key)
         if cost is None:  # relative costs change only with the profiles: computed once per profile
-            service = [estimator.service_ms(k, 1) for k in self.keys]
-            entry_ms = max(estimator.service_ms(entry, 1), 1e-6)
+            service = [estimator.compute_ms(k, 1) for k in self.keys]
+            entry_ms = max(estimator.compute_ms(entry, 1), 1e-6)
             cost = [sum(service[v] for v in passes) / entry_ms for passes in self._pass_index]
             self._cost_one[key] = cost
         now = estimator.estimates_ms(self.keys, 1)

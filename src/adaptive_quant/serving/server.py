@@ -11,6 +11,7 @@ import asyncio
 import logging
 import socket
 import time
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
@@ -67,6 +68,7 @@ def make_server(app: FastAPI, settings: ServeSettings) -> DrainingServer:
         )
     config = uvicorn.Config(
         app,
+        http=_http_protocol(s.coalesce_writes),
         host=s.host,
         port=s.port,
         log_level=s.log_level,
@@ -75,6 +77,18 @@ def make_server(app: FastAPI, settings: ServeSettings) -> DrainingServer:
         timeout_graceful_shutdown=s.drain_timeout_s,
     )  # type: ignore[arg-type]  # float s is fine
     return DrainingServer(config, app)
+
+
+def _http_protocol(coalesce: bool) -> Any:
+    """uvicorn's `http` choice: its httptools protocol with one send() per response, or "auto"."""
+    if not coalesce:
+        return "auto"
+    try:
+        from adaptive_quant.serving.transport import CoalescingHttpToolsProtocol
+    except ImportError:  # uvicorn without httptools: its h11 protocol, as before
+        log.info("httptools is not installed: serving on uvicorn's h11 protocol without write coalescing")
+        return "auto"
+    return CoalescingHttpToolsProtocol
 
 
 def run(app: FastAPI, settings: ServeSettings) -> None:

@@ -77,6 +77,9 @@ class ServerSettings(Section):
     # 0 = off. Off unless asked for: a second listening port is a deliberate exposure, like
     # `host`, and gRPC's customary 8001 is Triton's own, the default backend.triton_url here
     grpc_port: int = Field(0, ge=0, lt=65536)
+    # one send() per HTTP response instead of two (headers, body): serving/transport.py. False
+    # serves on uvicorn's own protocol (A/B runs; a uvicorn without httptools uses its own anyway)
+    coalesce_writes: bool = True
 
     @model_validator(mode="after")
     def _ports_differ(self) -> ServerSettings:
