@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?= -q
 
-.PHONY: setup lint test serve smoke train export predictor clean
+.PHONY: setup lint test serve smoke train export clean
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	python3 -m venv $(VENV)
@@ -32,9 +32,6 @@ train: setup                       ## CIFAR-10 training (needs data/cifar10; ~50
 
 export: setup                      ## runs/default/best.pt → model_repository/
 	$(PY) scripts/export.py --checkpoint runs/default/best.pt
-
-predictor: setup                   ## accuracy predictor for model_repository/
-	$(PY) scripts/train_predictor.py --config configs/default.yaml --repository model_repository
 
 clean:
 	rm -rf $(VENV) .pytest_cache runs/smoke

@@ -133,7 +133,7 @@ def _profile(key: str) -> LatencyProfile:
     return LatencyProfile(host=host, batches=batches)
 
 
-def build_repo(root: str | Path, with_predictor: bool = False) -> Path:
+def build_repo(root: str | Path) -> Path:
     """Write the repository under `root` and return its path."""
     root = Path(root)
     w = _weights()
@@ -166,51 +166,16 @@ def build_repo(root: str | Path, with_predictor: bool = False) -> Path:
         std=list(CIFAR10_STD),
         variants=variants,
         training={"mlflow_run_id": None, "git_commit": "test"},
-        predictor={"path": "accuracy_predictor"} if with_predictor else None,
         created_at="2026-11-22T00:00:00Z",
     )
     save_manifest(root, manifest)
     return root
 
 
-def add_mlp_predictor(root: str | Path, hidden: int = 16, seed: int = 0) -> dict:
-    """Write a random-weight MLP predictor through adaptive_quant.predictor.model and name it in the manifest."""
-    from adaptive_quant.core.manifest import load_manifest
-    from adaptive_quant.predictor.features import FEATURE_NAMES, FEATURE_VERSION
-    from adaptive_quant.predictor.model import save_predictor
-
+def images(n: int, seed: int = 0) -> np.ndarray:
+    """(n, 32, 32, 3) uint8, uniform random pixels."""
     rng = np.random.default_rng(seed)
-    keys = ["fp32", "fp16", "int8"]
-    f = len(FEATURE_NAMES)
-    weights = {
-        "feat_mean": np.zeros(f, np.float32),
-        "feat_std": np.full(f, 50.0, np.float32),
-        "calib_scale": np.ones(len(keys), np.float32),
-        "calib_bias": np.zeros(len(keys), np.float32),
-        "w0": rng.normal(0, 0.3, (f, hidden)).astype(np.float32),
-        "b0": np.zeros(hidden, np.float32),
-        "w1": rng.normal(0, 0.3, (hidden, len(keys))).astype(np.float32),
-        "b1": np.full(len(keys), 2.0, np.float32),
-    }
-    spec = {
-        "variant_keys": keys,
-        "feature_version": FEATURE_VERSION,
-        "feature_names": list(FEATURE_NAMES),
-        "version": 1,
-        "metrics": {},
-    }
-    entry = save_predictor(root, weights, spec)
-    manifest = load_manifest(root)
-    manifest.predictor = entry
-    save_manifest(root, manifest)
-    return entry
-
-
-def images(n: int, seed: int = 0, brightness: str = "random") -> np.ndarray:
-    """(n, 32, 32, 3) uint8; 'bright' (mean ≈ 200) or 'dark' (mean ≈ 40) for predictor fakes."""
-    rng = np.random.default_rng(seed)
-    lo, hi = {"random": (0, 256), "bright": (170, 231), "dark": (10, 71)}[brightness]
-    return rng.integers(lo, hi, size=(n, 32, 32, 3), dtype=np.uint8)
+    return rng.integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8)
 
 
 def b64_instance(image: np.ndarray) -> dict[str, str]:

@@ -13,7 +13,7 @@ from adaptive_quant.cli import bench as cli_bench
 from adaptive_quant.serving.settings import load_settings
 from adaptive_quant.tools import bench
 from adaptive_quant.tools.loadtest.runner import Workload
-from gateway_repo import add_mlp_predictor, build_repo
+from gateway_repo import build_repo
 from http_server import serve_in_thread  # tests/http_server.py
 
 SERVE_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "serve.yaml")
@@ -21,9 +21,7 @@ SERVE_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "serve.yaml
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
-    root = build_repo(tmp_path_factory.mktemp("repo"))
-    add_mlp_predictor(root)
-    return root
+    return build_repo(tmp_path_factory.mktemp("repo"))  # no router: single-stage
 
 
 def _settings(repo, **overrides):
@@ -32,7 +30,7 @@ def _settings(repo, **overrides):
 
 def test_routing_part_times_the_gateways_decision(repo):
     r = cli_bench.bench_routing(_settings(repo), iterations=80)
-    assert r["predictor"]["kind"] == "mlp"
+    assert r["router"]["kind"] == "single-stage on the manifest's validation accuracies"
     for key, calls in (("per_sample_us_at_n1", 80), ("per_sample_us_at_n32", 10)):
         assert 0 < r[key]["p50"] <= r[key]["p99"]
         assert r[key]["n"] == calls - calls // 10  # the first tenth warms up

@@ -86,9 +86,9 @@ def test_sections_validate_on_construction_and_assignment() -> None:
     with pytest.raises(ConfigError, match=r"^config key 'train\.lr': must be > 0, got 0$"):
         TrainConfig(lr=0)
     cfg = ExperimentConfig()
-    cfg.predictor.epochs = 30  # sections stay mutable...
-    with pytest.raises(ConfigError, match=r"^config key 'predictor\.epochs': must be >= 1, got 0$"):
-        cfg.predictor.epochs = 0  # ...and checked
+    cfg.export.ptq_calibration_images = 256  # sections stay mutable...
+    with pytest.raises(ConfigError, match=r"^config key 'export\.ptq_calibration_images': must be >= 1, got 0$"):
+        cfg.export.ptq_calibration_images = 0  # ...and checked
     assert ConfigError is CoreConfigError  # one error type for the gateway's settings and this config
 
 
@@ -117,6 +117,20 @@ def test_round_trip_through_plain_data_as_checkpoints_store_it() -> None:
     assert patched.export == ExportConfig(
         **{**config_to_dict(cfg)["export"], "repository": "/tmp/r", "max_batch_size": 32}
     )
+
+
+def test_a_checkpoint_from_before_the_pixel_predictor_was_retired_still_loads(caplog) -> None:
+    """Checkpoints store the whole config; those written before carry a `predictor` section."""
+    data = config_to_dict(load_config(ROOT / "configs" / "smoke.yaml"))
+    old = {**data, "predictor": {"hidden": [64, 32], "epochs": 10, "batch_size": 256}}
+    with caplog.at_level("INFO", logger="adaptive_quant.config"):
+        cfg = config_from_dict(old)
+    assert config_to_dict(cfg) == data  # nothing else changed, and the section is gone
+    assert any("'predictor' ignored" in r.getMessage() and "retired" in r.getMessage() for r in caplog.records)
+    with pytest.raises(
+        ConfigError, match=r"^unknown config key 'predictor\.epochs': the pre-inference pixel predictor was retired$"
+    ):
+        load_config(None, ["predictor.epochs=3"])  # setting it now is a mistake, said so
 
 
 def test_flatten_gives_dotted_keys() -> None:

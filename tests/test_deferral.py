@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from adaptive_quant.core.manifest import sha256_file
+from adaptive_quant.predictor.calibration import auroc, expected_calibration_error
 from adaptive_quant.predictor.deferral import (
     SPEC_FILE,
     WEIGHTS_FILE,
@@ -22,7 +23,6 @@ from adaptive_quant.predictor.deferral import (
 )
 from adaptive_quant.predictor.entry_features import FEATURE_NAMES, entry_features, feature_names, features_one
 from adaptive_quant.predictor.fit_deferral import DeferralFitConfig, fit_deferral, plan_outcomes
-from adaptive_quant.predictor.model import auroc, expected_calibration_error
 
 PLANS = ["none", "int8:hflip", "fp32"]
 

@@ -19,7 +19,7 @@ from adaptive_quant.core.routing import Priority, RoutingConfig, allowed_mask, r
 from adaptive_quant.data import make_synthetic
 from adaptive_quant.evaluation.offline import EvalOptions, EvaluationError, evaluate_repository, pick_samples
 from adaptive_quant.evaluation.render import log_report_to_mlflow, write_report
-from gateway_repo import _weights, add_mlp_predictor, build_repo, make_int8
+from gateway_repo import VAL_ACCURACY, _weights, build_repo, make_int8
 from http_server import serve_in_thread  # tests/http_server.py
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,7 +51,6 @@ def _add_ptq_baseline(root: Path) -> None:
 def repo(tmp_path_factory):
     root = build_repo(tmp_path_factory.mktemp("repo"))
     _add_ptq_baseline(root)
-    add_mlp_predictor(root)  # random weights: p(correct) differs per sample, so routing mixes variants
     return root
 
 
@@ -90,17 +89,18 @@ def test_every_section_and_plot(report, tmp_path):
         "## Pareto frontier",
     ):
         assert heading in md
-    for name in ("airplane", "truck", "oracle", "cascade int8→fp32", "random at the mix of", "no (baseline)"):
+    for name in ("airplane", "truck", "oracle", "cascade int8→fp32", "no (baseline)"):
         assert name in md
+    assert "Single-stage routing, as the gateway routes without a router" in md and "two_stage.md" in md
     data = json.loads((tmp_path / "report.json").read_text())
     assert {v["key"] for v in data["variants"]} == {"fp32", "fp16", "int8", "int8_ptq"}
     strategies = {p["strategy"] for p in data["points"]}
-    assert strategies == {"fixed", "adaptive", "random-same-mix", "oracle", "cascade"}
+    assert strategies == {"fixed", "adaptive", "oracle", "cascade"}
     budgets = data["meta"]["budgets_ms"]
     adaptive = [p for p in data["points"] if p["strategy"] == "adaptive"]
     assert len(adaptive) == 3 * (len(budgets) + 1)  # three priorities × (budgets + no budget)
     assert data["verdict"] and any(p["on_latency_frontier"] for p in data["points"])
-    assert data["meta"]["predictor"]["kind"] == "mlp"
+    assert data["meta"]["single_stage"]["accuracy"] == VAL_ACCURACY  # the served variants' priors, not int8_ptq's
 
 
 def test_fixed_variant_numbers_equal_an_independent_count(repo, test_split, report):
@@ -128,14 +128,12 @@ def test_fixed_variant_numbers_equal_an_independent_count(repo, test_split, repo
 
 
 def test_routed_and_baseline_points_agree_with_an_independent_count(repo, test_split, report):
-    """The sweep routes through route_batch as production does; every strategy's accuracy and mix
-    equal a count made here from the variants' own answers."""
+    """The sweep routes through route_batch on the manifest's accuracies as production does without
+    a router; every strategy's accuracy and mix equal a count made here from the variants' own answers."""
     keys = ["fp32", "fp16", "int8"]
     logits = {k: _logits(repo, k, test_split.images) for k in keys}
     correct = np.stack([logits[k].argmax(1) == test_split.labels for k in keys], axis=1)
-    from adaptive_quant.predictor.model import load_predictor
-
-    pred_acc = load_predictor(repo, load_manifest(repo)).predict(test_split.images)
+    pred_acc = np.tile([VAL_ACCURACY[k] for k in keys], (len(test_split), 1))  # the same for every sample
     est = np.array([report.meta["router_estimates_ms"][k] for k in keys])
     allowed = allowed_mask(keys, None)
     rows = np.arange(len(test_split))
@@ -143,8 +141,9 @@ def test_routed_and_baseline_points_agree_with_an_independent_count(repo, test_s
         idx = route_batch(pred_acc, est, allowed, p.budget_ms, Priority(p.priority), RoutingConfig()).index
         assert p.accuracy == pytest.approx(correct[rows, idx].mean())
         assert all(p.mix[k] == pytest.approx((idx == j).mean()) for j, k in enumerate(keys))
-    mixed = [p for p in report.points_of("adaptive") if max(p.mix.values()) < 1.0]
-    assert mixed, "the random predictor should make routing mix variants somewhere in the sweep"
+    # one variant per point: single-stage routing knows nothing that tells samples apart
+    assert all(max(p.mix.values()) == 1.0 for p in report.points_of("adaptive"))
+    assert "never mixed variants" in report.verdict
     right = {k: correct[:, j] for j, k in enumerate(keys)}
     assert report.points_of("oracle")[0].accuracy == pytest.approx(correct.any(axis=1).mean())
     z = logits["int8"]  # float32, as ONNX Runtime returns it and the cascade reads it
@@ -154,10 +153,6 @@ def test_routed_and_baseline_points_agree_with_an_independent_count(repo, test_s
         up = top < p.param  # escalated to fp32
         assert p.accuracy == pytest.approx(np.where(up, right["fp32"], right["int8"]).mean())
         assert p.mix["fp32"] == pytest.approx(up.mean())
-    for a, r in zip(report.points_of("adaptive"), report.points_of("random-same-mix")):
-        assert r.mix == a.mix
-        shares = np.array([a.mix[k] for k in keys])
-        assert r.accuracy == pytest.approx(float(shares @ correct.mean(axis=0)))
 
 
 def test_frontier_marks_no_dominated_point(report):
@@ -171,11 +166,12 @@ def test_frontier_marks_no_dominated_point(report):
     assert not any(p.on_latency_frontier for p in report.points if not p.deployable)
 
 
-def test_prior_predictor_when_the_repository_has_none(tmp_path, test_split):
+def test_a_limit_and_given_budgets_are_what_is_evaluated(tmp_path, test_split):
     root = build_repo(tmp_path / "bare")
     r = evaluate_repository(root, pick_samples(test_split, 40, 0), EvalOptions(**FAST, budgets=[50.0]))
-    assert r.meta["predictor"]["kind"] == "prior" and r.meta["samples"] == 40
+    assert r.meta["samples"] == 40 and r.meta["single_stage"]["source"] == "manifest"
     assert r.meta["budgets_ms"] == [50.0]
+    assert {p.budget_ms for p in r.points_of("adaptive")} == {50.0, None}
 
 
 def test_missing_repository_is_named(tmp_path, test_split):

@@ -43,9 +43,9 @@ def make_settings(repo, **overrides):
 
 
 @contextmanager
-def serve(repo, backend=None, predictor=None, **overrides):
+def serve(repo, backend=None, **overrides):
     settings = make_settings(repo, **overrides)
-    with TestClient(create_app(settings, backend=backend, predictor=predictor)) as client:
+    with TestClient(create_app(settings, backend=backend)) as client:
         yield client
 
 
@@ -56,17 +56,6 @@ def classify(client, instances, **headers):
 
 def flaky(repo) -> FakeFlakyBackend:
     return FakeFlakyBackend(EmbeddedBackend(repo, load_manifest(repo)))
-
-
-class FakeBrightnessPredictor:
-    """Test double: bright images are easy for every variant, dark ones only for fp32."""
-
-    variant_keys = ["fp32", "fp16", "int8"]
-
-    def predict(self, imgs: np.ndarray) -> np.ndarray:
-        bright = imgs.reshape(len(imgs), -1).mean(axis=1) > 128  # (N,)
-        easy, hard = np.array([0.97, 0.97, 0.97]), np.array([0.95, 0.60, 0.20])
-        return np.where(bright[:, None], easy, hard)
 
 
 # ----------------------------------------------------------------------------- classify
@@ -113,24 +102,24 @@ def test_routing_table_through_the_api(repo, headers, precision, met):
     assert r.json()["predictions"][0]["precision"] == precision
 
 
-def test_each_sample_is_routed_on_its_own_and_same_variant_samples_go_together(repo):
-    bright, dark = images(2, seed=2, brightness="bright"), images(1, seed=3, brightness="dark")
+def test_single_stage_sends_a_requests_samples_to_one_variant_in_one_call(repo):
+    # no router: every sample gets each variant's validation accuracy, so they all route alike
+    imgs = images(3, seed=2)
     backend = flaky(repo)
-    with serve(repo, backend=backend, predictor=FakeBrightnessPredictor()) as client:
+    with serve(repo, backend=backend) as client:
         backend.calls.clear()  # forget the start-up warm-up calls
         r = classify(
-            client, [b64_instance(bright[0]), b64_instance(dark[0]), pixels_instance(bright[1])], X_Priority="quality"
+            client, [b64_instance(imgs[0]), b64_instance(imgs[1]), pixels_instance(imgs[2])], X_Priority="quality"
         )
         assert r.status_code == 200, r.text
-        assert [p["precision"] for p in r.json()["predictions"]] == ["int8", "fp32", "int8"]
-        assert r.headers["X-Precision"] == "fp32,int8"  # the set, most precise first
-        assert sorted(backend.calls) == ["fp32", "int8"]  # one call per variant: both int8 samples together
-        assert backend.batch_stats()["int8"]["largest_batch"] == 2
-        assert metric(client, "aq_samples_routed_total", variant="int8") == 2
-        assert metric(client, "aq_samples_routed_total", variant="fp32") == 1
+        assert [p["precision"] for p in r.json()["predictions"]] == ["fp32", "fp32", "fp32"]
+        assert r.headers["X-Precision"] == "fp32"
+        assert backend.calls == ["fp32"]  # one backend call carries the three samples
+        assert backend.batch_stats()["fp32"]["largest_batch"] == 3
+        assert metric(client, "aq_samples_routed_total", variant="fp32") == 3
         status = client.get("/v1/status").json()
-        assert status["predictor"]["kind"] == "custom"
-        assert status["routing"]["samples_by_variant"] == {"fp32": 1, "fp16": 0, "int8": 2}
+        assert status["single_stage"]["in_use"] and status["single_stage"]["source"] == "manifest"
+        assert status["routing"]["samples_by_variant"] == {"fp32": 3, "fp16": 0, "int8": 0}
 
 
 def test_a_failing_variant_falls_back_and_is_then_left_out(repo):
@@ -411,7 +400,7 @@ def test_metrics_and_status_reflect_the_traffic(repo):
         assert metric(client, "aq_in_flight_requests") == 0
         status = client.get("/v1/status").json()
         assert status["ready"] and status["backend"] == "embedded" and status["model"] == "tiny"
-        assert status["predictor"]["kind"] == "prior"  # the manifest names no predictor
+        assert status["single_stage"]["in_use"]  # the manifest names no router
         assert status["routing"]["samples_by_variant"] == {"fp32": 1, "fp16": 0, "int8": 3}
         assert status["routing"]["requests"]["ok"] == 3
         assert status["routing"]["budget_met"] == 1 and status["routing"]["budget_missed"] == 1
@@ -421,28 +410,13 @@ def test_metrics_and_status_reflect_the_traffic(repo):
         assert client.get("/openapi.json").json()["paths"]["/v1/classify"]["post"]["requestBody"]
 
 
-def test_the_predictor_is_loaded_only_when_the_manifest_names_it(tmp_path):
-    repo = build_repo(tmp_path / "r", with_predictor=True)
-    with serve(repo) as client:
-        predictor = client.get("/v1/status").json()["predictor"]
-        # whatever adaptive_quant.predictor.model can do today, the gateway serves and says which it uses
-        assert predictor["kind"] in ("mlp", "prior")
-        if predictor["kind"] == "prior":
-            assert "predictor" in predictor["summary"]
-        assert classify(client, [b64_instance(GOOD)]).status_code == 200
+def test_a_png_decodes_to_exactly_the_pixels_that_were_sent():
+    # the same image as PNG (b64) and as pixels must reach the model as the same input
+    from adaptive_quant.serving.decode import decode_instances
 
-
-def test_the_trained_mlp_predictor_routes_when_the_manifest_names_it(tmp_path):
-    from gateway_repo import add_mlp_predictor
-
-    repo = build_repo(tmp_path / "r")
-    add_mlp_predictor(repo)
-    with serve(repo) as client:
-        predictor = client.get("/v1/status").json()["predictor"]
-        assert predictor["kind"] == "mlp", predictor["detail"]
-        r = classify(client, [b64_instance(im) for im in images(4, seed=4)], X_Latency_Budget_Ms=5000)
-        assert r.status_code == 200 and len(r.json()["predictions"]) == 4
-        assert metric(client, "aq_routing_decision_seconds_count") == 1
+    imgs = images(5, seed=5)
+    decoded = decode_instances({"instances": [b64_instance(im) for im in imgs]}, max_instances=64, size=32)
+    assert decoded.dtype == np.uint8 and np.array_equal(decoded, imgs)
 
 
 def test_settings_reject_unknown_keys_and_wrong_types_and_read_env():
@@ -518,7 +492,7 @@ def test_serving_code_imports_no_torch(repo):
     code = (
         "import sys; from fastapi.testclient import TestClient;"
         "from adaptive_quant.serving.app import create_app; from adaptive_quant.serving.settings import load_settings;"
-        "import adaptive_quant.serving.backends.triton, adaptive_quant.core.routing, adaptive_quant.predictor.runtime;"
+        "import adaptive_quant.serving.backends.triton, adaptive_quant.core.routing, adaptive_quant.core.prior;"
         f"app = create_app(load_settings(overrides={{'repository': {str(repo)!r}}}, environ={{}}));"
         "c = TestClient(app).__enter__(); assert c.get('/readyz').status_code == 200;"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchao', 'torchvision'));"

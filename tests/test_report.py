@@ -13,7 +13,6 @@ from adaptive_quant.evaluation.strategies import (
     fixed_points,
     mixed_throughput,
     oracle_point,
-    random_same_mix,
     score_choice,
 )
 
@@ -81,7 +80,7 @@ def test_score_choice_counts():
 
 
 def test_strategies_on_a_per_variant_latency():
-    """The predictor report's setting: one latency per variant (V,), no throughput measured."""
+    """Outcomes with one latency per variant (V,) and no throughput measured."""
     keys = ["fp32", "int8"]
     correct = np.array([[1, 1], [1, 0], [0, 1], [0, 0]], dtype=bool)
     o = Outcomes(keys, correct, np.array([3.0, 1.0]))  # ms: int8 is the cheap one
@@ -98,9 +97,6 @@ def test_strategies_on_a_per_variant_latency():
     assert high.mix == {"fp32": 0.5, "int8": 0.5} and high.param == 0.6
     assert high.accuracy == pytest.approx(1 / 4)  # int8 right on 0, wrong on 1; fp32 wrong on 2 and 3
     assert high.mean_ms == pytest.approx((1 + 1 + 4 + 4) / 4)  # an escalated sample pays both
-    rand = random_same_mix(o, high, np.random.default_rng(0))
-    assert rand.mix == high.mix and rand.accuracy == pytest.approx(0.5 * 0.5 + 0.5 * 0.5)
-    assert rand.mean_ms == pytest.approx(2.0) and rand.param == 0.6
 
 
 def _pt(strategy, label, acc, ms, mix, budget=None, prio=None, within=None, deployable=True, wb=None):
@@ -134,24 +130,18 @@ def test_recommend_and_verdict_from_numbers():
         prio="balanced",
         within=0.97,
     )
-    rnd = _pt(
-        "random-same-mix",
-        "random at the mix of adaptive balanced @ 2 ms",
-        0.916,
-        1.6,
-        {"fp32": 0.3, "int8": 0.7},
-        budget=2.0,
-        prio="balanced",
-        within=0.97,
-    )
     recs = dict(recommend([fp32, int8, ad], [0.5, 1.0, 2.0, 4.0, None]))
     assert recs[0.5] is None  # nothing finishes 95% of samples within 0.5 ms
     assert recs[1.0] is int8
     assert recs[2.0] is ad  # more accurate than int8 and 97% within 2 ms
     assert recs[4.0] is fp32 and recs[None] is fp32
-    text = verdict([fp32, int8, ptq], [ad], [rnd], [], None, [0.5, 1.0, 2.0, 4.0, None])
+    text = verdict([fp32, int8, ptq], [ad], [], None, [0.5, 1.0, 2.0, 4.0, None])
     assert "3.0× faster" in text and "-2.00 points" in text
     assert "gains 3.00 points against post-training" in text
     assert "at 2 ms run adaptive balanced (92.50%" in text
     assert "at 4 ms run fixed fp32" in text and "at 0.5 ms nothing keeps 95%" in text
-    assert "beats random assignment at the same mix by +0.90 points" in text
+    assert "never mixed" not in text  # this adaptive point mixes fp32 and int8
+    # single-stage routing on priors: every point sends all samples to one variant, and the verdict says so
+    one = _pt("adaptive", "adaptive quality @ no budget", 0.93, 3.0, {"fp32": 1.0, "int8": 0.0}, prio="quality")
+    text = verdict([fp32, int8], [one], [], None, [1.0, None])
+    assert "Adaptive routing never mixed variants in this sweep" in text and "fixed precision per budget" in text

@@ -57,7 +57,7 @@ def test_two_runs_with_the_same_seed_get_distinct_readable_names(cfg):
 
 def test_each_kind_of_run_says_what_it_is(cfg):
     tracking.name_runs_after("configs/smoke.yaml")
-    ids = {kind: _seeded_run(cfg, kind) for kind in ("train", "export", "predictor", "evaluate-in-process")}
+    ids = {kind: _seeded_run(cfg, kind) for kind in ("train", "export", "evaluate-in-process", "evaluate-http")}
     client = MlflowClient(tracking_uri=cfg.tracking_uri)
     for kind, run_id in ids.items():
         assert client.get_run(run_id).info.run_name.startswith(f"{kind}-smoke-")
@@ -71,8 +71,8 @@ def test_a_run_name_in_the_config_is_used_as_given(store):
 
 def test_without_a_command_line_the_name_is_kind_and_time(cfg):
     client = MlflowClient(tracking_uri=cfg.tracking_uri)
-    name = client.get_run(_seeded_run(cfg, "predictor")).info.run_name
-    assert re.fullmatch(r"predictor-\d{8}-\d{6}", name), name
+    name = client.get_run(_seeded_run(cfg, "export")).info.run_name
+    assert re.fullmatch(r"export-\d{8}-\d{6}", name), name
 
 
 def test_overrides_are_shortened_but_stay_unambiguous():

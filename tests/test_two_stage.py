@@ -141,16 +141,20 @@ def test_a_router_fitted_by_the_exporter_is_served_from_the_manifest(tmp_path):
     assert [p.name for p in man.plans] == ["int8:hflip", "fp32"] and man.router["entry"] == "int8"
     assert fit.outcomes.shape == (300, 3) and all(p.extra_ms for p in man.plans)
     with serve(repo) as client:
-        status = client.get("/v1/status").json()["router"]
+        full = client.get("/v1/status").json()
+        status = full["router"]
         assert status["two_stage"] and status["plans"] == ["int8:hflip", "fp32"]
         assert "two-stage after int8" in status["summary"] and "{" not in status["summary"]
+        assert not full["single_stage"]["in_use"]  # the router decides; the priors are not used
         body = classify(client, images(4, seed=11)).json()
     assert all(p["passes"][0] == "int8" for p in body["predictions"])
     # a damaged router file: the gateway serves single-stage and says why
     (repo / man.router["path"]).write_bytes(b"not the weights")
     with serve(repo) as client:
-        status = client.get("/v1/status").json()["router"]
+        full = client.get("/v1/status").json()
+        status = full["router"]
         assert not status["two_stage"] and "sha256" in status["summary"]
+        assert full["single_stage"]["in_use"]
         assert classify(client, images(1)).json()["predictions"][0]["passes"] == ["int8"]
 
 

@@ -9,6 +9,7 @@ gateway's too: adaptive_quant.core.settings. No environment source: a file plus 
 
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -35,7 +36,6 @@ __all__ = [
     "ExperimentConfig",
     "ExportConfig",
     "ModelConfig",
-    "PredictorConfig",
     "PruneConfig",
     "QATConfig",
     "TrackingConfig",
@@ -48,10 +48,15 @@ __all__ = [
 ]
 
 NOUN = "config key"
+# sections that configs and checkpoints written before their stage was retired still carry: dropped
+# on load (with a log line), so an old checkpoint still exports. Setting one with --set is refused.
+RETIRED_SECTIONS = {"predictor": "the pre-inference pixel predictor was retired"}
+
+log = logging.getLogger(__name__)
 
 
 class _Section(Section):
-    # mutable, like the dataclasses it replaces (a caller may set cfg.predictor.epochs), but checked on assignment too
+    # mutable, like the dataclasses it replaces (a caller may set cfg.train.epochs), but checked on assignment too
     model_config = ConfigDict(validate_assignment=True)
     config_noun: ClassVar[str] = NOUN
 
@@ -87,7 +92,7 @@ class DataConfig(_Section):
     source: Literal["folder", "synthetic"] = "folder"
     root: str = "data/cifar10"
     cache_dir: str = "data/cache"  # decoded uint8 arrays (.npz), keyed by the folder's path
-    # images taken out of the training set for validation (model selection, predictor)
+    # images taken out of the training set for validation (model selection, the router's fit)
     val_size: int = Field(5000, ge=0)
     # synthetic only
     synthetic_train: int = Field(2000, gt=0)
@@ -289,29 +294,6 @@ class ExportConfig(_Section):
         return v
 
 
-class PredictorConfig(_Section):
-    """The per-sample accuracy predictor: a small MLP over cheap image features."""
-
-    config_key: ClassVar[str] = "predictor"
-
-    hidden: list[int] = Field(default_factory=lambda: [64, 32])  # a few thousand parameters
-    # few epochs and strong decay: errors are rare (~10 %) and weakly tied to cheap features, so a
-    # longer fit memorises the fit split (150 epochs: held-out AUROC 0.52, ECE 0.14; 10 epochs with
-    # decay 0.01: AUROC 0.59-0.61, ECE 0.01, measured on the held-out validation part)
-    epochs: int = Field(10, ge=1)
-    batch_size: int = Field(256, ge=1)
-    lr: float = Field(0.002, gt=0)  # AdamW
-    weight_decay: float = 0.01
-    # share of the validation split held out from fitting, to fit the calibration (Platt scaling) and to
-    # check calibration; the test split is never used here
-    calibration_fraction: float = Field(0.25, gt=0, lt=1)
-
-    @field_validator("hidden")
-    @classmethod
-    def _layers(cls, v: list[int]) -> list[int]:
-        return _positive_entries(v)
-
-
 class TrackingConfig(_Section):
     config_key: ClassVar[str] = "tracking"
 
@@ -334,8 +316,16 @@ class ExperimentConfig(_Section):
     qat: QATConfig = Field(default_factory=QATConfig)
     prune: PruneConfig = Field(default_factory=PruneConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
-    predictor: PredictorConfig = Field(default_factory=PredictorConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_retired_sections(cls, data: Any) -> Any:
+        if isinstance(data, dict) and RETIRED_SECTIONS.keys() & data.keys():
+            for key in RETIRED_SECTIONS.keys() & data.keys():
+                log.info("config section %r ignored: %s", key, RETIRED_SECTIONS[key])
+            data = {k: v for k, v in data.items() if k not in RETIRED_SECTIONS}
+        return data
 
     @model_validator(mode="after")
     def _prune_criterion_has_bn_scales(self) -> ExperimentConfig:
@@ -366,6 +356,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     (`5`, `0.1`, `[16, 32]`, `true`) unless the key is text, which keeps it as typed."""
     for item in overrides:
         key, text = split_assignment(item, "train.epochs=5")
+        if key.split(".")[0] in RETIRED_SECTIONS:  # a file may still carry one; asking for one is a mistake
+            raise ConfigError(f"unknown {NOUN} {key!r}: {RETIRED_SECTIONS[key.split('.')[0]]}")
         set_path(data, key, text_for(ExperimentConfig, key, text), NOUN)
     return data
 

@@ -191,8 +191,8 @@ def make_synthetic(n: int, seed: int, size: int = 32, num_classes: int = 10) -> 
 
     Tests and the smoke config use it, so the pipeline can be checked without the data set.
     The noise level varies per image (σ from 5 to 110 grey levels), so some samples are easy
-    and some hard, and a cheap feature (local contrast) hints at which: enough structure for
-    the accuracy predictor to have something to learn, as on real data.
+    and some hard, as on real data: the entry pass's confidence, and so the two-stage router,
+    has something to tell apart.
     """
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, num_classes, size=n).astype(np.int64)

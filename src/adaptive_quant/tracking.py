@@ -202,7 +202,7 @@ def _unused_name(exp_id: str, name: str) -> str:
 def start_run(cfg: TrackingConfig, kind: str, run_id: str | None = None) -> Iterator[Tracker]:
     """Open (or, with run_id, reopen) an MLflow run; yields a Tracker. Disabled config → no-op tracker.
 
-    kind: what the run does ("train", "export", "predictor", "evaluate-in-process"); it starts the run's
+    kind: what the run does ("train", "export", "evaluate-in-process", "evaluate-http"); it starts the run's
     name, followed by this process's command line (see name_runs_after) and the UTC time.
     """
     if not cfg.enabled:

@@ -10,8 +10,9 @@ throughput with the Pareto frontier marked, the budget sweep) into --out, and lo
 MLflow evaluation run (tracking settings from --config). Per variant (the served ones and the
 PTQ INT8 baseline): accuracy, macro P/R/F1, per-class table, confusion matrix, drop vs FP32,
 batch-1 latency p50/p95/p99, batch-64 throughput, file size. Adaptive routing: budgets ×
-priorities through the gateway's own routing function. Baselines: each fixed variant, random
-assignment at the same mix, the oracle, the INT8→FP32 confidence cascade.
+priorities through the gateway's own single-stage routing function (each variant's validation
+accuracy). Baselines: each fixed variant, the oracle, the INT8→FP32 confidence cascade. With a
+router in the repository, two_stage.md/json compare the two-stage router against the same.
 """
 
 from __future__ import annotations

@@ -21,11 +21,3 @@ def to_model_input(images: np.ndarray, mean: list[float], std: list[float]) -> n
     shift = np.asarray(mean, dtype=np.float32) * 255.0
     x = (images.astype(np.float32) - shift) / scale  # (N, H, W, 3)
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
-
-
-def from_model_input(x: np.ndarray, mean: list[float], std: list[float]) -> np.ndarray:
-    """(N, 3, H, W) normalised float32 → (N, H, W, 3) uint8: the inverse of to_model_input, rounded
-    and clipped (for callers that send the model input itself, e.g. the v2 protocol's FP32 tensor)."""
-    scale = np.asarray(std, dtype=np.float32) * 255.0
-    shift = np.asarray(mean, dtype=np.float32) * 255.0
-    return np.clip(np.rint(x.transpose(0, 2, 3, 1) * scale + shift), 0, 255).astype(np.uint8)

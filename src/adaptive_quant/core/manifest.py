@@ -1,19 +1,27 @@
 """manifest.json: the one description of a model repository that the gateway reads.
 
 Pure data + (de)serialisation; no torch, so serving can import it. Written by the export
-stage, extended by the predictor stage, read by the gateway, the evaluation and the tests.
+stage (its router too: export/plans.py), read by the gateway, the evaluation and the tests.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+# keys older repositories carry that nothing reads any more: dropped on load, with a log line
+RETIRED_KEYS = {
+    "predictor": "the pre-inference pixel predictor was retired (AUROC 0.57 at flagging errors, no better "
+    "than random assignment); its entry and accuracy_predictor/ folder are ignored and may be deleted",
+}
+
+log = logging.getLogger(__name__)
 
 
 class ManifestError(ValueError):
@@ -91,7 +99,6 @@ class Manifest:
     std: list[float]
     variants: dict[str, VariantEntry]
     training: dict[str, Any] = field(default_factory=dict)  # MLflow run id, git commit, config
-    predictor: dict[str, Any] | None = None  # written by the predictor stage
     plans: list[PlanEntry] = field(default_factory=list)  # follow-ups the router may choose (two-stage)
     # the two-stage router's predictor: reads the entry pass's output (paths, sha256, plan columns, metrics)
     router: dict[str, Any] | None = None
@@ -149,6 +156,9 @@ def manifest_from_dict(data: dict[str, Any]) -> Manifest:
             raise ManifestError(
                 f"manifest schema_version {d.get('schema_version')!r}; this code reads {SCHEMA_VERSION}"
             )
+        for key, why in RETIRED_KEYS.items():
+            if d.pop(key, None) is not None:
+                log.warning("manifest.json has a %r entry: %s", key, why)
         d["variants"] = {k: _variant_from_dict(k, v) for k, v in d["variants"].items()}
         d["plans"] = [PlanEntry(**p) for p in d.get("plans", [])]
         return Manifest(**d)

@@ -1,6 +1,6 @@
 """Numeric helpers every stage measures with: percentiles, softmax confidence, a timing loop.
 
-Stdlib and NumPy only, so the evaluation, the export's latency profiles, the predictor's report
+Stdlib and NumPy only, so the evaluation, the export's latency profiles, the router's fit report
 and the tools all compute a p99 or a confidence the same way.
 """
 

@@ -1,5 +1,10 @@
 """The evaluation: run every variant on the test split, time it, sweep the routing policy, price the baselines.
 
+The sweep is single-stage routing as the gateway runs it without a router: `route_batch` on each
+variant's validation accuracy (core.prior), the same for every sample, so each budget and
+priority picks one variant. Per-sample routing is the two-stage router's, reported by
+`two_stage_report.py`.
+
 I/O lives here (ONNX Runtime sessions, the clock, the model repository); the strategies are priced
 in `strategies.py`, the counting and the verdict are in `report.py`, the files and plots in
 `render.py`, the HTTP mode in `over_http.py`.
@@ -29,6 +34,7 @@ from tqdm.auto import tqdm
 
 from adaptive_quant.core.latency import LatencyConfig, LatencyEstimator
 from adaptive_quant.core.manifest import LatencyPoint, LatencyProfile, Manifest, ManifestError, load_manifest
+from adaptive_quant.core.prior import PriorAccuracy
 from adaptive_quant.core.routing import Priority, RoutingConfig
 from adaptive_quant.core.stats import percentile, percentiles, time_calls
 from adaptive_quant.data import Split
@@ -41,10 +47,8 @@ from adaptive_quant.evaluation.strategies import (
     cascade_points,
     fixed_points,
     oracle_point,
-    random_same_mix,
 )
 from adaptive_quant.export.ort_eval import host_info, make_session, profile_session, run_batched
-from adaptive_quant.predictor.runtime import PriorPredictor, accuracy_matrix, load_accuracy_predictor
 
 log = logging.getLogger(__name__)
 
@@ -171,18 +175,16 @@ def sweep_points(
     budgets: list[float | None],
     opts: EvalOptions,
 ) -> list[StrategyPoint]:
-    """Adaptive points (budget × priority, through `route_batch`) and random assignment at each one's mix.
+    """Adaptive points: budget × priority, through `route_batch` as the gateway routes.
 
     pred_acc (N, S) over the served columns `served` of the outcomes; estimates (S,) ms.
     """
-    rng = np.random.default_rng(opts.seed + 1)  # one stream for the whole sweep, in grid order
     out: list[StrategyPoint] = []
     grid = [(b, p) for b in budgets for p in opts.priorities]
     for budget, priority in tqdm(
         grid, desc="routing sweep", unit="point", disable=not opts.progress, dynamic_ncols=True
     ):
-        point = adaptive_point(o, pred_acc, estimates, precisions, budget, priority, opts.routing, columns=served)
-        out += [point, random_same_mix(o, point, rng)]
+        out.append(adaptive_point(o, pred_acc, estimates, precisions, budget, priority, opts.routing, columns=served))
     return out
 
 
@@ -255,9 +257,8 @@ def evaluate_repository(repo: str | Path, test: Split, opts: EvalOptions) -> Eva
     throughput = np.array([thr[k] for k in keys])
     variants = _variant_results(manifest, keys, logits, timings, thr, test.labels)
 
-    loaded = load_accuracy_predictor(repo, manifest)
-    prior = PriorPredictor.from_manifest(manifest)
-    pred_acc = accuracy_matrix(loaded.predictor, test.images, routed_keys, prior)  # (N, S)
+    prior = PriorAccuracy.from_manifest(manifest)
+    pred_acc = prior.matrix(len(test), routed_keys)  # (N, S): the same row for every sample
     profiles = {}
     for k in routed_keys:
         q = percentiles(timings[k], (50, 95))
@@ -274,7 +275,6 @@ def evaluate_repository(repo: str | Path, test: Split, opts: EvalOptions) -> Eva
     text = verdict(
         [p for p in points if p.strategy == "fixed"],
         [p for p in points if p.strategy == "adaptive"],
-        [p for p in points if p.strategy == "random-same-mix"],
         [p for p in points if p.strategy == "cascade"],
         next((p for p in points if p.strategy == "oracle"), None),
         budgets,
@@ -287,12 +287,7 @@ def evaluate_repository(repo: str | Path, test: Split, opts: EvalOptions) -> Eva
         "limit": opts.limit,
         "split": "test",
         "host": host_info(opts.threads),
-        # the manifest's predictor entry is long (feature names); the path says which one
-        "predictor": {
-            "kind": loaded.kind,
-            "path": (manifest.predictor or {}).get("path"),
-            **({"why": loaded.detail} if loaded.kind == "prior" else {}),
-        },
+        "single_stage": prior.to_json(),  # what the adaptive sweep routes on
         "routing": {
             "speed_tolerance": opts.routing.speed_tolerance,
             "accuracy_per_halving": opts.routing.accuracy_per_halving,

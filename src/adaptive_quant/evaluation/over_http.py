@@ -154,7 +154,7 @@ def evaluate_url(url: str, test: Split, opts: EvalOptions, timeout_s: float = 30
         ok = default_run["pred"] >= 0
         service = classification_metrics(test.labels[ok], default_run["pred"][ok], classes)
     text = verdict(
-        [p for p in points if p.strategy == "fixed"], [p for p in points if p.strategy == "http"], [], [], None, budgets
+        [p for p in points if p.strategy == "fixed"], [p for p in points if p.strategy == "http"], [], None, budgets
     )
     meta = {
         "url": url,
@@ -163,7 +163,7 @@ def evaluate_url(url: str, test: Split, opts: EvalOptions, timeout_s: float = 30
         "samples": len(test),
         "limit": opts.limit,
         "split": "test",
-        "predictor": status.get("predictor"),
+        "single_stage": status.get("single_stage"),
         "routing": status.get("routing"),
         "router_estimates_ms": dict(zip(keys, estimates)),
         "budgets_ms": [b for b in budgets if b is not None],

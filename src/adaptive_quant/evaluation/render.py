@@ -21,7 +21,6 @@ log = logging.getLogger(__name__)
 STYLE = {
     "fixed": dict(marker="s", color="tab:blue", s=70),
     "adaptive": dict(marker="o", color="tab:green", s=40),
-    "random-same-mix": dict(marker="x", color="tab:gray", s=35),
     "cascade": dict(marker="^", color="tab:orange", s=45),
     "oracle": dict(marker="*", color="tab:red", s=140),
     "http": dict(marker="o", color="tab:purple", s=45),
@@ -177,7 +176,16 @@ def render_markdown(report: EvaluationReport, plots: dict[str, str]) -> str:
     ]
     out += ["## Verdict", "", report.verdict, ""]
     out += ["## Setup", ""]
-    for key in ("repository", "url", "split", "samples", "predictor", "routing", "router_estimates_ms", "budgets_ms"):
+    for key in (
+        "repository",
+        "url",
+        "split",
+        "samples",
+        "single_stage",
+        "routing",
+        "router_estimates_ms",
+        "budgets_ms",
+    ):
         if key in m:
             out.append(f"- **{key}**: {m[key]}")
     if "host" in m:
@@ -231,6 +239,16 @@ def render_markdown(report: EvaluationReport, plots: dict[str, str]) -> str:
     out += [
         "## Adaptive routing: budgets × priorities",
         "",
+        *(
+            [
+                "Single-stage routing, as the gateway routes without a router: each variant's validation accuracy "
+                "for every sample, so each point sends every sample to one variant. The two-stage router, which "
+                "routes per sample, has its own report (two_stage.md).",
+                "",
+            ]
+            if report.mode == "in-process"
+            else []
+        ),
         "Within budget = share of samples whose modelled latency is at most the budget. "
         "Router budget met = share for which the router's estimate fitted (else it took the fastest variant).",
         "",
@@ -244,8 +262,7 @@ def render_markdown(report: EvaluationReport, plots: dict[str, str]) -> str:
         out += [
             "## Baselines",
             "",
-            "Random-same-mix: each adaptive point's variant shares, assigned at random (accuracy: its exact expectation; "
-            "latency: one seeded assignment). Oracle: the cheapest variant that is right (needs the labels; a ceiling). "
+            "Oracle: the cheapest variant that is right (needs the labels; a ceiling). "
             "Cascade: INT8 first, FP32 when INT8's top softmax probability is below the threshold (pays both).",
             "",
             *_points_table(base),

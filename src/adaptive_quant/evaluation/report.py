@@ -158,7 +158,6 @@ def recommend(
 def verdict(
     fixed: Sequence[StrategyPoint],
     adaptive: Sequence[StrategyPoint],
-    random_mix: Sequence[StrategyPoint],
     cascade: Sequence[StrategyPoint],
     oracle: StrategyPoint | None,
     budgets: Sequence[float | None],
@@ -214,23 +213,9 @@ def verdict(
         parts.append(
             f"Without a budget, {none_rec.label.split(' @ ')[0]} is the most accurate choice ({_pct(none_rec.accuracy)}, {none_rec.mean_ms:.3g} ms mean)."
         )
-    # does the predictor earn its keep? adaptive vs random assignment at the same mix
-    pairs = [(a, r) for a, r in zip(adaptive, random_mix) if max(a.mix.values()) < 0.999]
-    if not random_mix:
-        pass  # no random baseline measured (HTTP mode): nothing to say about the predictor's worth
-    elif pairs:
-        gains = np.array([a.accuracy - r.accuracy for a, r in pairs])
-        verb = "beats" if gains.mean() > 0.0005 else ("trails" if gains.mean() < -0.0005 else "matches")
-        parts.append(
-            f"Where adaptive routing mixes variants ({len(pairs)} sweep points), it {verb} random assignment at the same mix by "
-            f"{100 * gains.mean():+.2f} points on average (best {100 * gains.max():+.2f}), "
-            + (
-                "so the per-sample predictor adds accuracy at no latency cost."
-                if verb == "beats"
-                else "so the per-sample predictor does not pay here; the mix alone explains the result."
-            )
-        )
-    else:
+    # in-process the sweep is single-stage routing on each variant's validation accuracy, the same
+    # for every sample, so every point sends all samples to one variant: say what that amounts to
+    if adaptive and all(max(p.mix.values()) >= 0.999 for p in adaptive):
         parts.append(
             "Adaptive routing never mixed variants in this sweep (each budget and priority sent every sample to one variant), so it reduces to a fixed precision per budget."
         )

@@ -7,13 +7,10 @@ as a `StrategyPoint` (accuracy, mean/p99 latency, share within budget, mix, thro
 - fixed: every sample to one variant
 - adaptive: the production policy, through `core.routing.route_batch` (what the gateway runs,
   so the offline figures describe production behaviour)
-- random-same-mix: an adaptive point's variant shares assigned at random: does the per-sample
-  predictor beat the mix alone?
 - oracle: the cheapest variant that is right (needs the labels: a ceiling)
 - cascade: the cheap variant first, the expensive one when its top softmax probability is low
 
-Used by the evaluation report (`offline.py`) and the predictor's test-split report
-(`predictor/fit.py`). Pure NumPy, no I/O.
+Used by the evaluation report (`offline.py`). Pure NumPy, no I/O.
 """
 
 from __future__ import annotations
@@ -33,7 +30,7 @@ CASCADE_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)  # cheap top-1 softma
 class StrategyPoint:
     """One configuration on the accuracy/latency plane."""
 
-    strategy: str  # "fixed", "adaptive", "random-same-mix", "oracle", "cascade" (over HTTP: "http")
+    strategy: str  # "fixed", "adaptive", "oracle", "cascade" (over HTTP: "http")
     label: str  # short human name, e.g. "adaptive balanced @ 2.1 ms"
     accuracy: float  # share of samples answered right
     mean_ms: float  # ms per sample, mean of the modelled per-sample latency
@@ -191,29 +188,6 @@ def adaptive_point(
         param=param,
         extra={"router_budget_met": float(decision.budget_met.mean())},
     )
-
-
-def random_same_mix(o: Outcomes, point: StrategyPoint, rng: np.random.Generator) -> StrategyPoint:
-    """`point`'s variant shares assigned to the samples at random.
-
-    Accuracy: its exact expectation, Σ_v share_v · accuracy_v (no sampling noise; the sampled
-    one is kept as extra["sampled_accuracy"]). Latency: one assignment drawn from `rng` with
-    exactly the same number of samples per variant.
-    """
-    shares = np.array([point.mix.get(k, 0.0) for k in o.keys])
-    counts = np.rint(shares * o.samples).astype(np.int64)  # the mix is counts / N: exact back to counts
-    shuffled = rng.permutation(np.repeat(np.arange(len(o.keys)), counts))
-    rand = o.score(
-        shuffled,
-        "random-same-mix",
-        f"random at the mix of {point.label}",
-        budget_ms=point.budget_ms,
-        priority=point.priority,
-        param=point.param,
-    )
-    rand.extra["sampled_accuracy"] = rand.accuracy
-    rand.accuracy = float(shares @ o.correct.mean(axis=0))
-    return rand
 
 
 def oracle_point(o: Outcomes, columns: Sequence[int] | None = None, cost_ms: np.ndarray | None = None) -> StrategyPoint:

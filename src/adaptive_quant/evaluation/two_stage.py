@@ -23,7 +23,7 @@ from adaptive_quant.core.planner import PlannerConfig, plan_followups
 from adaptive_quant.core.plans import NONE, Plan
 from adaptive_quant.core.routing import Priority
 from adaptive_quant.core.stats import softmax
-from adaptive_quant.predictor.model import auroc
+from adaptive_quant.predictor.calibration import auroc
 
 
 @dataclass(frozen=True)

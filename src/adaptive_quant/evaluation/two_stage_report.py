@@ -37,8 +37,8 @@ from adaptive_quant.evaluation.two_stage import (
     router_points,
 )
 from adaptive_quant.export.plans import pass_logits
+from adaptive_quant.predictor.calibration import expected_calibration_error
 from adaptive_quant.predictor.deferral import DeferralPredictor
-from adaptive_quant.predictor.model import expected_calibration_error
 
 log = logging.getLogger(__name__)
 

@@ -24,9 +24,6 @@ class TritonModelSpec:
     instance_count: int = 1
     instance_kind: str = "KIND_AUTO"  # GPU when the server has one, else CPU
     flavor: str = "onnxruntime"
-    # non-image models (the accuracy predictor) name their dims; default: (3, size, size) → (classes,)
-    input_dims: tuple[int, ...] | None = None
-    output_dims: tuple[int, ...] | None = None
 
 
 def render_config(spec: TritonModelSpec) -> str:
@@ -38,8 +35,8 @@ def render_config(spec: TritonModelSpec) -> str:
         'backend: "onnxruntime"\nplatform: "onnxruntime_onnx"' if spec.flavor == "onnxruntime" else 'backend: "python"'
     )
     kind = "KIND_CPU" if spec.flavor == "python" else spec.instance_kind  # the python stub runs ORT on CPU
-    in_dims = ", ".join(str(d) for d in (spec.input_dims or (3, spec.image_size, spec.image_size)))
-    out_dims = ", ".join(str(d) for d in (spec.output_dims or (spec.num_classes,)))
+    in_dims = f"3, {spec.image_size}, {spec.image_size}"
+    out_dims = str(spec.num_classes)
     return f"""name: "{spec.name}"
 {header}
 max_batch_size: {spec.max_batch_size}

@@ -8,7 +8,6 @@ file with ONNX Runtime on CPU. Layout written under `dst_repo`:
     <triton_name>/config.pbtxt            triton_config.render_config(flavor="python")
     <triton_name>/1/model.py              MODEL_PY below
     <triton_name>/1/model.onnx            hard link to the source file (a copy across file systems)
-    accuracy_predictor/...                copied when the manifest names a predictor (the gateway reads it)
 
 No torch; pure file work, so the export stage and the tests can both call it.
 """
@@ -168,10 +167,6 @@ def write_python_flavor(src_repo: str | Path, dst_repo: str | Path, intra_op_thr
             )
         )
         v.path = f"{v.triton_name}/1/{ONNX_FILE}"  # where it now lies (the same bytes, so the same sha256)
-    if manifest.predictor:  # the gateway loads the predictor from the repository it is given
-        for rel in (manifest.predictor.get("path"), manifest.predictor.get("spec_path")):
-            if rel and (src / rel).is_file():
-                _link_or_copy(src / rel, dst / rel)
     manifest.training = {**manifest.training, "triton_flavor": "python", "flavor_of": str(src)}
     save_manifest(dst, manifest)
     log.info(

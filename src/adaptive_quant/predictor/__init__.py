@@ -1,3 +1,4 @@
-"""The per-sample accuracy predictor: `runtime` (NumPy/ONNX Runtime, what serving imports) and
-`fit`/`model` (what export uses to train and write it). May import: `core`; `fit` also `training`, `export`.
+"""The two-stage router's predictor: `deferral` and `entry_features` (NumPy, what serving imports),
+`fit_deferral` (torch, what export runs to fit it), `calibration` (NumPy: AUROC, ECE, Platt scaling).
+May import: `core`; `fit_deferral` also torch.
 """

@@ -25,9 +25,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from adaptive_quant.predictor.calibration import auroc, binary_nll, expected_calibration_error, fit_platt
 from adaptive_quant.predictor.deferral import NONE, DeferralPredictor, head_names, parse_pass, plan_name
 from adaptive_quant.predictor.entry_features import check_logits, feature_names, features_of_checked
-from adaptive_quant.predictor.model import auroc, binary_nll, expected_calibration_error, fit_platt
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adaptive_quant.core.manifest import load_manifest
 from adaptive_quant.core.memory_policy import MemorySample
-from adaptive_quant.predictor.runtime import AccuracyPredictor, LoadedPredictor, load_accuracy_predictor
 from adaptive_quant.serving.auth import ApiKeyMiddleware
 from adaptive_quant.serving.backends import Backend, make_backend
 from adaptive_quant.serving.errors import InputError, ServiceUnavailable, error_body
@@ -94,7 +93,6 @@ def install_error_handlers(app: FastAPI) -> None:
 def create_app(
     settings: ServeSettings,
     backend: Backend | None = None,
-    predictor: AccuracyPredictor | None = None,
     memory_probe: Callable[[], MemorySample] | None = None,
     router_predictor: RouterPredictor | None = None,
 ) -> FastAPI:
@@ -135,17 +133,12 @@ def create_app(
             )
             b = make_backend(settings.backend.kind, settings.repository, manifest, **opts)
         await b.start()
-        loaded = (
-            LoadedPredictor(predictor, "custom", f"custom: {type(predictor).__name__} given to create_app")
-            if predictor is not None
-            else load_accuracy_predictor(settings.repository, manifest)
-        )
         found = (
             LoadedRouter(router_predictor, f"custom: {type(router_predictor).__name__} given to create_app", {})
             if router_predictor is not None
             else load_router(settings.repository, manifest, settings.planner.enabled)
         )
-        service = ClassifierService(settings, manifest, b, loaded, metrics, router=found.predictor)
+        service = ClassifierService(settings, manifest, b, metrics, router=found.predictor)
         service.router_info = found
         await service.warm_up()
         await service.profile_host()  # the planner's latency estimates, for this host (profiling.py)
@@ -166,7 +159,7 @@ def create_app(
             b.name,
             ", ".join(f"{k}={'ok' if h.healthy else 'UNHEALTHY'}" for k, h in health.items()),
             found.summary,  # one line each; the structured detail is in /v1/status
-            "" if found.predictor is not None else f"; predictor: {loaded.summary}",
+            "" if found.predictor is not None else f"; single-stage routing on {service.prior.summary()}",
         )
         if not b.ready():
             log.error("no variant can serve: /readyz answers 503 and classify requests get 503")

@@ -103,7 +103,7 @@ async def classify_request(service: Any, headers: Mapping[str, str], read_body: 
         body = await read_body(limits.max_request_bytes)
         images = decode_instances(parse_json(body), limits.max_instances, service.manifest.image_size)
         x = to_model_input(images, service.manifest.mean, service.manifest.std)  # (N, 3, H, W)
-        result = await service.classify(images, x, options, started)
+        result = await service.classify(x, options, started)
         return shape_answer(service, result, options.budget_ms, started)
 
     return await guarded(service, started, work)

@@ -11,7 +11,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 # s; backend calls on CPU take ~0.2 ms (int8, batch 1) to tens of ms (fp32, batch 64)
 LATENCY_BUCKETS = (0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
-# s; a routing decision (predictor + policy) per request is tens of µs
+# s; a routing decision (router + planner, or the single-stage policy) per request is tens of µs
 DECISION_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 1e-2)
 
 # cancelled: cut by the drain timeout at shutdown (or the task was cancelled otherwise)
@@ -53,7 +53,7 @@ class GatewayMetrics:
         )
         self.decision_time = Histogram(
             "aq_routing_decision_seconds",
-            "Time to route one request's samples (predictor + policy), s",
+            "Time to route one request's samples (router + planner, or the single-stage policy), s",
             buckets=DECISION_BUCKETS,
             registry=r,
         )

@@ -185,7 +185,6 @@ class RequestedOutput:
 @dataclass
 class InferRequest:
     x: np.ndarray  # (N, 3, H, W) float32: the model input
-    images: np.ndarray | None  # (N, H, W, 3) uint8 when the caller sent pixels, else None
     id: str | None
     parameters: dict[str, Any]
     outputs: list[RequestedOutput]  # in the order to answer them
@@ -242,12 +241,12 @@ def parse_infer_request(body: bytes, header_length: str | None, manifest: Manife
             f"the body carries {len(tail)} bytes after the JSON header, but the inputs' binary_data_size add up "
             f"to {offset}"
         )
-    x, images = model_input(tensors, manifest)
+    x = model_input(tensors, manifest)
     binary_all = params.get(BINARY_OUTPUT_PARAM, False)
     if not isinstance(binary_all, bool):
         raise ProtocolError(f"parameter binary_data_output must be true or false, got {binary_all!r}")
     outputs = requested_outputs(req.get("outputs"), manifest, binary_all)
-    return InferRequest(x=x, images=images, id=rid, parameters=params, outputs=outputs)
+    return InferRequest(x=x, id=rid, parameters=params, outputs=outputs)
 
 
 def decode_tensor(
@@ -331,21 +330,21 @@ def tensor_from_values(flat: Sequence[Any], spec: TensorSpec, shape: list[int], 
     return array.astype(DTYPES[spec.datatype]).reshape(shape)
 
 
-def model_input(tensors: Mapping[str, np.ndarray], manifest: Manifest) -> tuple[np.ndarray, np.ndarray | None]:
-    """The decoded inputs (name → array) → x (N, 3, H, W) float32 and the pixels (N, H, W, 3)
-    uint8 when the caller sent them (else None). Exactly one input, finite values."""
+def model_input(tensors: Mapping[str, np.ndarray], manifest: Manifest) -> np.ndarray:
+    """The decoded inputs (name → array) → x (N, 3, H, W) float32, normalised here when the
+    caller sent pixels (N, H, W, 3) uint8. Exactly one input, finite values."""
     if len(tensors) != 1:
         raise ProtocolError(f"send one input, {IMAGES!r} or {PIXELS!r}, not both")
     images = tensors.get(PIXELS)
     if images is not None:
-        return to_model_input(images, manifest.mean, manifest.std), images
+        return to_model_input(images, manifest.mean, manifest.std)
     x = np.ascontiguousarray(tensors[IMAGES], dtype=np.float32)
     if not np.isfinite(x).all() or np.abs(x).max() > MAX_ABS_INPUT:
         raise ProtocolError(
             f"input {IMAGES!r} must hold finite values within ±{MAX_ABS_INPUT:g} (normalised pixels: "
             f"(pixel / 255 - mean) / std, mean {manifest.mean}, std {manifest.std})"
         )
-    return x, None
+    return x
 
 
 def unknown_input(index: int, name: Any, manifest: Manifest) -> ProtocolError:

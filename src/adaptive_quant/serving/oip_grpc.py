@@ -164,12 +164,10 @@ def parse_grpc_request(request: service_pb2.ModelInferRequest, manifest: Any, ma
             raise ProtocolError(f"input {inp.name!r} ({spec.datatype}) takes contents.{field}, got contents.{sent[0]}")
         else:
             raise ProtocolError(f"input {inp.name!r} has no data: send raw_input_contents or contents.{field}")
-    x, images = model_input(tensors, manifest)
+    x = model_input(tensors, manifest)
     wanted = [{"name": o.name, "parameters": _parameters(o.parameters)} for o in request.outputs]
     outputs = requested_outputs(wanted or None, manifest, binary_all=True)  # binary: raw_output_contents
-    return InferRequest(
-        x=x, images=images, id=request.id or None, parameters=_parameters(request.parameters), outputs=outputs
-    )
+    return InferRequest(x=x, id=request.id or None, parameters=_parameters(request.parameters), outputs=outputs)
 
 
 def encode_grpc_response(
@@ -266,7 +264,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             options, ignored = routing_options(
                 parsed.parameters, headers, service.settings.routing.default_priority, variant
             )
-            result = await service.classify(parsed.images, parsed.x, options, started)
+            result = await service.classify(parsed.x, options, started)
             record_result(service, result, options.budget_ms)
             params = response_parameters(result, precision_header(set(result.precisions)), options.budget_ms, ignored)
             tensors = output_tensors(result.probs, result.passes, result.precisions)

@@ -115,7 +115,7 @@ async def infer_request(
         options, ignored = routing_options(
             request.parameters, headers, service.settings.routing.default_priority, variant
         )
-        result = await service.classify(request.images, request.x, options, started)
+        result = await service.classify(request.x, options, started)
         record_result(service, result, options.budget_ms)
         precision = precision_header(set(result.precisions))
         params = response_parameters(result, precision, options.budget_ms, ignored)

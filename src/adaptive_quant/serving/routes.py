@@ -126,10 +126,11 @@ async def status(service: ServiceDep) -> dict:
         "model": service.manifest.model_name,
         "backend": service.backend.name,
         "ready": service.ready(),
-        "predictor": {
-            "kind": service.predictor.kind,
-            "summary": service.predictor.summary,
-            "detail": service.predictor.detail,
+        # what routes a request when no router does (none in the repository, or planner.enabled false)
+        "single_stage": {
+            "in_use": service.followup is None,
+            "summary": service.prior.summary(),
+            **service.prior.to_json(),
         },
         "router": {
             "two_stage": service.followup is not None,

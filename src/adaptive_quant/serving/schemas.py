@@ -85,7 +85,9 @@ class ClassifyResponse(BaseModel):
     budget_ms: float | None
     budget_met: bool
     server_time_ms: float
-    routing_time_ms: float = Field(..., description="predictor + policy for all samples")
+    routing_time_ms: float = Field(
+        ..., description="routing decisions for all samples (router + planner, or the single-stage policy)"
+    )
     fallbacks: int = Field(..., description="backend calls retried on another variant")
 
 
@@ -114,17 +116,19 @@ class VariantStatus(BaseModel):
     loaded_reason: str = Field(..., description="why it is loaded or not (start-up, memory policy, server down, ...)")
 
 
-class PredictorStatus(BaseModel):
-    kind: str = Field(..., description="mlp (the trained predictor) | prior (validation accuracies) | custom")
-    summary: str = Field(..., description="one line: what routes and how good it is, or why the prior")
-    detail: dict[str, Any] = Field(..., description="the same, structured: path, features, metrics, reason")
+class SingleStageStatus(BaseModel):
+    in_use: bool = Field(..., description="true: no router (none in the repository, or planner.enabled false)")
+    summary: str = Field(..., description="one line: what single-stage routing ranks the variants by")
+    source: str = Field(..., description="manifest: each variant's validation accuracy, the same for every sample")
+    accuracy: dict[str, float] = Field(..., description="variant key → p(correct) single-stage routing uses")
+    unmeasured: list[str] = Field(..., description="variants without a validation accuracy (ranked by precision)")
 
 
 class StatusResponse(BaseModel):
     model: str
     backend: str
     ready: bool
-    predictor: PredictorStatus
+    single_stage: SingleStageStatus
     router: dict[str, Any] = Field(..., description="two-stage routing: the router's summary, plans, follow-up counts")
     variants: list[VariantStatus]
     in_flight_requests: int

@@ -6,11 +6,14 @@ Two-stage routing (when the manifest names a router, i.e. the exporter measured 
   2. serving.followup: the router predictor reads the entry logits, the planner picks a follow-up
      plan per sample within the remaining budget (priced higher under load), the follow-up passes
      run batched and are cut at the deadline; the answer averages the passes that ran
-Without a router (older repositories) the single-stage policy below routes each sample once.
+Without a router (older repositories, or planner.enabled false) the single-stage policy below
+routes each sample once, on each variant's validation accuracy (core.prior): the same for every
+sample, so a request's samples go to one variant unless a fallback moves some.
 
 Per request (single stage, and the entry pass of two-stage):
-  1. the predictor gives p(correct | sample, variant), (N, V); the estimator gives each
-     variant's latency for a call of N samples now (profile · observed ratio + queueing)
+  1. p(correct | variant) is the manifest's prior, (N, V) (two-stage entry pass: equal for all
+     variants, so the cheapest allowed one answers); the estimator gives each variant's latency
+     for a call of N samples now (profile · observed ratio + queueing)
   2. `route_batch` picks a variant per sample (the same function the offline evaluation uses)
   3. samples of one variant go in one backend call; variants run in parallel (asyncio.gather)
   4. each call is abandoned at max(remaining budget, slow_factor × its own estimate) + grace:
@@ -38,13 +41,13 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from adaptive_quant.core.images import encode_png, from_model_input
+from adaptive_quant.core.images import encode_png
 from adaptive_quant.core.latency import LatencyEstimator
 from adaptive_quant.core.manifest import Manifest
 from adaptive_quant.core.precision import Precision
+from adaptive_quant.core.prior import PriorAccuracy
 from adaptive_quant.core.routing import NoVariantAllowed, Priority, route_batch
 from adaptive_quant.core.stats import softmax
-from adaptive_quant.predictor.runtime import LoadedPredictor, PriorPredictor, accuracy_matrix
 from adaptive_quant.serving.backends.base import Backend
 from adaptive_quant.serving.decode import decode_instances
 from adaptive_quant.serving.errors import InputError, ServiceUnavailable
@@ -102,14 +105,13 @@ class _RequestState:
 
 
 class ClassifierService:
-    """Holds the manifest, backend, predictor, latency estimator, breakers and metrics."""
+    """Holds the manifest, backend, routing inputs (prior, router), latency estimator, breakers and metrics."""
 
     def __init__(
         self,
         settings: ServeSettings,
         manifest: Manifest,
         backend: Backend,
-        predictor: LoadedPredictor,
         metrics: GatewayMetrics,
         router: RouterPredictor | None = None,
     ) -> None:
@@ -118,13 +120,13 @@ class ClassifierService:
         self.backend = backend
         # an idle backend may compute on the event loop only while this is the one request in flight
         backend.set_contention_probe(lambda: self.in_flight > 1)
-        self.predictor = predictor
-        self.prior = PriorPredictor.from_manifest(manifest)
+        self.prior = PriorAccuracy.from_manifest(manifest)  # single-stage routing's p(correct | variant)
         self.metrics = metrics
         # pinned to a subset (benchmarks, a variant taken out by config, an opt-in variant such as
         # a pruned INT8 network taken in), else every served variant but the opt-in ones
         served = manifest.routed_variants(settings.variants)
         self.keys = [v.key for v in served]  # column order everywhere below
+        self.prior_row = self.prior.row(self.keys)  # (V,) single-stage p(correct), the same for every sample
         self.precisions = [Precision(v.precision) for v in served]
         self.ranks = np.array([p.rank for p in self.precisions])  # (V,)
         self.precision_of = dict(zip(self.keys, self.precisions))
@@ -220,13 +222,12 @@ class ClassifierService:
 
     async def warm_up(self) -> None:
         """One request's worth of work before serving, so the first caller does not pay for lazy
-        initialisation (image decoder plugins, predictor, first ORT runs with this shape path).
+        initialisation (image decoder plugins, router, first ORT runs with this shape path).
         Touches neither metrics nor the latency estimate."""
         size = self.manifest.image_size
         png = base64.b64encode(encode_png(np.zeros((size, size, 3), np.uint8))).decode()
-        images = decode_instances({"instances": [{"b64": png}]}, 1, size)
+        decode_instances({"instances": [{"b64": png}]}, 1, size)
         x = np.zeros((1, 3, size, size), np.float32)
-        accuracy_matrix(self.predictor.predictor, images, self.keys, self.prior)
         if self.followup is not None:  # the router and planner: first-call costs of NumPy paths
             self.followup.router.predict(np.zeros((1, len(self.manifest.classes)), np.float32))
         health = self.backend.variants()
@@ -241,18 +242,13 @@ class ClassifierService:
 
     # ------------------------------------------------------------------ classify
 
-    async def classify(
-        self, images: np.ndarray | None, x: np.ndarray, options: ClassifyOptions, started: float
-    ) -> ClassifyResult:
-        """images (N, H, W, 3) uint8 for the pixel predictor, x (N, 3, H, W) float32 for the model;
-        images None (a caller that sent the model input) = recovered from x, when the predictor needs them."""
+    async def classify(self, x: np.ndarray, options: ClassifyOptions, started: float) -> ClassifyResult:
+        """x (N, 3, H, W) float32, the model input; `started` perf_counter() s at arrival."""
         self.check_options(options)
         n = x.shape[0]
         t = time.perf_counter()
         if self.followup is None:
-            if images is None:
-                images = from_model_input(x, self.manifest.mean, self.manifest.std)
-            acc = accuracy_matrix(self.predictor.predictor, images, self.keys, self.prior)  # (N, V)
+            acc = np.broadcast_to(self.prior_row, (n, len(self.keys)))  # (N, V), read-only view
             entry_options = options
         else:
             # entry pass: equal predicted accuracy and the balanced price → the cheapest allowed variant

@@ -4,7 +4,7 @@ What they measure comes in as callables and clients, so this module needs nothin
 gateway's internals (tools reach the gateway over HTTP only); cli/bench.py builds the
 routing function, the backend and the in-process gateway and hands them over.
 
-1. routing decision per sample (`routing_times`): predictor + latency estimate + policy, µs
+1. routing decision per sample (`routing_times`): router + planner, or the single-stage policy, µs
 2. gateway overhead at concurrency 1 (`backend_times`, `gateway_times`, `overhead`): the
    backend called directly vs the same request through the whole gateway, ms
 3. throughput over real HTTP (`bench_throughput`): a gateway subprocess per mode (pinned to
@@ -40,7 +40,7 @@ def p50_p99(values: np.ndarray | list[float]) -> dict[str, float]:
 
 
 def sample_images(n: int, seed: int = 0) -> np.ndarray:
-    """(n, 32, 32, 3) uint8 with image-like smoothness (the predictor's features see texture)."""
+    """(n, 32, 32, 3) uint8 with image-like smoothness (4×4 blocks of one colour), not pixel noise."""
     rng = np.random.default_rng(seed)
     base = rng.integers(0, 256, size=(n, 8, 8, 3)).astype(np.uint8)
     return np.repeat(np.repeat(base, 4, axis=1), 4, axis=2)
