@@ -180,3 +180,19 @@ def test_quality_breaks_a_near_tie_by_the_plans_validation_accuracy(tmp_path):
     with serve(repo, router=router, **{"planner.quality_tie": 0.0}) as client:  # the rule off: the prediction alone
         off = classify(client, imgs, X_Priority="quality").json()
     assert [p["passes"] for p in off["predictions"]] == [["int8"]] * 2
+
+
+def test_the_python_flavour_for_local_triton_carries_the_router(tmp_path):
+    """aq-triton-local serves a Python-backend copy of the repository; a gateway given that copy
+    must still find the two-stage router the copied manifest names (it was left behind before)."""
+    from pathlib import Path
+
+    from adaptive_quant.export.triton_python import write_python_flavor
+    from adaptive_quant.serving.followup import load_router
+
+    shipped = Path(__file__).resolve().parents[1] / "model_repository"
+    flavour = write_python_flavor(shipped, tmp_path / "python_repo")
+    manifest = load_manifest(flavour)
+    found = load_router(flavour, manifest)
+    assert found.predictor is not None, found.summary
+    assert found.predictor.plan_names == load_router(shipped, load_manifest(shipped)).predictor.plan_names

@@ -8,6 +8,7 @@ file with ONNX Runtime on CPU. Layout written under `dst_repo`:
     <triton_name>/config.pbtxt            triton_config.render_config(flavor="python")
     <triton_name>/1/model.py              MODEL_PY below
     <triton_name>/1/model.onnx            hard link to the source file (a copy across file systems)
+    router/1/deferral.{npz,json}          the two-stage router, linked likewise (the gateway reads it)
 
 No torch; pure file work, so the export stage and the tests can both call it.
 """
@@ -167,6 +168,12 @@ def write_python_flavor(src_repo: str | Path, dst_repo: str | Path, intra_op_thr
             )
         )
         v.path = f"{v.triton_name}/1/{ONNX_FILE}"  # where it now lies (the same bytes, so the same sha256)
+    if manifest.router:
+        # the two-stage router runs in the gateway, not in Triton, but the gateway reads it from the
+        # repository it is given: a flavour without it would name missing files and serve single-stage
+        for key in ("path", "spec_path"):
+            if manifest.router.get(key):
+                _link_or_copy(src / manifest.router[key], dst / manifest.router[key])
     manifest.training = {**manifest.training, "triton_flavor": "python", "flavor_of": str(src)}
     save_manifest(dst, manifest)
     log.info(
