@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from adaptive_quant.core.planner import PlannerConfig, plan_followups
+from adaptive_quant.core.planner import PlannerConfig, effective_slack, plan_followups
 from adaptive_quant.core.plans import NONE, Pass, Plan, View, applicable, apply_view, combine
 from adaptive_quant.core.routing import Priority
 
@@ -82,7 +82,7 @@ def test_quality_ties_go_to_the_plan_more_accurate_on_validation(problem):
     d = plan_followups(acc, cost, ms, allowed, remaining, Priority.QUALITY, CFG, load, prior)
     ok = allowed.copy()
     ok[0] = True
-    feasible = ok & (True if remaining is None else CFG.slack * ms <= remaining)
+    feasible = ok & (True if remaining is None else effective_slack(CFG, load) * ms <= remaining)
     feasible[0] = True
     best = np.where(feasible, acc, -np.inf).max(axis=1)
     assert (d.predicted >= best - CFG.quality_tie - 1e-12).all()
@@ -162,3 +162,27 @@ def test_views_and_the_average_of_passes():
     b = np.array([[0.2, 0.8]], np.float32)
     c = np.array([[0.2, 0.8]], np.float32)
     assert np.allclose(combine([a, b, c]), [[0.4, 0.6]]) and np.allclose(a, [[0.8, 0.2]])  # inputs untouched
+
+
+def test_an_idle_server_plans_a_follow_up_that_just_fits_and_a_busy_one_keeps_a_margin():
+    acc = np.array([[0.5, 0.6]])  # a flip predicted to add 10 points
+    cost, ms = np.array([0.0, 1.0]), np.array([0.0, 1.0])  # its estimate: 1 ms
+
+    def plan(load: float) -> int:
+        return int(plan_followups(acc, cost, ms, np.ones(2, bool), 1.2, Priority.QUALITY, CFG, load).index[0])
+
+    assert plan(0.0) == 1  # idle: the estimate (a p95 profile, no queue) fits the 1.2 ms left
+    assert plan(1.0) == 0  # busy: it must fit twice over (planner.slack), 2 ms > 1.2 ms
+    assert effective_slack(CFG, 0.0) == 1.0 and effective_slack(CFG, 0.5) == 1.5 and effective_slack(CFG, 7.0) == 2.0
+
+
+@settings(max_examples=100, deadline=None)
+@given(problems(), st.floats(0.1, 8.0))
+def test_a_follow_up_feasible_under_load_is_feasible_idle(problem, more):
+    acc, cost, ms, allowed, remaining, load = problem
+    if remaining is None:
+        return
+    busy = plan_followups(acc, cost, ms, allowed, remaining, Priority.QUALITY, CFG, load + more)
+    # quality ignores the price: only feasibility differs between the loads
+    idle_feasible = allowed & (effective_slack(CFG, load) * ms <= remaining)
+    assert (idle_feasible[busy.index[busy.index > 0]]).all()

@@ -90,7 +90,7 @@ def test_a_follow_up_cut_at_the_deadline_leaves_the_entry_answer_within_budget(r
     imgs = images(2, seed=7)
     backend = FakeFlakyBackend(EmbeddedBackend(repo, load_manifest(repo)))
     backend.delay_s["fp32"] = (
-        3.0  # the profile says 240 ms at batch 2-8: with slack 2 the planner thinks it fits 600 ms
+        3.0  # the profile says 240 ms at batch 2-8: on an idle server the planner thinks it fits 600 ms
     )
     with serve(repo, backend=backend, router=FakePlanRouter(fp32=0.99)) as client:
         r = classify(client, imgs, X_Priority="quality", X_Latency_Budget_Ms=600)

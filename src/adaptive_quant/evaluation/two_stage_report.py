@@ -17,7 +17,7 @@ import numpy as np
 
 from adaptive_quant.core.images import to_model_input
 from adaptive_quant.core.manifest import load_manifest
-from adaptive_quant.core.planner import PlannerConfig
+from adaptive_quant.core.planner import PlannerConfig, effective_slack
 from adaptive_quant.core.plans import Pass, Plan, View
 from adaptive_quant.core.routing import Priority
 from adaptive_quant.data import Split
@@ -127,7 +127,7 @@ def evaluate_two_stage(
         # at every budget, X-Priority: quality against every fixed variant or plan that fits it
         "budgets_met_quality": all(b["quality_acc"] >= b["best_fixed_acc"] - 1e-12 for b in budgets),
         # the same against the fixed choices the planner itself would run under that budget (a
-        # follow-up needs planner.slack × its time left after the entry pass)
+        # follow-up needs core.planner.effective_slack × its time left after the entry pass; 1× idle)
         "budgets_met_quality_plannable": all(b["quality_acc"] >= b["best_plannable_acc"] - 1e-12 for b in budgets),
         "budgets_met_balanced": all(b["router_acc"] >= b["best_fixed_acc"] - 1e-12 for b in budgets),
         "budgets_met_random": all(
@@ -162,7 +162,7 @@ def _budget_sweep(
 ) -> list[dict[str, Any]]:
     """Per budget (ms of one batch-1 request, idle server): balanced and quality against every fixed
     choice that fits (its modelled time within the budget), against the fixed choices the planner
-    could itself plan there (planner.slack × the follow-up's time within what the entry leaves),
+    could itself plan there (effective_slack × the follow-up's time within what the entry leaves),
     and against random assignment of the same plans at the same rate."""
     entry_ms = rec.pass_ms[rec.entry]
     ok = rec.correct()
@@ -182,11 +182,11 @@ def _budget_sweep(
             row[f"{key}_latency_ms"] = float(entry_ms + ms[index].mean())
             row[f"{key}_random_acc"] = random_assignment(rec, index, seed=seed)
         fits = {k: a for k, (a, t, _) in fixed.items() if t <= budget}
-        # a plan runs after the entry pass: the planner needs slack × its extra time left over
+        # a plan runs after the entry pass: the planner needs its margin × its extra time left over (idle: 1×)
         plannable = {
             k: a
             for k, (a, t, is_plan) in fixed.items()
-            if (entry_ms + planner.slack * (t - entry_ms) <= budget if is_plan else k == rec.entry)
+            if (entry_ms + effective_slack(planner, 0.0) * (t - entry_ms) <= budget if is_plan else k == rec.entry)
         }
         best = max(fits, key=fits.get) if fits else rec.entry
         best_plannable = max(plannable, key=plannable.get)
@@ -251,7 +251,7 @@ def _verdict(report: TwoStageReport, default, best_fixed, best_plan, quality) ->
             f" Under budgets ({len(report.budgets)} from {report.budgets[0]['budget_ms']:.2f} to "
             f"{report.budgets[-1]['budget_ms']:.2f} ms), `quality` is at worst {gap:+.2f} points against the best "
             f"fixed choice whose time fits ({worst['best_fixed']} at {worst['budget_ms']:.2f} ms) and at worst "
-            f"{100 * plannable:+.2f} against the best one the planner could plan there (planner.slack × a "
+            f"{100 * plannable:+.2f} against the best one the planner could plan there (its margin × a "
             f"follow-up's time within what the entry leaves); "
             f"{'never below' if t.get('budgets_met_random') else 'not always above'} random assignment of the "
             f"same plans at the same rate."
