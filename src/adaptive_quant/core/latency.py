@@ -73,7 +73,7 @@ class LatencyEstimator:
         self.config = config
         self._clock = clock
         self._state = {k: _VariantState(profile=p, ratio_at=clock()) for k, p in profiles.items()}
-        self._service_cache: dict[tuple[str, int], float] = {}  # (variant, batch) → ms
+        self._service_cache: dict[tuple[str, int, str], float] = {}  # (variant, batch, point) → ms
         # bumped whenever the profiles change: callers caching figures derived from service_ms
         # (the follow-up stage's relative plan costs) key their caches on it
         self.profile_version = 0
@@ -91,16 +91,7 @@ class LatencyEstimator:
 
     def service_ms(self, variant: str, batch: int) -> float:
         """Profiled p95 time of one call of `batch` samples on an idle server, ms."""
-        cached = self._service_cache.get((variant, batch))
-        if cached is not None:
-            return cached
-        profile = self._state[variant].profile
-        if profile is None or not profile.batches:
-            value = self.config.default_service_ms
-        else:
-            value = float(profile.at(max(1, batch)).p95_ms)
-        self._service_cache[(variant, batch)] = value  # profiles never change while serving
-        return value
+        return self._profiled_ms(variant, batch, "p95_ms")
 
     def compute_ms(self, variant: str, batch: int) -> float:
         """Profiled p50 time of one call of `batch` samples, ms: what a call costs in compute.
@@ -110,8 +101,14 @@ class LatencyEstimator:
         inflated for every variant alike, which compresses their ratios: measured at start-up on a
         loaded 2-core host, INT8's p95 read 5.1 ms and FP32's 6.9 ms (1.3×, against 4.4× quiet),
         and balanced routing sent 10 % of one-image requests to int8:hflip+fp32:hflip. The p50
-        keeps the ratio (a variant without a profile: `default_service_ms`)."""
-        key = (variant, -max(1, batch))  # negative batch: the p50 entries of the shared cache
+        keeps the ratio."""
+        return self._profiled_ms(variant, batch, "p50_ms")
+
+    def _profiled_ms(self, variant: str, batch: int, point: str) -> float:
+        """The profile's `point` ("p50_ms", "p95_ms") at the smallest profiled batch ≥ `batch`, ms;
+        `default_service_ms` for a variant without a profile. Cached: profiles change only through
+        `set_profiles`, which clears the cache."""
+        key = (variant, batch, point)
         cached = self._service_cache.get(key)
         if cached is not None:
             return cached
@@ -119,7 +116,7 @@ class LatencyEstimator:
         if profile is None or not profile.batches:
             value = self.config.default_service_ms
         else:
-            value = float(profile.at(max(1, batch)).p50_ms)
+            value = float(getattr(profile.at(max(1, batch)), point))
         self._service_cache[key] = value
         return value
 
