@@ -75,8 +75,9 @@ def test_one_sample_requests_get_the_same_decision_as_the_vectorised_rule(proble
 @settings(max_examples=150, deadline=None)
 @given(problems())
 def test_quality_ties_go_to_the_plan_more_accurate_on_validation(problem):
-    """quality with a prior: the chosen plan is predicted within quality_tie of the best feasible
-    one, and no feasible plan that is as close has a higher validation accuracy."""
+    """quality with a prior: the chosen plan is predicted within the tie (quality_tie, shrinking
+    with the load) of the best feasible one, and no feasible plan as close is more accurate on
+    validation."""
     acc, cost, ms, allowed, remaining, load = problem
     prior = np.random.default_rng(acc.shape[1]).uniform(0.85, 0.92, acc.shape[1])
     d = plan_followups(acc, cost, ms, allowed, remaining, Priority.QUALITY, CFG, load, prior)
@@ -85,11 +86,12 @@ def test_quality_ties_go_to_the_plan_more_accurate_on_validation(problem):
     feasible = ok & (True if remaining is None else effective_slack(CFG, load) * ms <= remaining)
     feasible[0] = True
     best = np.where(feasible, acc, -np.inf).max(axis=1)
-    assert (d.predicted >= best - CFG.quality_tie - 1e-12).all()
-    tied = feasible & (acc >= best[:, None] - CFG.quality_tie)
+    tie = max(1e-9, CFG.quality_tie * (1.0 - min(1.0, load)))
+    assert (d.predicted >= best - tie - 1e-12).all()
+    tied = feasible & (acc >= best[:, None] - tie)
     assert (prior[d.index] >= np.where(tied, prior, -np.inf).max(axis=1) - 1e-9).all()
     balanced = plan_followups(acc, cost, ms, allowed, remaining, Priority.BALANCED, CFG, load, prior)
-    assert (d.predicted >= balanced.predicted - CFG.quality_tie - 1e-12).all()
+    assert (d.predicted >= balanced.predicted - tie - 1e-12).all()
 
 
 def test_quality_spends_compute_on_a_confident_sample_only_when_the_validation_prior_says_it_pays():
@@ -110,6 +112,13 @@ def test_quality_spends_compute_on_a_confident_sample_only_when_the_validation_p
         clear, cost, ms, np.ones(3, bool), None, Priority.QUALITY, CFG, 0.0, prior
     ).index.tolist() == [1]
     assert plan_followups(acc, cost, ms, np.ones(3, bool), 0.5, Priority.QUALITY, CFG, 0.0, prior).index.tolist() == [0]
+    # under load the tie's compute is not free: at a full batch in flight, the prediction alone
+    assert plan_followups(acc, cost, ms, np.ones(3, bool), None, Priority.QUALITY, CFG, 1.0, prior).index.tolist() == [
+        0
+    ]
+    assert plan_followups(acc, cost, ms, np.ones(3, bool), None, Priority.QUALITY, CFG, 0.5, prior).index.tolist() == [
+        1
+    ]
 
 
 def test_a_follow_up_runs_where_it_is_predicted_to_pay_and_not_elsewhere():

@@ -12,9 +12,9 @@ Per sample and plan j (column 0 is "none": no extra pass, cost 0, always feasibl
              and more under load, so follow-ups are shed first when the server is busy (the
              service gives up quality, not latency)
   quality  → the most accurate feasible plan. Given the plans' validation accuracies (`prior`),
-             predictions within `quality_tie` of the best count as equal and the plan that is
-             more accurate on validation wins among them (then the cheaper); without a prior,
-             ties within 1e-9 go to the cheaper
+             predictions within `quality_tie` × (1 − min(1, load)) of the best count as equal and
+             the plan that is more accurate on validation wins among them (then the cheaper);
+             without a prior, ties within 1e-9 go to the cheaper
   speed    → the balanced choice only if its predicted gain over "none" clears `speed_tolerance`
 So in predicted accuracy quality ≥ balanced − quality_tie (≥ balanced exactly without a prior),
 and balanced ≥ speed ≥ none, sample by sample.
@@ -69,7 +69,8 @@ class PlannerConfig(Section):
     # ones the true gain of a second view is smaller than its error and spread thin: 5-fold CV on
     # the validation split (router refitted per fold) gave quality 90.34 % against 90.40 % for
     # the best fixed plan with no tie rule, 90.42 % at 0.01; with only int8:hflip within the
-    # budget 90.26 % against 90.32 %, and 90.32 % at 0.01. 0 turns the rule off
+    # budget 90.26 % against 90.32 %, and 90.32 % at 0.01. It applies in full on an idle server
+    # and shrinks to nothing at a load of one full batch in flight. 0 turns the rule off
     quality_tie: float = Field(0.01, ge=0.0, le=1.0)
 
 
@@ -136,7 +137,7 @@ def plan_followups(
     price = config.followup_price * (1.0 + config.load_price * max(0.0, load))
     score = acc if priority is Priority.QUALITY else acc - price * cost  # (N, P)
     score = np.where(feasible, score, -np.inf)
-    tie = _quality_tie(priority, config, prior)
+    tie = _quality_tie(priority, config, prior, load)
     candidates = score >= score.max(axis=1, keepdims=True) - tie
     if tie > _TIE:  # quality with a prior: the plan more accurate on validation wins the tie
         ranked = np.where(candidates, prior, -np.inf)
@@ -154,10 +155,16 @@ def effective_slack(config: PlannerConfig, load: float) -> float:
     return 1.0 + (config.slack - 1.0) * min(1.0, max(0.0, load))
 
 
-def _quality_tie(priority: Priority, config: PlannerConfig, prior: object) -> float:
-    """How close two predictions must be to tie: `quality_tie` for quality given a prior, else _TIE."""
+def _quality_tie(priority: Priority, config: PlannerConfig, prior: object, load: float) -> float:
+    """How close two predictions must be to tie: for quality given a prior, `quality_tie` on an idle
+    server, shrinking to none at a load of one full batch in flight; else _TIE.
+
+    A tie spends compute where the router cannot tell the plans apart (on the test split: every
+    sample escalated, 3.8× INT8's compute, for +0.01 point). That is worth it only while the
+    compute is free: under load it would delay everyone queued, so quality falls back to the
+    prediction alone (its follow-ups shed first, like balanced's)."""
     if priority is Priority.QUALITY and prior is not None and config.quality_tie > _TIE:
-        return config.quality_tie
+        return max(_TIE, config.quality_tie * (1.0 - min(1.0, max(0.0, load))))
     return _TIE
 
 
@@ -214,7 +221,7 @@ def plan_one(
         else:
             score = -math.inf
         scores.append(score)
-    tie = _quality_tie(priority, config, prior)
+    tie = _quality_tie(priority, config, prior, load)
     good = best - tie
     if tie > _TIE:  # quality with a prior: the tied plan more accurate on validation, then the cheaper
         assert prior is not None
