@@ -137,8 +137,13 @@ class LatencyEstimator:
 
     def ratio(self, variant: str) -> float:
         """Current observed/predicted correction, relaxed towards 1 by the time since last update."""
-        st = self._state[variant]
-        age = max(0.0, self._clock() - st.ratio_at)
+        return self._relaxed(self._state[variant], self._clock())
+
+    def _relaxed(self, st: _VariantState, now: float) -> float:
+        """`st`'s ratio at clock time `now`, its deviation from 1 halved every relax_half_life_s."""
+        if st.ratio == 1.0:
+            return 1.0
+        age = max(0.0, now - st.ratio_at)
         return 1.0 + (st.ratio - 1.0) * 0.5 ** (age / self.config.relax_half_life_s)
 
     def predicted_ms(self, variant: str, batch: int) -> float:
@@ -157,15 +162,11 @@ class LatencyEstimator:
         shared = None
         if cfg.compute_slots:
             shared = sum(self.work_ms(v) for v in self._state) / cfg.compute_slots
-        out = []
-        for v in variants:
-            st = self._state[v]
-            queue = self.work_ms(v) if shared is None else shared
-            ratio = st.ratio
-            if ratio != 1.0:
-                ratio = 1.0 + (ratio - 1.0) * 0.5 ** (max(0.0, now - st.ratio_at) / cfg.relax_half_life_s)
-            out.append(ratio * (self.service_ms(v, batch) + queue))
-        return out
+        return [
+            self._relaxed(self._state[v], now)
+            * (self.service_ms(v, batch) + (self.work_ms(v) if shared is None else shared))
+            for v in variants
+        ]
 
     def load(self) -> float:
         """Samples in flight on every variant, in max-size batches (0 = idle)."""

@@ -150,9 +150,14 @@ def plan_followups(
     return PlanDecision(index=index, predicted=acc[rows, index])
 
 
+def _busy(load: float) -> float:
+    """How busy the server is for the margins below: the load clamped to [0, 1] (1 = a full batch in flight)."""
+    return min(1.0, max(0.0, load))
+
+
 def effective_slack(config: PlannerConfig, load: float) -> float:
     """The margin a follow-up's estimate needs within the remaining budget: 1 when idle, `slack` at load ≥ 1."""
-    return 1.0 + (config.slack - 1.0) * min(1.0, max(0.0, load))
+    return 1.0 + (config.slack - 1.0) * _busy(load)
 
 
 def _quality_tie(priority: Priority, config: PlannerConfig, prior: object, load: float) -> float:
@@ -164,7 +169,7 @@ def _quality_tie(priority: Priority, config: PlannerConfig, prior: object, load:
     compute is free: under load it would delay everyone queued, so quality falls back to the
     prediction alone (its follow-ups shed first, like balanced's)."""
     if priority is Priority.QUALITY and prior is not None and config.quality_tie > _TIE:
-        return max(_TIE, config.quality_tie * (1.0 - min(1.0, max(0.0, load))))
+        return max(_TIE, config.quality_tie * (1.0 - _busy(load)))
     return _TIE
 
 

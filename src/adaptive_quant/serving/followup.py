@@ -70,7 +70,7 @@ class FollowupStage:
         config: PlannerConfig,
         prior: Sequence[float] | None = None,
     ) -> None:
-        """`prior`: each plan's validation accuracy in the router's column order (`plan_prior`),
+        """`prior`: each plan's validation accuracy in the router's column order (Manifest.plan_accuracies),
         which breaks quality's ties (core.planner); None: ties go to the cheaper plan."""
         if not router.plan_names or router.plan_names[0] != NONE:
             raise ValueError(f"the router's first plan column must be {NONE!r}, got {router.plan_names[:1]}")
@@ -86,16 +86,15 @@ class FollowupStage:
         known = set(keys)
         # plans over variants this service does not serve (pinned to a subset) are never allowed
         self._servable = np.array([p.variants <= known for p in self.plans])
-        # (P, V) passes of each plan on each served variant: a plan's price is this times per-variant figures
-        self._passes = np.zeros((len(self.plans), len(self.keys)))
-        for j, plan in enumerate(self.plans):
-            for p in plan.passes:
-                if p.variant in self.precision:
-                    self._passes[j, self.keys.index(p.variant)] += 1
         # per plan, the indexes into `keys` of its passes' variants (a variant twice if it runs twice)
         self._pass_index = [
             [self.keys.index(p.variant) for p in plan.passes if p.variant in self.precision] for plan in self.plans
         ]
+        # (P, V) passes of each plan on each served variant: a plan's price is this times per-variant figures
+        self._passes = np.zeros((len(self.plans), len(self.keys)))
+        for j, variants in enumerate(self._pass_index):
+            for v in variants:
+                self._passes[j, v] += 1
         self._allowed_cache: dict[tuple, np.ndarray] = {}
         # (1,) index arrays of one-image decisions, one per plan, shared and read-only (no caller writes them)
         self._index_one = [np.array([j], dtype=np.int64) for j in range(len(self.plans))]
@@ -164,11 +163,8 @@ class FollowupStage:
         row = self._predict_row(entry_logits[0].tolist())
         key = (entry, id(estimator), estimator.profile_version)
         cost = self._cost_one.get(key)
-        if cost is None:  # relative costs change only with the profiles: computed once per profile
-            service = [estimator.compute_ms(k, 1) for k in self.keys]
-            entry_ms = max(estimator.compute_ms(entry, 1), 1e-6)
-            cost = [sum(service[v] for v in passes) / entry_ms for passes in self._pass_index]
-            self._cost_one[key] = cost
+        if cost is None:  # relative costs change only with the profiles: priced once per profile
+            cost = self._cost_one[key] = self.price(entry, 1, estimator)[0].tolist()
         now = estimator.estimates_ms(self.keys, 1)
         ms = [sum([now[v] for v in passes]) for passes in self._pass_index]
         index, predicted = plan_one(
