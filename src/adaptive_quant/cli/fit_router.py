@@ -9,6 +9,14 @@ files the gateway serves), records which plans answer each sample right, fits th
 with the plans' validation accuracy and extra cost in manifest.json. The export does the same at
 the end of every export; this command refits an existing repository (e.g. after a new split or
 plan set). The test split is never read: `aq-evaluate` measures the result there.
+
+  aq-fit-router --cross-validate 5                               # study the shipped router, write nothing
+
+--cross-validate K refits the router K times on the validation split, each time without one fold,
+and plans every held-out sample with the gateway's planner: `quality` at each candidate
+`planner.quality_tie` under every budget of the report's sweep, against the best fixed variant or
+plan that fits, and balanced against the confidence rule at the same rate. It prints the table and
+the tie whose worst budget is best (`--out` writes the JSON); it writes nothing to the repository.
 """
 
 from __future__ import annotations
@@ -31,6 +39,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--entry", default="int8", help="the entry variant the plans follow (default: %(default)s)")
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0 = all cores)")
+    p.add_argument(
+        "--cross-validate",
+        type=int,
+        default=0,
+        metavar="K",
+        help="K-fold cross-validation of the repository's router and quality_tie on the validation split; "
+        "writes nothing (0 = off, the default: fit and write the router)",
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="with --cross-validate: fold assignments (seeds) to average over (default: %(default)s)",
+    )
+    p.add_argument("--out", default=None, help="with --cross-validate: also write the result as JSON here")
     p.add_argument("--log-level", default="INFO", choices=LOG_LEVELS)
     return p.parse_args(argv)
 
@@ -42,7 +65,11 @@ def main(argv: list[str] | None = None) -> int:
         from adaptive_quant.export.plans import fit_router
 
         cfg = load_config(args.config, args.overrides)
+        if args.cross_validate < 0 or args.cross_validate == 1:
+            raise ValueError(f"--cross-validate takes K ≥ 2 folds (or 0 for off); got {args.cross_validate}")
         val = load_dataset(cfg.data, cfg.seed).val
+        if args.cross_validate:
+            return _cross_validate(args, val)
         fit = fit_router(args.repository, val, cfg.export.plans, entry=args.entry, threads=args.threads)
     except (ConfigError, DataError, ManifestError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -62,6 +89,37 @@ def main(argv: list[str] | None = None) -> int:
             f"{g.auroc_learned_gain:>11.3f}{g.auroc_confidence:>12.3f}"
         )
     print(f"\nwritten: {args.repository}/{m.router['path']} and manifest.json (plans, router)")
+    return 0
+
+
+def _cross_validate(args: argparse.Namespace, val) -> int:
+    import json
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from adaptive_quant.core.manifest import load_manifest
+    from adaptive_quant.evaluation.router_cv import cross_validate, render
+    from adaptive_quant.evaluation.two_stage_report import record_split
+    from adaptive_quant.predictor.deferral import DeferralPredictor
+
+    repo = Path(args.repository)
+    manifest = load_manifest(repo)
+    if not manifest.router:
+        raise ValueError(f"{repo} has no router to cross-validate: run aq-fit-router --repository {repo} first")
+    router = DeferralPredictor.load((repo / manifest.router["path"]).parent, sha256=manifest.router.get("sha256"))
+    # the manifest's batch-1 p50 per variant: the budgets are multiples of the entry's, so only the ratios count
+    pass_ms = {k: v.latency.at(1).p50_ms for k, v in manifest.variants.items() if v.latency is not None}
+    rec = record_split(repo, val, manifest, router, pass_ms, args.threads)
+    cv = cross_validate(
+        rec, [v.key for v in manifest.served_variants()], folds=args.cross_validate, repeats=args.repeats
+    )
+    print(render(cv, pass_ms[rec.entry]))
+    print(
+        f"\nchosen planner.quality_tie: {cv.chosen_tie:g} (the default is in core/planner.py; --set planner.quality_tie=…)"
+    )
+    if args.out:
+        Path(args.out).write_text(json.dumps(asdict(cv), indent=2) + "\n")
+        print(f"written: {args.out}")
     return 0
 
 

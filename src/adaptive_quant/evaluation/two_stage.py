@@ -25,6 +25,10 @@ from adaptive_quant.core.routing import Priority
 from adaptive_quant.core.stats import softmax
 from adaptive_quant.predictor.calibration import auroc
 
+# the budget sweep's idle one-image budgets, × the entry pass's time: from "only the entry fits"
+# (1.05×) past the most expensive plan here (fp32:hflip + the entry ≈ 4-5×)
+BUDGET_FACTORS = (1.05, 1.5, 2.0, 2.5, 3.5, 5.0, 7.0)
+
 
 @dataclass(frozen=True)
 class TwoStagePoint:

@@ -23,6 +23,7 @@ from adaptive_quant.core.routing import Priority
 from adaptive_quant.data import Split
 from adaptive_quant.evaluation.corruptions import CORRUPTIONS, corrupt
 from adaptive_quant.evaluation.two_stage import (
+    BUDGET_FACTORS,
     Recorded,
     TwoStagePoint,
     confidence_at_rate,
@@ -58,7 +59,8 @@ class TwoStageReport:
     verdict: str = ""
 
 
-def _recorded(repo: Path, split: Split, manifest, router: DeferralPredictor, pass_ms, threads: int) -> Recorded:
+def record_split(repo: Path, split: Split, manifest, router: DeferralPredictor, pass_ms, threads: int) -> Recorded:
+    """Run the entry pass, every pass of the router's plans and every served variant on `split`."""
     entry = manifest.router["entry"]
     plans = [Plan.parse(p) for p in router.plan_names]
     needed = {Pass(entry)} | {p for plan in plans for p in plan.passes}
@@ -86,7 +88,7 @@ def evaluate_two_stage(
     if pass_ms is None:  # the manifest's profile: the host it names may not be this one
         pass_ms = {k: v.latency.at(1).p50_ms for k, v in manifest.variants.items() if v.latency is not None}
     served = [v.key for v in manifest.served_variants()]
-    rec = _recorded(repo, test, manifest, router, pass_ms, threads)
+    rec = record_split(repo, test, manifest, router, pass_ms, threads)
     pred = router.predict(rec.entry_logits)
     # the plans' validation accuracies break quality's ties, as in the gateway (never the test split's)
     prior = manifest.plan_accuracies(router.plan_names)
@@ -172,7 +174,7 @@ def _budget_sweep(
         fixed[f"{rec.entry}+{plan.name}"] = (float(ok[:, j].mean()), entry_ms + ms[j], True)
     rows = np.arange(len(rec.labels))
     out = []
-    for factor in (1.05, 1.5, 2.0, 2.5, 3.5, 5.0, 7.0):
+    for factor in BUDGET_FACTORS:
         budget = entry_ms * factor
         row: dict[str, Any] = {"budget_ms": budget}
         for key, priority in (("router", Priority.BALANCED), ("quality", Priority.QUALITY)):
@@ -204,7 +206,7 @@ def _shift(repo, val, manifest, router, pass_ms, threads, seed, planner, served)
     out = []
     for name in CORRUPTIONS:
         shifted = Split(corrupt(val.images, name, seed=seed), val.labels)
-        rec = _recorded(repo, shifted, manifest, router, pass_ms, threads)
+        rec = record_split(repo, shifted, manifest, router, pass_ms, threads)
         pred = router.predict(rec.entry_logits)
         [point] = router_points(rec, pred, [Priority.BALANCED], [planner.followup_price], planner)
         fixed = {v: float((rec.probs[v].argmax(1) == rec.labels).mean()) for v in served}

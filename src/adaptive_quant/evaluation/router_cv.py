@@ -1,0 +1,209 @@
+"""K-fold cross-validation of the two-stage router on the validation split.
+
+The router is fitted on the validation split, so the split cannot also say how well it routes,
+nor choose the planner's settings: the test split must not either. Cross-validation can:
+  1. cut the validation samples into K folds (seeded); per fold, fit the router (the same
+     `fit_deferral` as the exporter) on the other K − 1 folds and predict the held-out one, and
+     take the plans' accuracies on those K − 1 folds as the prior that breaks quality's ties;
+  2. on the pooled out-of-fold predictions, run the gateway's planner (`router_choice`, idle, one
+     image per request) for balanced, and for quality at every candidate `quality_tie` under every
+     budget of the report's sweep;
+  3. score each tie by its worst budget: quality's accuracy minus the best fixed variant or plan
+     whose time fits that budget. The target is a floor ("never below a fixed choice that fits"),
+     so the tie chosen is the one whose worst budget is best; equal worst cases go to the smaller
+     tie, which spends less compute.
+Pure NumPy on recorded outputs; `cli/fit_router.py --cross-validate` runs the passes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from adaptive_quant.core.planner import PlannerConfig
+from adaptive_quant.core.routing import Priority
+from adaptive_quant.evaluation.two_stage import BUDGET_FACTORS, Recorded, confidence_at_rate, router_choice
+from adaptive_quant.predictor.fit_deferral import DeferralFitConfig, fit_deferral
+
+# candidate quality_tie values, in predicted accuracy (0.01 = one point); 1.0 ties every plan
+TIES = (0.0, 0.005, 0.01, 0.02, 0.05, 0.1, 1.0)
+
+
+@dataclass
+class OutOfFold:
+    pred: np.ndarray  # (N, P) each sample's p(right | plan) from the router fitted without its fold
+    fold: np.ndarray  # (N,) fold of each sample
+    priors: np.ndarray  # (K, P) the plans' accuracies on the other folds (column 0: the entry alone)
+
+
+@dataclass
+class CrossValidation:
+    folds: int
+    samples: int
+    ties: list[dict[str, Any]]  # per tie: per budget quality vs the best fixed choice that fits; worst
+    chosen_tie: float
+    balanced: dict[str, Any] = field(default_factory=dict)  # balanced vs the confidence rule, same rate
+    repeats: int = 1  # fold assignments (seeds) averaged over
+
+
+def fold_ids(n: int, folds: int, seed: int) -> np.ndarray:
+    """(n,) fold of each sample: a seeded permutation cut into `folds` near-equal parts."""
+    if folds < 2 or folds > n:
+        raise ValueError(f"folds must be between 2 and the number of samples ({n}); got {folds}")
+    out = np.empty(n, dtype=np.int64)
+    out[np.random.default_rng(seed).permutation(n)] = np.arange(n) % folds
+    return out
+
+
+def out_of_fold(rec: Recorded, folds: int = 5, seed: int = 0, fit_config: DeferralFitConfig | None = None) -> OutOfFold:
+    """Fit the router K times, each without one fold, and predict that fold (step 1 of the module doc)."""
+    ok = rec.correct()
+    n, p = ok.shape
+    fold = fold_ids(n, folds, seed)
+    pred = np.empty((n, p), np.float32)
+    priors = np.empty((folds, p))
+    names = [plan.name for plan in rec.plans]
+    for k in range(folds):
+        train, held = fold != k, fold == k
+        predictor, _ = fit_deferral(rec.entry_logits[train], ok[train], names, fit_config)
+        pred[held] = predictor.predict(rec.entry_logits[held])
+        priors[k] = ok[train].mean(0)
+    return OutOfFold(pred=pred, fold=fold, priors=priors)
+
+
+def choices(
+    rec: Recorded, oof: OutOfFold, priority: Priority, config: PlannerConfig, budget_ms: float | None
+) -> np.ndarray:
+    """(N,) the planner's plan per sample, each fold planned with its own prior."""
+    index = np.zeros(len(rec.labels), dtype=np.int64)
+    for k, prior in enumerate(oof.priors):
+        held = oof.fold == k
+        index[held] = router_choice(rec, oof.pred, priority, config, budget_ms, prior.tolist())[held]
+    return index
+
+
+def best_fixed_within(rec: Recorded, ok: np.ndarray, served: Sequence[str], budget_ms: float) -> tuple[str, float]:
+    """The most accurate fixed variant or fixed plan (every sample) whose idle one-image time fits."""
+    entry_ms = rec.pass_ms[rec.entry]
+    extra = rec.extra_ms()
+    fits = {v: float((rec.probs[v].argmax(1) == rec.labels).mean()) for v in served if rec.pass_ms[v] <= budget_ms}
+    for j, plan in enumerate(rec.plans[1:], start=1):
+        if entry_ms + extra[j] <= budget_ms:
+            fits[f"{rec.entry}+{plan.name}"] = float(ok[:, j].mean())
+    if not fits:
+        return rec.entry, float(ok[:, 0].mean())
+    best = max(fits, key=fits.__getitem__)
+    return best, fits[best]
+
+
+def cross_validate(
+    rec: Recorded,
+    served: Sequence[str],
+    folds: int = 5,
+    seed: int = 0,
+    planner: PlannerConfig | None = None,
+    ties: Sequence[float] = TIES,
+    factors: Sequence[float] = BUDGET_FACTORS,
+    fit_config: DeferralFitConfig | None = None,
+    repeats: int = 1,
+) -> CrossValidation:
+    """Steps 1-3 of the module doc on one split's recorded outputs (the validation split's),
+    `repeats` times with fold seeds seed, seed + 1, …: the figures are means over the repeats."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be ≥ 1; got {repeats}")
+    planner = planner or PlannerConfig()
+    ok = rec.correct()
+    rows = np.arange(len(rec.labels))
+    entry_ms = rec.pass_ms[rec.entry]
+    budgets: list[float | None] = [None] + [entry_ms * f for f in factors]
+    fixed = [best_fixed_within(rec, ok, served, np.inf if b is None else b) for b in budgets]
+    cost = rec.extra_cost()
+    flip = next((p.name for p in rec.plans[1:] if p.name == f"{rec.entry}:hflip"), rec.plans[1].name)
+    # (repeat, tie, budget) → quality's accuracy, escalation, compute; (repeat,) → balanced's
+    q = np.zeros((repeats, len(ties), len(budgets), 3))
+    bal = np.zeros((repeats, 4))
+    for r in range(repeats):
+        oof = out_of_fold(rec, folds, seed + r, fit_config)
+        for t, tie in enumerate(ties):
+            cfg = planner.model_copy(update={"quality_tie": float(tie)})
+            for b, budget in enumerate(budgets):
+                index = choices(rec, oof, Priority.QUALITY, cfg, budget)
+                q[r, t, b] = (ok[rows, index].mean(), (index > 0).mean(), 1.0 + cost[index].mean())
+        index = choices(rec, oof, Priority.BALANCED, planner, None)
+        rate = float((index > 0).mean())
+        conf = confidence_at_rate(rec, flip, rate).accuracy if 0 < rate < 1 else np.nan
+        bal[r] = (ok[rows, index].mean(), rate, 1.0 + cost[index].mean(), conf)
+    mean = q.mean(0)
+    per_tie = []
+    for t, tie in enumerate(ties):
+        gaps = 100 * (q[:, t, :, 0] - np.array([a for _, a in fixed])[None, :])  # (repeat, budget) points
+        points = [
+            {
+                "budget_ms": budget,
+                "quality_acc": float(mean[t, b, 0]),
+                "escalated": float(mean[t, b, 1]),
+                "compute": float(mean[t, b, 2]),
+                "best_fixed": fixed[b][0],
+                "best_fixed_acc": fixed[b][1],
+                "gap_points": float(gaps[:, b].mean()),
+            }
+            for b, budget in enumerate(budgets)
+        ]
+        worst = gaps.min(1)  # per repeat, its worst budget
+        per_tie.append(
+            {
+                "quality_tie": float(tie),
+                "budgets": points,
+                "worst_gap_points": float(worst.mean()),
+                "worst_gap_range": [float(worst.min()), float(worst.max())],
+            }
+        )
+    # the best mean worst case; among equal ones (to 1e-9) the smallest tie
+    top = max(t["worst_gap_points"] for t in per_tie)
+    chosen = min(t["quality_tie"] for t in per_tie if t["worst_gap_points"] >= top - 1e-9)
+    b = bal.mean(0)
+    balanced = {
+        "accuracy": float(b[0]),
+        "escalated": float(b[1]),
+        "compute": float(b[2]),
+        "confidence_plan": flip,
+        "confidence_acc": None if np.isnan(b[3]) else float(b[3]),
+        "per_repeat_gain_points": [float(100 * (a - c)) for a, c in zip(bal[:, 0], bal[:, 3])],
+    }
+    return CrossValidation(
+        folds=folds, samples=len(rows), ties=per_tie, chosen_tie=chosen, balanced=balanced, repeats=repeats
+    )
+
+
+def render(cv: CrossValidation, entry_ms: float) -> str:
+    """The cross-validation as a plain-text table: one row per tie, one column per budget."""
+    first = cv.ties[0]["budgets"]
+    heads = ["none" if b["budget_ms"] is None else f"{b['budget_ms'] / entry_ms:g}×" for b in first]
+    lines = [
+        f"{cv.folds}-fold cross-validation on {cv.samples} validation images (router refitted per fold), "
+        f"mean of {cv.repeats} fold assignment(s)",
+        "quality minus the best fixed variant or plan that fits, points, per budget (× the entry pass; idle):",
+        f"{'quality_tie':>12}" + "".join(f"{h:>8}" for h in heads) + f"{'worst':>8}  worst per repeat",
+    ]
+    for t in cv.ties:
+        mark = "  ← chosen" if t["quality_tie"] == cv.chosen_tie else ""
+        lines.append(
+            f"{t['quality_tie']:>12g}"
+            + "".join(f"{b['gap_points']:>+8.2f}" for b in t["budgets"])
+            + f"{t['worst_gap_points']:>+8.2f}  {t['worst_gap_range'][0]:+.2f} … {t['worst_gap_range'][1]:+.2f}{mark}"
+        )
+    lines.append("best fixed choice per budget: " + ", ".join(f"{h} {b['best_fixed']}" for h, b in zip(heads, first)))
+    b = cv.balanced
+    conf = (
+        ""
+        if b["confidence_acc"] is None
+        else f"; the confidence rule → {b['confidence_plan']} at that rate {b['confidence_acc']:.2%}"
+    )
+    lines.append(f"balanced: {b['accuracy']:.2%} at {b['compute']:.2f}× compute, {b['escalated']:.1%} escalated{conf}")
+    if b["per_repeat_gain_points"] and b["confidence_acc"] is not None:
+        g = b["per_repeat_gain_points"]
+        lines.append(f"balanced minus the confidence rule per repeat: {min(g):+.2f} … {max(g):+.2f} points")
+    return "\n".join(lines)

@@ -1,0 +1,91 @@
+"""Cross-validation of the router on the validation split: folds, out-of-fold fits, the tie choice, the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from adaptive_quant.cli import fit_router as fit_router_cli
+from adaptive_quant.core.manifest import load_manifest
+from adaptive_quant.evaluation.router_cv import best_fixed_within, cross_validate, fold_ids, out_of_fold, render
+from adaptive_quant.evaluation.two_stage import Recorded
+from adaptive_quant.predictor.fit_deferral import DeferralFitConfig
+from gateway_repo import build_repo
+
+FAST = DeferralFitConfig(epochs=60)
+
+
+def recorded(n: int = 400, seed: int = 0) -> Recorded:
+    """2 classes. The entry is right where it is confident and a coin where it is not; the flipped
+    pass is right everywhere (so the flip plan fixes every unsure sample); fp32 copies the entry."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, n)
+    sure = rng.random(n) < 0.7
+    entry_says = np.where(sure | (rng.random(n) < 0.5), labels, 1 - labels)
+    margin = np.where(sure, 5.0, 0.2) + rng.normal(0, 0.05, n)
+    entry = np.zeros((n, 2))
+    entry[np.arange(n), entry_says] = margin
+    flip = np.zeros((n, 2))
+    flip[np.arange(n), labels] = 8.0  # outweighs the entry in the mean of probabilities
+    logits = {"int8": entry, "int8:hflip": flip, "fp32": entry.copy()}
+    ms = {"int8": 1.0, "int8:hflip": 1.0, "fp32": 3.0}
+    return Recorded.from_logits(labels, "int8", logits, ["none", "int8:hflip", "fp32"], ms)
+
+
+def test_folds_partition_the_samples_and_follow_their_seed():
+    f = fold_ids(103, 5, seed=1)
+    assert sorted(np.bincount(f).tolist()) == [20, 20, 21, 21, 21]  # every sample in one fold, sizes ±1
+    assert np.array_equal(f, fold_ids(103, 5, seed=1)) and not np.array_equal(f, fold_ids(103, 5, seed=2))
+    with pytest.raises(ValueError, match="folds must be between 2 and the number of samples"):
+        fold_ids(10, 1, seed=0)
+
+
+def test_out_of_fold_priors_come_from_the_other_folds_only():
+    rec = recorded()
+    oof = out_of_fold(rec, folds=4, seed=0, fit_config=FAST)
+    ok = rec.correct()
+    for k in range(4):
+        assert np.allclose(oof.priors[k], ok[oof.fold != k].mean(0))  # never the held-out fold's own
+    assert oof.pred.shape == ok.shape and np.isfinite(oof.pred).all()
+    # the out-of-fold router still learns who needs the flip: higher predicted gain where it fixes
+    gain = oof.pred[:, 1] - oof.pred[:, 0]
+    fixes = ok[:, 1] & ~ok[:, 0]
+    assert gain[fixes].mean() > gain[~fixes].mean() + 0.1
+
+
+def test_quality_matches_the_fixed_plan_that_fits_and_the_tie_choice_is_reported():
+    rec = recorded()
+    cv = cross_validate(rec, ["int8", "fp32"], folds=4, ties=(0.0, 1.0), factors=(1.05, 2.5), fit_config=FAST)
+    ok = rec.correct()
+    by_tie = {t["quality_tie"]: t for t in cv.ties}
+    # tie 1: every sample gets the plan most accurate on the other folds, the flip (always right)
+    none, tight, roomy = by_tie[1.0]["budgets"]
+    assert tight["quality_acc"] == pytest.approx(ok[:, 0].mean()) and tight["best_fixed"] == "int8"
+    assert roomy["quality_acc"] == pytest.approx(ok[:, 1].mean()) == pytest.approx(1.0)
+    assert roomy["best_fixed"] == "int8+int8:hflip" and roomy["gap_points"] == pytest.approx(0.0)
+    assert none["escalated"] == 1.0
+    assert cv.chosen_tie in (0.0, 1.0) and by_tie[cv.chosen_tie]["worst_gap_points"] == max(
+        t["worst_gap_points"] for t in cv.ties
+    )
+    assert best_fixed_within(rec, ok, ["int8", "fp32"], 0.5) == ("int8", ok[:, 0].mean())  # nothing fits
+    assert cv.balanced["confidence_plan"] == "int8:hflip" and 0 < cv.balanced["escalated"] < 1
+    text = render(cv, 1.0)
+    assert "quality_tie" in text and "← chosen" in text and "balanced:" in text
+
+
+def test_aq_fit_router_cross_validate_writes_nothing_to_the_repository(tmp_path, capsys):
+    repo = build_repo(tmp_path / "repo")
+    smoke = ["--config", "configs/smoke.yaml", "--set", "data.synthetic_train=400"]
+    assert fit_router_cli.main(["--repository", str(repo), *smoke, "--set", "export.plans=[int8:hflip]"]) == 0
+    before = (repo / "manifest.json").read_bytes()
+    out = tmp_path / "cv.json"
+    args = ["--repository", str(repo), *smoke, "--cross-validate", "3", "--repeats", "1", "--out", str(out)]
+    assert fit_router_cli.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "3-fold cross-validation" in printed and "chosen planner.quality_tie" in printed
+    assert json.loads(out.read_text())["folds"] == 3
+    assert (repo / "manifest.json").read_bytes() == before and load_manifest(repo).plans[0].name == "int8:hflip"
+    assert fit_router_cli.main(["--repository", str(repo), *smoke, "--cross-validate", "1"]) == 2
+    assert "--cross-validate takes K ≥ 2 folds" in capsys.readouterr().err
