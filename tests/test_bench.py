@@ -34,6 +34,29 @@ def test_routing_part_times_the_gateways_decision(repo):
     for key, calls in (("per_sample_us_at_n1", 80), ("per_sample_us_at_n32", 10)):
         assert 0 < r[key]["p50"] <= r[key]["p99"]
         assert r[key]["n"] == calls - calls // 10  # the first tenth warms up
+    assert r["host_stalls"]["per_s"] >= 0 and r["host_stalls"]["threshold_us"] == 5.0
+
+
+def test_host_stalls_sees_the_cpu_taken_away():
+    """A busy Python thread takes the GIL for its switch interval (5 ms) at a time: the clock loop
+    must see those gaps, as it sees a hypervisor's."""
+    import threading
+
+    stop = threading.Event()
+
+    def spin() -> None:
+        while not stop.is_set():
+            sum(range(1000))
+
+    t = threading.Thread(target=spin)
+    t.start()
+    try:
+        h = bench.host_stalls(0.3)
+    finally:
+        stop.set()
+        t.join()
+    # the spinner's turns, ~5 ms each, take about half the window; the host alone takes a few %
+    assert h["max_us"] >= 2000 and h["lost_share"] >= 0.25
 
 
 def test_overhead_part_compares_the_backend_with_the_whole_gateway(repo):
