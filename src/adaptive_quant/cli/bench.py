@@ -98,14 +98,13 @@ def bench_routing(settings: ServeSettings, iterations: int = 3000) -> dict[str, 
 
 
 async def _backend_direct(settings: ServeSettings, variant: str, x: np.ndarray, iterations: int) -> np.ndarray:
-    from adaptive_quant.serving.backends.embedded import EmbeddedBackend
+    from adaptive_quant.serving.app import backend_options
+    from adaptive_quant.serving.backends import make_backend
 
-    backend = EmbeddedBackend(
-        settings.repository,
-        load_manifest(settings.repository),
-        max_batch_size=settings.batching.max_batch_size,
-        max_queue_delay_us=settings.batching.max_queue_delay_us,
-        intra_op_threads=settings.backend.intra_op_threads,
+    # the gateway's own backend settings (batcher, inline limit, instances, threads): the overhead
+    # is then the gateway's layers alone, not a differently configured backend
+    backend = make_backend(
+        "embedded", settings.repository, load_manifest(settings.repository), **backend_options(settings)
     )
     await backend.start()
     try:

@@ -13,6 +13,7 @@ import gc
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -90,6 +91,28 @@ def install_error_handlers(app: FastAPI) -> None:
         return _error(500, "internal error; see the server log")
 
 
+def backend_options(settings: ServeSettings) -> dict[str, Any]:
+    """The keyword arguments `make_backend` gets for `settings.backend.kind`: the gateway's, and
+    the benchmark's when it times the backend alone (so both run the same batcher settings)."""
+    if settings.backend.kind == "triton":
+        return {
+            "url": settings.backend.triton_url,
+            "protocol": settings.backend.triton_protocol,
+            "model_control": settings.backend.model_control,
+            "health_interval_s": settings.backend.health_interval_s,
+        }
+    return {
+        "max_batch_size": settings.batching.max_batch_size,
+        "max_queue_delay_us": settings.batching.max_queue_delay_us,
+        "instances": settings.backend.resolved_instances(),
+        "intra_op_threads": settings.backend.intra_op_threads,
+        "verify_sha256": settings.backend.verify_sha256,
+        "memory_arena": settings.backend.memory_arena,
+        "inline_max_batch": settings.backend.inline_max_batch,
+        "allow_spinning": settings.backend.allow_spinning,
+    }
+
+
 def create_app(
     settings: ServeSettings,
     backend: Backend | None = None,
@@ -112,25 +135,7 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         b = backend
         if b is None:
-            opts = (
-                {
-                    "url": settings.backend.triton_url,
-                    "protocol": settings.backend.triton_protocol,
-                    "model_control": settings.backend.model_control,
-                    "health_interval_s": settings.backend.health_interval_s,
-                }
-                if settings.backend.kind == "triton"
-                else {
-                    "max_batch_size": settings.batching.max_batch_size,
-                    "max_queue_delay_us": settings.batching.max_queue_delay_us,
-                    "instances": settings.backend.resolved_instances(),
-                    "intra_op_threads": settings.backend.intra_op_threads,
-                    "verify_sha256": settings.backend.verify_sha256,
-                    "memory_arena": settings.backend.memory_arena,
-                    "inline_max_batch": settings.backend.inline_max_batch,
-                    "allow_spinning": settings.backend.allow_spinning,
-                }
-            )
+            opts = backend_options(settings)
             b = make_backend(settings.backend.kind, settings.repository, manifest, **opts)
         await b.start()
         found = (

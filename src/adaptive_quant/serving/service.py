@@ -356,7 +356,10 @@ class ClassifierService:
         t = time.perf_counter()
         observed: float | None = None
         try:
-            logits = await asyncio.wait_for(self.backend.infer(key, x), timeout_ms / 1e3)
+            # asyncio.timeout, not wait_for: no extra task and loop turn per call (4 against 16 µs
+            # here), and an inline batch (batcher.py) then completes without leaving this task
+            async with asyncio.timeout(timeout_ms / 1e3):
+                logits = await self.backend.infer(key, x)
             if logits.shape != (n, len(self.manifest.classes)):
                 raise ValueError(f"backend returned logits of shape {logits.shape} for {n} samples")
             observed = (time.perf_counter() - t) * 1e3
