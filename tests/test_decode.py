@@ -50,7 +50,7 @@ def test_a_plain_rgb_png_takes_libspng_and_gives_pillows_pixels(monkeypatch):
 )
 def test_other_pngs_go_to_pillow_and_arrive_as_rgb(mode, save):
     if mode == "I;16":
-        raw = _png((IMG[:, :, 0].astype(np.uint16) * 257))
+        raw = _png(IMG[:, :, 0].astype(np.uint16) * 257)
     else:
         raw = _png(IMG, mode, **save)
     assert decode._decode_plain_png(raw, 0, 32, "") is None  # not the fast path's case
