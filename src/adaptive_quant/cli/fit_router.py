@@ -27,7 +27,7 @@ import sys
 from adaptive_quant.cli import LOG_LEVELS, setup_logging
 from adaptive_quant.config import ConfigError, load_config
 from adaptive_quant.core.manifest import ManifestError
-from adaptive_quant.data import DataError, load_dataset
+from adaptive_quant.data import DataError, Split, load_dataset
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _cross_validate(args: argparse.Namespace, val) -> int:
+def _cross_validate(args: argparse.Namespace, val: Split) -> int:
     import json
     from dataclasses import asdict
     from pathlib import Path
