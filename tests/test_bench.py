@@ -37,6 +37,15 @@ def test_routing_part_times_the_gateways_decision(repo):
     assert r["host_stalls"]["per_s"] >= 0 and r["host_stalls"]["threshold_us"] == 5.0
 
 
+def test_stages_part_times_each_step_of_the_classify_route(repo):
+    st = cli_bench.bench_stages(_settings(repo), iterations=40)
+    assert list(st) == [*cli_bench.STAGES, "request"]
+    for k, v in st.items():
+        assert 0 < v["p50"] <= v["p99"] and v["n"] == 36, k  # the first tenth warms up
+    # the whole request holds every step: at least as long as its longest one
+    assert st["request"]["p50"] >= max(st[k]["p50"] for k in cli_bench.STAGES)
+
+
 def test_host_stalls_sees_the_cpu_taken_away():
     """A busy Python thread takes the GIL for its switch interval (5 ms) at a time: the clock loop
     must see those gaps, as it sees a hypervisor's."""

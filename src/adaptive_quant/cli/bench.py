@@ -8,6 +8,9 @@ routing: one routing decision, µs per sample: the two-stage router reading the 
   accuracies + latency estimate.
 overhead: one image at concurrency 1, the embedded backend called directly vs the same request
   through the whole gateway in-process (ASGI, no network), ms.
+stages (not in the default set): one-image requests through the steps of the classify route on
+  the app's own service, each timed: options, JSON, PNG decode, normalisation, classify (entry
+  pass, router, follow-ups), the answer; µs. --iterations requests.
 throughput: a gateway subprocess per mode (pinned to fp32, pinned to int8, adaptive), loaded by
   the load tester (`aq-loadtest`'s closed loop: --concurrency workers, each sending its next
   request when the last one returned) for --duration s after --warmup s; samples/s and client
@@ -137,6 +140,58 @@ def bench_overhead(
     return bench.overhead(direct, client_ms, server_ms)
 
 
+STAGES = ("options", "json", "decode", "normalise", "classify", "answer")
+
+
+async def _stage_times(settings: ServeSettings, bodies: list[bytes], iterations: int) -> dict[str, np.ndarray]:
+    """µs per stage of `hot_path.classify_request`, each step called as the route calls it, on the
+    app's own service (in-process, no HTTP): where a one-image request's server time goes."""
+    import time
+
+    from adaptive_quant.core.images import to_model_input
+    from adaptive_quant.serving.app import create_app
+    from adaptive_quant.serving.decode import decode_instances, parse_json
+    from adaptive_quant.serving.hot_path import shape_answer
+    from adaptive_quant.serving.options import parse_options
+
+    app = create_app(settings)
+    times = {k: [] for k in (*STAGES, "request")}
+    async with app.router.lifespan_context(app):
+        svc = app.state.service
+        m, limits = svc.manifest, svc.settings.limits
+        warm = iterations // bench.WARMUP_SHARE
+        clock = time.perf_counter
+        for i in range(iterations):
+            t0 = clock()
+            options = parse_options({}, svc.settings.routing.default_priority)
+            t1 = clock()
+            payload = parse_json(bodies[i % len(bodies)])
+            t2 = clock()
+            images = decode_instances(payload, limits.max_instances, m.image_size)
+            t3 = clock()
+            x = to_model_input(images, m.mean, m.std)
+            t4 = clock()
+            result = await svc.classify(x, options, t0)
+            t5 = clock()
+            shape_answer(svc, result, options.budget_ms, t0)
+            t6 = clock()
+            if i >= warm:
+                marks = (t0, t1, t2, t3, t4, t5, t6)
+                for k, a, b in zip(STAGES, marks, marks[1:]):
+                    times[k].append((b - a) * 1e6)
+                times["request"].append((t6 - t0) * 1e6)
+    return {k: np.array(v) for k, v in times.items()}
+
+
+def bench_stages(settings: ServeSettings, iterations: int = 500) -> dict[str, dict[str, float]]:
+    """µs p50/p99 per stage of a one-image classify request (see `_stage_times`)."""
+    import orjson
+
+    bodies = [orjson.dumps(request_body(bench.sample_images(1, seed=100 + i))) for i in range(64)]
+    times = asyncio.run(_stage_times(settings, bodies, iterations))
+    return {k: bench.p50_p99(v) for k, v in times.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/serve.yaml")
@@ -145,14 +200,14 @@ def main(argv: list[str] | None = None) -> int:
         "--parts",
         nargs="+",
         default=["routing", "overhead", "throughput"],
-        choices=["routing", "overhead", "throughput"],
+        choices=["routing", "overhead", "stages", "throughput"],
     )
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--modes", nargs="+", default=list(bench.MODES), choices=list(bench.MODES))
     p.add_argument("--duration", type=float, default=5.0, help="s of load per mode and concurrency")
     p.add_argument("--warmup", type=float, default=1.0, help="s of unrecorded load before each throughput run")
     p.add_argument("--budget", type=float, default=1000.0, help="X-Latency-Budget-Ms for throughput, ms (loose)")
-    p.add_argument("--iterations", type=int, default=500, help="requests for the overhead part")
+    p.add_argument("--iterations", type=int, default=500, help="requests for the overhead and stages parts")
     p.add_argument("--server-nice", type=int, default=0, help="niceness of the server subprocess")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("--out", help="write the results as JSON here")
@@ -196,6 +251,12 @@ def main(argv: list[str] | None = None) -> int:
             f"p90 {h['p90_us']:.1f} µs), so ~{hit:.1%} of one-image decisions are interrupted by one: "
             "above 1 %, the p99 is the host's"
         )
+    if "stages" in args.parts:
+        st = bench_stages(settings, iterations=args.iterations)
+        results["stages"] = st
+        print("\nwhere a one-image request's server time goes (in-process, each step as the route calls it), µs")
+        for k, v in st.items():
+            print(f"  {k:<10} p50 {v['p50']:8.1f}   p99 {v['p99']:8.1f}")
     if "overhead" in args.parts:
         o = bench_overhead(settings, pinned, variant, iterations=args.iterations)
         results["overhead"] = o
