@@ -25,7 +25,15 @@ import numpy as np
 
 from adaptive_quant.core.planner import PlannerConfig
 from adaptive_quant.core.routing import Priority
-from adaptive_quant.evaluation.two_stage import BUDGET_FACTORS, Recorded, confidence_at_rate, router_choice
+from adaptive_quant.evaluation.two_stage import (
+    BUDGET_FACTORS,
+    Recorded,
+    best_within,
+    confidence_at_rate,
+    fixed_choices,
+    flip_plan,
+    router_choice,
+)
 from adaptive_quant.predictor.fit_deferral import DeferralFitConfig, fit_deferral
 
 # candidate quality_tie values, in predicted accuracy (0.01 = one point); 1.0 ties every plan
@@ -80,23 +88,9 @@ def choices(
     """(N,) the planner's plan per sample, each fold planned with its own prior."""
     index = np.zeros(len(rec.labels), dtype=np.int64)
     for k, prior in enumerate(oof.priors):
-        held = oof.fold == k
-        index[held] = router_choice(rec, oof.pred, priority, config, budget_ms, prior.tolist())[held]
+        held = oof.fold == k  # the planner decides each row alone: plan only the fold's own rows
+        index[held] = router_choice(rec, oof.pred[held], priority, config, budget_ms, prior.tolist())
     return index
-
-
-def best_fixed_within(rec: Recorded, ok: np.ndarray, served: Sequence[str], budget_ms: float) -> tuple[str, float]:
-    """The most accurate fixed variant or fixed plan (every sample) whose idle one-image time fits."""
-    entry_ms = rec.pass_ms[rec.entry]
-    extra = rec.extra_ms()
-    fits = {v: float((rec.probs[v].argmax(1) == rec.labels).mean()) for v in served if rec.pass_ms[v] <= budget_ms}
-    for j, plan in enumerate(rec.plans[1:], start=1):
-        if entry_ms + extra[j] <= budget_ms:
-            fits[f"{rec.entry}+{plan.name}"] = float(ok[:, j].mean())
-    if not fits:
-        return rec.entry, float(ok[:, 0].mean())
-    best = max(fits, key=fits.__getitem__)
-    return best, fits[best]
 
 
 def cross_validate(
@@ -119,9 +113,10 @@ def cross_validate(
     rows = np.arange(len(rec.labels))
     entry_ms = rec.pass_ms[rec.entry]
     budgets: list[float | None] = [None] + [entry_ms * f for f in factors]
-    fixed = [best_fixed_within(rec, ok, served, np.inf if b is None else b) for b in budgets]
+    table = fixed_choices(rec, served)
+    fixed = [best_within(table, np.inf if b is None else b, rec.entry) for b in budgets]
     cost = rec.extra_cost()
-    flip = next((p.name for p in rec.plans[1:] if p.name == f"{rec.entry}:hflip"), rec.plans[1].name)
+    flip = flip_plan(rec)
     # (repeat, tie, budget) → quality's accuracy, escalation, compute; (repeat,) → balanced's
     q = np.zeros((repeats, len(ties), len(budgets), 3))
     bal = np.zeros((repeats, 4))

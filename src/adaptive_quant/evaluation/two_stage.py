@@ -93,6 +93,34 @@ class Recorded:
         return np.array([sum(self.pass_ms[p.name] for p in plan.passes) for plan in self.plans])
 
 
+def fixed_choices(rec: Recorded, served: Sequence[str]) -> dict[str, tuple[float, float, bool]]:
+    """Every fixed choice a budget is compared with: name → (accuracy, idle one-image ms, is a
+    plan). Each served variant alone, and the entry followed by each plan for every sample
+    ("int8+int8:hflip")."""
+    ok = rec.correct()
+    entry_ms = rec.pass_ms[rec.entry]
+    ms = rec.extra_ms()
+    out = {v: (float((rec.probs[v].argmax(1) == rec.labels).mean()), rec.pass_ms[v], False) for v in served}
+    for j, plan in enumerate(rec.plans[1:], start=1):
+        out[f"{rec.entry}+{plan.name}"] = (float(ok[:, j].mean()), entry_ms + ms[j], True)
+    return out
+
+
+def best_within(fixed: Mapping[str, tuple[float, float, bool]], budget_ms: float, entry: str) -> tuple[str, float]:
+    """The most accurate of `fixed_choices` whose time fits `budget_ms`; the entry alone when none does."""
+    fits = {k: a for k, (a, t, _) in fixed.items() if t <= budget_ms}
+    if not fits:
+        return entry, fixed[entry][0]
+    best = max(fits, key=fits.__getitem__)
+    return best, fits[best]
+
+
+def flip_plan(rec: Recorded) -> str:
+    """The plan the confidence rule and random escalation are compared on: the entry's own flip
+    when the router has it, else its first follow-up."""
+    return next((p.name for p in rec.plans[1:] if p.name == f"{rec.entry}:hflip"), rec.plans[1].name)
+
+
 def _point(strategy: str, name: str, rec: Recorded, ok: np.ndarray, choice: np.ndarray, **kw) -> TwoStagePoint:
     cost = rec.extra_cost()
     return TwoStagePoint(

@@ -26,10 +26,13 @@ from adaptive_quant.evaluation.two_stage import (
     BUDGET_FACTORS,
     Recorded,
     TwoStagePoint,
+    best_within,
     confidence_at_rate,
     confidence_cascade,
+    fixed_choices,
     fixed_plans,
     fixed_variants,
+    flip_plan,
     followup_auroc,
     oracle,
     random_assignment,
@@ -92,7 +95,7 @@ def evaluate_two_stage(
     pred = router.predict(rec.entry_logits)
     # the plans' validation accuracies break quality's ties, as in the gateway (never the test split's)
     prior = manifest.plan_accuracies(router.plan_names)
-    flip = next((p.name for p in rec.plans[1:] if p.name == f"{rec.entry}:hflip"), rec.plans[1].name)
+    flip = flip_plan(rec)
     points = fixed_variants(rec, served) + fixed_plans(rec) + confidence_cascade(rec, flip, THRESHOLDS)
     points += router_points(rec, pred, list(Priority), list(PRICES), planner, prior=prior) + [oracle(rec)]
     default = next(
@@ -169,9 +172,7 @@ def _budget_sweep(
     entry_ms = rec.pass_ms[rec.entry]
     ok = rec.correct()
     ms = rec.extra_ms()
-    fixed = {v: (float((rec.probs[v].argmax(1) == rec.labels).mean()), rec.pass_ms[v], False) for v in served}
-    for j, plan in enumerate(rec.plans[1:], start=1):
-        fixed[f"{rec.entry}+{plan.name}"] = (float(ok[:, j].mean()), entry_ms + ms[j], True)
+    fixed = fixed_choices(rec, served)
     rows = np.arange(len(rec.labels))
     out = []
     for factor in BUDGET_FACTORS:
@@ -183,18 +184,17 @@ def _budget_sweep(
             row[f"{key}_escalated"] = float((index > 0).mean())
             row[f"{key}_latency_ms"] = float(entry_ms + ms[index].mean())
             row[f"{key}_random_acc"] = random_assignment(rec, index, seed=seed)
-        fits = {k: a for k, (a, t, _) in fixed.items() if t <= budget}
         # a plan runs after the entry pass: the planner needs its margin × its extra time left over (idle: 1×)
         plannable = {
             k: a
             for k, (a, t, is_plan) in fixed.items()
             if (entry_ms + effective_slack(planner, 0.0) * (t - entry_ms) <= budget if is_plan else k == rec.entry)
         }
-        best = max(fits, key=fits.get) if fits else rec.entry
+        best, best_acc = best_within(fixed, budget, rec.entry)
         best_plannable = max(plannable, key=plannable.get)
         row |= {
             "best_fixed": best,
-            "best_fixed_acc": fits.get(best, fixed[rec.entry][0]),
+            "best_fixed_acc": best_acc,
             "best_plannable": best_plannable,
             "best_plannable_acc": plannable[best_plannable],
         }
