@@ -111,7 +111,7 @@ def test_a_misspelt_key_of_a_gateway_section_is_still_refused():
         load_settings(environ={"AQ_SERVER__PROT": "9000"})
     assert str(e.value) == (
         "unknown setting 'server.prot' (from AQ_SERVER__PROT); known here: access_log, api_key, api_key_file, "
-        "coalesce_writes, drain_timeout_s, grpc_port, host, keep_alive_s, log_level, port"
+        "coalesce_writes, drain_timeout_s, grpc_port, host, keep_alive_s, log_level, port, workers"
     )
 
 

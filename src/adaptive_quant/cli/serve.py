@@ -4,10 +4,14 @@
     python scripts/serve.py --backend triton --triton-url 127.0.0.1:8001
     python scripts/serve.py --port 9000 --set routing.default_priority=speed
     python scripts/serve.py --grpc-port 8081                  # + Open Inference Protocol over gRPC
+    python scripts/serve.py --workers 1                       # one process (default: one per CPU core)
     AQ_SERVER__API_KEY=s3cret python scripts/serve.py          # /v1/ calls need X-API-Key: s3cret
 
 Listens on 127.0.0.1 unless --host says otherwise. On SIGTERM or Ctrl-C it stops accepting
 connections and lets the requests in flight finish (server.drain_timeout_s, 30 s) before exiting.
+With several workers (server.workers, auto = one per CPU core) a supervisor process holds the
+port and starts one gateway process per worker on it (serving/workers.py): worker 0 profiles the
+host, the signal reaches every worker, a worker that dies is started again, /metrics sums them all.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from adaptive_quant.core.manifest import ManifestError
 from adaptive_quant.serving.app import create_app
 from adaptive_quant.serving.server import run
 from adaptive_quant.serving.settings import SettingsError, load_settings, parse_set
+from adaptive_quant.serving.workers import Supervisor
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repository", help="model repository with manifest.json")
     p.add_argument("--host", help="address to listen on (default 127.0.0.1: loopback only)")
     p.add_argument("--port", type=int, help="default 8000")
+    p.add_argument("--workers", help="gateway processes on the port: a number or auto (one per CPU core; default)")
     p.add_argument("--grpc-port", type=int, help="serve the Open Inference Protocol over gRPC here too (default: off)")
     p.add_argument("--backend", choices=["embedded", "triton"])
     p.add_argument("--triton-url", help="host:port of a Triton server")
@@ -41,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         "server.host": args.host,
         "server.port": args.port,
         "server.grpc_port": args.grpc_port,
+        "server.workers": args.workers,
         "backend.kind": args.backend,
         "backend.triton_url": args.triton_url,
         "backend.triton_protocol": args.triton_protocol,
@@ -57,9 +64,18 @@ def main(argv: list[str] | None = None) -> int:
         level=settings.server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     grpc = f" and grpc://{settings.server.host}:{settings.server.grpc_port}" if settings.server.grpc_port else ""
+    workers = settings.server.resolved_workers()
     print(
         f"serving {settings.repository} ({settings.backend.kind} backend) on http://{settings.server.host}:{settings.server.port}{grpc}"
+        + (f" with {workers} worker processes" if workers > 1 else "")
     )
+    if workers > 1:
+        # the app built above checked the settings and the repository; each worker builds its own
+        try:
+            return Supervisor(settings, args.config or None, overrides, workers).run()
+        except OSError as exc:  # the port is taken, or the host is not an address of this machine
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     run(app, settings)  # until SIGTERM/SIGINT, then drains the requests in flight
     return 0
 

@@ -36,6 +36,7 @@ from adaptive_quant.serving.routes import router as api_router
 from adaptive_quant.serving.schemas import request_schemas
 from adaptive_quant.serving.service import ClassifierService
 from adaptive_quant.serving.settings import ServeSettings, SettingsError
+from adaptive_quant.serving.workers import WorkerRole
 
 log = logging.getLogger(__name__)
 
@@ -91,9 +92,10 @@ def install_error_handlers(app: FastAPI) -> None:
         return _error(500, "internal error; see the server log")
 
 
-def backend_options(settings: ServeSettings) -> dict[str, Any]:
+def backend_options(settings: ServeSettings, workers: int = 1) -> dict[str, Any]:
     """The keyword arguments `make_backend` gets for `settings.backend.kind`: the gateway's, and
-    the benchmark's when it times the backend alone (so both run the same batcher settings)."""
+    the benchmark's when it times the backend alone (so both run the same batcher settings).
+    `workers`: gateway processes sharing this host's cores (instances: auto is divided among them)."""
     if settings.backend.kind == "triton":
         return {
             "url": settings.backend.triton_url,
@@ -104,7 +106,7 @@ def backend_options(settings: ServeSettings) -> dict[str, Any]:
     return {
         "max_batch_size": settings.batching.max_batch_size,
         "max_queue_delay_us": settings.batching.max_queue_delay_us,
-        "instances": settings.backend.resolved_instances(),
+        "instances": settings.backend.resolved_instances(workers),
         "intra_op_threads": settings.backend.intra_op_threads,
         "verify_sha256": settings.backend.verify_sha256,
         "memory_arena": settings.backend.memory_arena,
@@ -118,10 +120,12 @@ def create_app(
     backend: Backend | None = None,
     memory_probe: Callable[[], MemorySample] | None = None,
     router_predictor: RouterPredictor | None = None,
+    worker: WorkerRole | None = None,
 ) -> FastAPI:
     """Build the gateway. The manifest is read now (a missing repository fails here, clearly);
     the backend (given, or made from settings) is started and closed by the app's lifespan.
-    `memory_probe` replaces the memory policy's measurement, `router_predictor` the manifest's router (tests)."""
+    `memory_probe` replaces the memory policy's measurement, `router_predictor` the manifest's router (tests).
+    `worker`: this app is one of several gateway processes on one port (serving/workers.py)."""
     manifest = load_manifest(settings.repository)
     unknown = sorted(set(settings.variants) - {v.key for v in manifest.served_variants()})
     if unknown:
@@ -135,7 +139,7 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         b = backend
         if b is None:
-            opts = backend_options(settings)
+            opts = backend_options(settings, worker.count if worker else 1)
             b = make_backend(settings.backend.kind, settings.repository, manifest, **opts)
         await b.start()
         found = (
@@ -146,8 +150,12 @@ def create_app(
         service = ClassifierService(settings, manifest, b, metrics, router=found.predictor)
         service.router_info = found
         await service.warm_up()
-        await service.profile_host()  # the planner's latency estimates, for this host (profiling.py)
-        if settings.memory.enabled:
+        service.worker = worker
+        # the planner's latency estimates, for this host (profiling.py); worker 0 measures for all
+        await service.profile_host(worker.profile_path if worker else None, worker.index if worker else 0)
+        if settings.memory.enabled and worker is not None and worker.index > 0:
+            log.info("memory policy: run by worker 0 only (one policy loads and unloads Triton's models)")
+        elif settings.memory.enabled:
             service.memory_controller = MemoryController(
                 service, settings.memory, probe=memory_probe, triton_metrics_url=settings.backend.triton_metrics_url
             )
@@ -176,6 +184,7 @@ def create_app(
                 settings.server.grpc_port,
                 settings.server.api_key,
                 settings.limits.max_tensor_request_bytes,
+                share_port=worker is not None and worker.count > 1,
             )
             await grpc_front.start()
             app.state.grpc = grpc_front  # server.py stops it when the HTTP drain begins

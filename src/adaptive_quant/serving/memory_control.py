@@ -94,6 +94,7 @@ class MemoryController:
             "1 when the variant's model is loaded and serving, else 0",
             ["variant"],
             registry=service.metrics.registry,
+            multiprocess_mode="livemax",  # several workers: only worker 0 runs the policy (workers.py)
         )
 
     # ------------------------------------------------------------------ lifecycle

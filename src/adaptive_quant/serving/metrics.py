@@ -2,12 +2,21 @@
 
 A private CollectorRegistry (not the process-global default) lets tests and benchmarks
 create several apps in one process without "Duplicated timeseries" errors.
+
+With several gateway processes on one port (serving/workers.py) the supervisor sets
+PROMETHEUS_MULTIPROC_DIR before it starts them: prometheus_client then keeps every value in a
+per-process file there, and /metrics sums the files of all workers (gauges of live workers only),
+so a scrape that lands on any worker sees the whole gateway. `value()` stays this process's own.
 """
 
 from __future__ import annotations
 
+import os
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's own name; read when it is imported
 
 # s; backend calls on CPU take ~0.2 ms (int8, batch 1) to tens of ms (fp32, batch 64)
 LATENCY_BUCKETS = (0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -61,12 +70,18 @@ class GatewayMetrics:
             "aq_request_duration_seconds", "Server time of classify requests, s", buckets=LATENCY_BUCKETS, registry=r
         )
         self.unauthorized = Counter("aq_unauthorized", "Requests refused with 401 (no or wrong API key)", registry=r)
-        self.in_flight = Gauge("aq_in_flight_requests", "Classify requests being served now", registry=r)
+        self.in_flight = Gauge(
+            "aq_in_flight_requests",
+            "Classify requests being served now",
+            registry=r,
+            multiprocess_mode="livesum",  # several workers: the sum over the live ones
+        )
         self.variant_in_flight = Gauge(
             "aq_variant_in_flight_samples",
             "Samples dispatched to a variant and not yet answered",
             ["variant"],
             registry=r,
+            multiprocess_mode="livesum",
         )
         self.followups = Counter(
             "aq_followups",
@@ -98,7 +113,14 @@ class GatewayMetrics:
             self.variant_in_flight.labels(k)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        path = os.environ.get(MULTIPROC_ENV)
+        if not path:
+            return generate_latest(self.registry)
+        from prometheus_client import multiprocess
+
+        merged = CollectorRegistry()
+        multiprocess.MultiProcessCollector(merged, path=path)
+        return generate_latest(merged)
 
     def value(self, name: str, **labels: str) -> float:
         """Current value of one sample (e.g. 'aq_requests_total', outcome='ok'); 0 if absent."""

@@ -306,15 +306,18 @@ class GrpcFront:
     stopped (new RPCs refused, those in flight given `grace` s, then cancelled) when the HTTP
     server begins its drain, and again, idempotently, when the lifespan ends."""
 
-    def __init__(self, service: Any, host: str, port: int, api_key: str, max_request_bytes: int) -> None:
+    def __init__(
+        self, service: Any, host: str, port: int, api_key: str, max_request_bytes: int, share_port: bool = False
+    ) -> None:
         self.address = listen_address(host, port)
         limit = max_request_bytes + MESSAGE_SLACK_BYTES  # larger messages: RESOURCE_EXHAUSTED from grpc itself
         options: Sequence[tuple[str, Any]] = [
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
             # grpc's Linux default lets a second process bind the same port and take half the
-            # calls; off, a port already in use is an error at start-up
-            ("grpc.so_reuseport", 0),
+            # calls; off, a port already in use is an error at start-up. Several workers of one
+            # gateway share it on purpose (share_port; the supervisor has checked the port is free)
+            ("grpc.so_reuseport", 1 if share_port else 0),
         ]
         self.server = grpc.aio.server(options=options)
         service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(service, api_key), self.server)

@@ -7,14 +7,20 @@ of 2026-12-01). So at start-up, when the manifest's host differs from this one (
 always (`always`), each served variant is timed through the backend itself, the path requests
 take, at the profile's batch sizes, within a time budget (default 2 s, all variants together),
 and the estimator plans with what was measured. /v1/status says which profile is in use and why.
+
+With several gateway processes (serving/workers.py) only the first worker measures: the others
+start after it and plan with what it wrote (`save_shared` / `load_shared`), because two
+profilers timing at once on the same cores would each time the other's load.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -51,9 +57,40 @@ class ProfileInfo:
     host: dict[str, Any]  # the host the profiles in use were measured on
     seconds: float = 0.0  # s the start-up profiling took
     batch1_p95_ms: dict[str, dict[str, float]] = field(default_factory=dict)  # key → {manifest, used}
+    # the profiles measured (key → profile), for the other workers; not part of /v1/status
+    measured: dict[str, LatencyProfile] = field(default_factory=dict, repr=False)
 
     def to_json(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        return {k: v for k, v in self.__dict__.items() if k != "measured"}
+
+
+def save_shared(path: Path, info: ProfileInfo) -> None:
+    """Write what the first worker decided and measured, for the workers that start after it
+    (written aside and renamed, so a reader never sees half a file)."""
+    body = {"info": info.to_json(), "measured": {k: asdict(p) for k, p in info.measured.items()}}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(body))
+    tmp.replace(path)
+
+
+def load_shared(path: Path, estimator: LatencyEstimator, worker: int) -> ProfileInfo | None:
+    """Plan with the first worker's profiles (see save_shared); None when there is no usable file
+    (the caller then profiles on its own)."""
+    try:
+        body = json.loads(path.read_text())
+        measured = {
+            k: LatencyProfile(host=p["host"], batches={b: LatencyPoint(**q) for b, q in p["batches"].items()})
+            for k, p in body["measured"].items()
+        }
+        info = ProfileInfo(**body["info"], measured=measured)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("latency profiles: worker 0's file %s is unusable (%s); profiling here", path, exc)
+        return None
+    if measured:
+        estimator.set_profiles(measured)
+        info.reason += f" (measured by worker 0; worker {worker} plans with its figures)"
+    log.info("latency profiles: %s, as worker 0 found (%s)", info.source, path)
+    return info
 
 
 def should_profile(manifest: Manifest, keys: list[str], here: dict[str, Any], mode: str) -> tuple[bool, str]:
@@ -108,6 +145,7 @@ async def profile_on_host(
         here,
         round(seconds, 3),
         {k: {"manifest": round(manifest_p95[k], 4), "used": round(used[k], 4)} for k in keys},
+        measured,
     )
 
 

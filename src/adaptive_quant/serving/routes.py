@@ -148,7 +148,15 @@ async def status(service: ServiceDep) -> dict:
         },
         "variants": variants,
         "in_flight_requests": service.in_flight,
-        "process": {"rss_bytes": mem.rss, "pid": proc.pid, "cpu_s": round(cpu.user + cpu.system, 4)},
+        "process": {
+            "rss_bytes": mem.rss,
+            "pid": proc.pid,
+            "cpu_s": round(cpu.user + cpu.system, 4),
+            # one of server.workers processes on this port: the figures here are this worker's own
+            # (/metrics sums all of them)
+            "worker": service.worker.index if service.worker else 0,
+            "workers": service.worker.count if service.worker else 1,
+        },
         "routing": {
             "samples_by_variant": {v["key"]: v["routed_samples"] for v in variants},
             "fallbacks_by_variant": fallbacks,

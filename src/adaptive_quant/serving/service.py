@@ -38,6 +38,7 @@ import base64
 import logging
 import time
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 
@@ -59,8 +60,9 @@ from adaptive_quant.serving.followup import (
 )
 from adaptive_quant.serving.metrics import GatewayMetrics
 from adaptive_quant.serving.options import ClassifyOptions
-from adaptive_quant.serving.profiling import ProfileInfo, profile_on_host
+from adaptive_quant.serving.profiling import ProfileInfo, load_shared, profile_on_host, save_shared
 from adaptive_quant.serving.settings import ServeSettings
+from adaptive_quant.serving.workers import WorkerRole
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +135,7 @@ class ClassifierService:
         self.estimator = LatencyEstimator({v.key: v.latency for v in served}, settings.latency)
         self._order_entry()
         self.profile_info = ProfileInfo("manifest", "not profiled yet", {})
+        self.worker: WorkerRole | None = None  # one of several gateway processes (serving/workers.py)
         self.breakers = {k: _Breaker() for k in self.keys}
         self.started_at = time.monotonic()
         self.in_flight = 0
@@ -162,12 +165,19 @@ class ClassifierService:
             range(len(self.keys)), key=lambda j: (self.ranks[j] > low, self.estimator.service_ms(self.keys[j], 1))
         )
 
-    async def profile_host(self) -> None:
+    async def profile_host(self, shared: Path | None = None, worker: int = 0) -> None:
         """Re-profile the variants on this host when the manifest's profiles come from another
-        (serving/profiling.py); /v1/status reports what is in use."""
-        self.profile_info = await profile_on_host(
-            self.backend, self.manifest, self.keys, self.estimator, self.settings.profiling
-        )
+        (serving/profiling.py); /v1/status reports what is in use. With several workers
+        (`shared` set) the first to start (worker 0) measures and writes `shared`, the others plan with it."""
+        # a worker restarted later finds the file too, and does not time the host under load
+        info = load_shared(shared, self.estimator, worker) if shared is not None and shared.exists() else None
+        if info is None:
+            info = await profile_on_host(
+                self.backend, self.manifest, self.keys, self.estimator, self.settings.profiling
+            )
+            if shared is not None:
+                save_shared(shared, info)
+        self.profile_info = info
         self._order_entry()  # the follow-up stage prices plans from the estimator: nothing else to update
 
     # ------------------------------------------------------------------ health
