@@ -23,6 +23,8 @@ trap 'kill $GW_PID $BASE_PID 2>/dev/null || true' EXIT
 for url in $GW $BASE; do
   for _ in $(seq 1 120); do curl -sf "$url/v1/models" > /dev/null && break; sleep 0.5; done
 done
+# /v1/models answers once the first worker serves: wait for all of them (or uvicorn's line, one process)
+for _ in $(seq 1 120); do grep -q "workers serving on\|Uvicorn running" "$OUT/gateway.log" && break; sleep 0.5; done
 grep -m1 "latency profiles" "$OUT/gateway.log" || true
 LT="aq-loadtest --url $GW --compare baseline=$BASE --no-plot --progress 0"
 $LT --concurrency 1 --duration "$DUR" --warmup 3 --out "$OUT/c1.json"

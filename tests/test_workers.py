@@ -130,6 +130,10 @@ def test_both_workers_answer_on_one_port_and_share_worker_0s_profile(two_workers
     assert sorted(seen) == [0, 1], "new connections never reached one of the workers"
     assert seen[0]["process"]["pid"] != seen[1]["process"]["pid"]
     assert {s["process"]["workers"] for s in seen.values()} == {2}
+    # memory and CPU of the whole gateway (supervisor and workers), whichever worker answers
+    whole = seen[0]["gateway"]
+    assert {seen[0]["process"]["pid"], seen[1]["process"]["pid"]} <= set(whole["pids"])
+    assert whole["rss_bytes"] > seen[0]["process"]["rss_bytes"] + seen[1]["process"]["rss_bytes"] * 0.9
     # worker 1 planned with the figures worker 0 measured, not with a profile of its own
     assert seen[0]["profile"]["batch1_p95_ms"] == seen[1]["profile"]["batch1_p95_ms"]
     assert seen[0]["profile"]["source"] == seen[1]["profile"]["source"]

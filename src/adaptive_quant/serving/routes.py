@@ -87,6 +87,29 @@ async def classify(request: Request, service: ServiceDep) -> Response:
     return Response(body, status_code=status, headers={k.decode(): v.decode() for k, v in headers})
 
 
+def gateway_usage(proc: psutil.Process, supervised: bool) -> dict:
+    """RSS and CPU time summed over the gateway's processes: this one alone, or the supervisor
+    and every process it started (workers.py) when this is one of several workers."""
+    procs = [proc]
+    if supervised:
+        try:
+            parent = proc.parent()
+            procs = [parent, *parent.children()] if parent is not None else procs
+        except psutil.Error:  # the supervisor went away mid-call: this worker's own figures
+            procs = [proc]
+    rss, cpu_s, pids = 0, 0.0, []
+    for p in procs:
+        try:
+            with p.oneshot():
+                rss += p.memory_info().rss
+                t = p.cpu_times()
+                cpu_s += t.user + t.system
+                pids.append(p.pid)
+        except psutil.Error:  # a worker restarting right now
+            continue
+    return {"processes": len(pids), "pids": pids, "rss_bytes": rss, "cpu_s": round(cpu_s, 4)}
+
+
 @router.get(
     "/v1/status", response_model=StatusResponse, summary="Variants, health, live latency, load, memory, routing counts"
 )
@@ -157,6 +180,9 @@ async def status(service: ServiceDep) -> dict:
             "worker": service.worker.index if service.worker else 0,
             "workers": service.worker.count if service.worker else 1,
         },
+        # every process of this gateway together (the supervisor and all its workers): what a
+        # load test's memory and CPU figures must read
+        "gateway": gateway_usage(proc, service.worker is not None and service.worker.count > 1),
         "routing": {
             "samples_by_variant": {v["key"]: v["routed_samples"] for v in variants},
             "fallbacks_by_variant": fallbacks,

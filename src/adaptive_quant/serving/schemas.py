@@ -133,6 +133,7 @@ class StatusResponse(BaseModel):
     variants: list[VariantStatus]
     in_flight_requests: int
     process: dict[str, Any]
+    gateway: dict[str, Any] = Field(default_factory=dict, description="RSS and CPU of all the gateway's processes")
     routing: dict[str, Any]
     uptime_s: float
     model_control: str = Field(..., description="none | explicit (the gateway loads/unloads Triton models)")

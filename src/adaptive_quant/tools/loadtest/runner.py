@@ -112,7 +112,14 @@ class RunResult:
 
 
 def _rss(status: dict[str, Any] | None) -> int | None:
-    return (status or {}).get("process", {}).get("rss_bytes")
+    return _usage(status).get("rss_bytes")
+
+
+def _usage(status: dict[str, Any] | None) -> dict[str, Any]:
+    """The server's memory and CPU: the gateway's processes together where it says (several
+    workers), else its one process (the baseline server, older gateways)."""
+    status = status or {}
+    return status.get("gateway") or status.get("process", {})
 
 
 def cpu_per_request(
@@ -122,7 +129,7 @@ def cpu_per_request(
     process.cpu_s, every thread) and by this client: on a shared machine, what a request costs."""
     if not answered:
         return {"server": None, "client": None}
-    a, b = ((x or {}).get("process", {}).get("cpu_s") for x in (before, after))
+    a, b = (_usage(x).get("cpu_s") for x in (before, after))
     server = None if a is None or b is None else round((b - a) * 1e3 / answered, 4)
     client = None if client_cpu_s is None else round(client_cpu_s * 1e3 / answered, 4)
     return {"server": server, "client": client}
