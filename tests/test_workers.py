@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from adaptive_quant.serving.settings import SettingsError, load_settings, usable_cores
+from adaptive_quant.serving.settings import AUTO_WORKERS_MAX, SettingsError, load_settings, usable_cores
 from gateway_repo import b64_instance, build_repo, images
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,7 +114,7 @@ def test_workers_setting_is_checked_and_auto_is_one_per_core():
     with pytest.raises(SettingsError, match=r"server\.workers.*1\.\.64 or auto"):
         load_settings(overrides={"server.workers": "0"}, environ={})
     auto = load_settings(environ={})
-    assert auto.server.resolved_workers() == usable_cores()
+    assert auto.server.resolved_workers() == min(usable_cores(), AUTO_WORKERS_MAX)
     assert load_settings(overrides={"server.workers": "3"}, environ={}).server.resolved_workers() == 3
     # instances: auto shares the cores among the workers, at least one call per variant each
     assert auto.backend.resolved_instances(workers=usable_cores()) == 1

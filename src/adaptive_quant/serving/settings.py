@@ -55,6 +55,9 @@ ENV_DELIMITER = "__"
 SettingsError = ConfigError  # the name the gateway's callers catch; one error type for every settings tree
 
 
+AUTO_WORKERS_MAX = 8  # server.workers: auto on a large host; more is a deliberate number
+
+
 def usable_cores() -> int:
     """CPU cores this process may run on (its affinity mask, where the OS has one)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -86,9 +89,10 @@ class ServerSettings(Section):
     # serves on uvicorn's own protocol (A/B runs; a uvicorn without httptools uses its own anyway)
     coalesce_writes: bool = True
     # gateway processes serving one port (serving/workers.py); auto = one per CPU core this
-    # process may use. Under Poisson load most batches are small and compute inline on the event
-    # loop, so one process serves on about one core: two gateways at half the rate each kept
-    # 95 % of requests within 50 ms at 800 req/s where one kept 85 % (2 vCPUs, runs/twoproc)
+    # process may use, at most AUTO_WORKERS_MAX (each holds its own sessions: ~170 MB RSS here).
+    # Under Poisson load most batches are small and compute inline on the event loop, so one
+    # process serves on about one core: with two, goodput went from 0.96x to 2.0x the plain
+    # server's (2 vCPUs, runs/bench6 and runs/bench7)
     workers: int | Literal["auto"] = "auto"
 
     @field_validator("workers")
@@ -100,7 +104,7 @@ class ServerSettings(Section):
 
     def resolved_workers(self) -> int:
         """`workers`, with auto resolved to the CPU cores this process may run on."""
-        return usable_cores() if self.workers == "auto" else int(self.workers)
+        return min(usable_cores(), AUTO_WORKERS_MAX) if self.workers == "auto" else int(self.workers)
 
     @model_validator(mode="after")
     def _ports_differ(self) -> ServerSettings:
