@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import pickle
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -21,6 +20,7 @@ from adaptive_quant.core.net import is_loopback
 from adaptive_quant.data import DataError, read_cifar_split
 from adaptive_quant.serving.app import create_app
 from adaptive_quant.serving.settings import ServeSettings, SettingsError, load_settings
+from gateway_process import free_port, wait_ready
 from gateway_repo import b64_instance, build_repo, images
 from http_server import serve_in_thread
 
@@ -112,14 +112,8 @@ def test_defaults_bind_loopback_and_limit_request_size(repo):
 # ----------------------------------------------------------------------------- SIGTERM drain
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start_slow_gateway(repo: Path, delay_s: float, drain_timeout_s: float) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     proc = subprocess.Popen(
         [
@@ -140,16 +134,8 @@ def _start_slow_gateway(repo: Path, delay_s: float, drain_timeout_s: float) -> t
         env=env,
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        assert proc.poll() is None, proc.stdout.read()
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, "the gateway did not become ready"
-        time.sleep(0.1)
+    wait_ready(proc, url, timeout_s=60)
+    return proc, url
 
 
 def _in_flight(url: str, want: int, timeout_s: float = 20) -> None:

@@ -10,7 +10,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -26,6 +25,7 @@ from adaptive_quant.serving.settings import (
     load_settings,
     parse_set,
 )
+from gateway_process import wait_ready
 from gateway_repo import b64_instance, build_repo, images
 from http_server import serve_in_thread
 
@@ -68,17 +68,7 @@ def test_a_gateway_started_with_client_variables_in_its_environment_serves(repo)
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"the gateway exited ({proc.returncode}): {proc.stderr.read()}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the gateway did not become ready"
-            time.sleep(0.1)
+        wait_ready(proc, url, timeout_s=60)
         r = classify(url)  # AQ_API_KEY is not the gateway's key: no key is asked for
         assert r.status_code == 200 and len(r.json()["predictions"]) == 1
     finally:

@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from adaptive_quant.serving.settings import AUTO_WORKERS_MAX, SettingsError, load_settings, usable_cores
+from gateway_process import free_port, wait_ready
 from gateway_repo import b64_instance, build_repo, images
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,25 +26,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def body(n: int = 1, seed: int = 0) -> dict:
     return {"instances": [b64_instance(img) for img in images(n, seed=seed)]}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_ready(proc: subprocess.Popen, url: str, timeout_s: float = 90) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        assert proc.poll() is None, proc.stdout.read() if proc.stdout else "exited"
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, "the gateway did not become ready"
-        time.sleep(0.1)
 
 
 def wait_workers(url: str, want: int, timeout_s: float = 90) -> None:
