@@ -42,6 +42,8 @@ from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
 
+from adaptive_quant.serving.metrics import MULTIPROC_ENV
+
 log = logging.getLogger(__name__)
 
 READY = "ready"
@@ -128,7 +130,7 @@ class Supervisor:
     def run(self) -> int:
         """Serve until SIGTERM/SIGINT and every worker has drained; the exit status (0, or 1 if a
         worker could not start or ended badly during the drain)."""
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(self.metrics_dir)  # before any worker imports prometheus_client
+        os.environ[MULTIPROC_ENV] = str(self.metrics_dir)  # before any worker imports prometheus_client
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
             self.sock = bind(self.settings.server.host, self.settings.server.port)
@@ -188,7 +190,6 @@ class Supervisor:
 
     def _watch(self) -> int:
         """Until stopped: restart dead workers. Then wait for every worker's drain."""
-        status = 0
         while not self.stopping:
             alive = {p.sentinel: i for i, p in enumerate(self.procs) if p is not None}
             for sentinel in wait(list(alive), timeout=1.0):
@@ -219,20 +220,8 @@ class Supervisor:
                         log.error("worker %d could not be started again and no worker is left; stopping", i)
                         return 1
                     log.error("worker %d could not be started again; the others keep serving", i)
-        # drain: every worker got SIGTERM in _on_signal; give each its drain time and a margin
-        deadline = time.monotonic() + self.settings.server.drain_timeout_s + 10.0
-        for proc in self.procs:
-            if proc is None:
-                continue
-            proc.join(max(0.0, deadline - time.monotonic()))
-            if proc.is_alive():
-                log.error("worker pid %d still running after its drain timeout; killing it", proc.pid)
-                proc.kill()
-                proc.join()
-                status = 1
-            # uvicorn re-raises the signal after its drain, so -SIGTERM is a clean end
-            elif proc.exitcode not in (0, -signal.SIGTERM):
-                status = 1
+        # drain: every worker got SIGTERM in _on_signal
+        status = 0 if self._join_all() else 1
         log.info("all workers stopped")
         return status
 
@@ -244,20 +233,34 @@ class Supervisor:
             return
         self.stopping = True
         log.info("signal %d: each worker stops accepting connections and drains its requests", signum)
+        self._signal_all()
+
+    def _signal_all(self) -> None:
         for proc in self.procs:
             if proc is not None and proc.pid is not None and proc.is_alive():
                 os.kill(proc.pid, signal.SIGTERM)
 
     def _stop_all(self) -> None:
+        self._signal_all()
+        self._join_all()
+
+    def _join_all(self) -> bool:
+        """Wait for the signalled workers: each gets its drain time and a margin, then is killed.
+        True when every one ended cleanly (uvicorn re-raises SIGTERM after its drain: -SIGTERM is clean)."""
+        deadline = time.monotonic() + self.settings.server.drain_timeout_s + 10.0
+        clean = True
         for proc in self.procs:
-            if proc is not None and proc.is_alive():
-                os.kill(proc.pid, signal.SIGTERM)
-        for proc in self.procs:
-            if proc is not None:
-                proc.join(self.settings.server.drain_timeout_s + 10.0)
-                if proc.is_alive():
-                    proc.kill()
-                    proc.join()
+            if proc is None:
+                continue
+            proc.join(max(0.0, deadline - time.monotonic()))
+            if proc.is_alive():
+                log.error("worker pid %d still running after its drain timeout; killing it", proc.pid)
+                proc.kill()
+                proc.join()
+                clean = False
+            elif proc.exitcode not in (0, -signal.SIGTERM):
+                clean = False
+        return clean
 
     def _forget(self, proc: multiprocessing.process.BaseProcess) -> None:
         """A dead worker's live gauges (in flight) must not count any more."""
@@ -274,18 +277,19 @@ class Supervisor:
 
 def check_free(host: str, port: int, what: str) -> None:
     """OSError naming `what` when another socket already has host:port."""
-    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[
-        0
-    ]
-    with socket.socket(family, kind, proto) as probe:
-        try:
-            probe.bind(address)
-        except OSError as exc:
-            raise OSError(exc.errno, f"{what}: cannot listen on {host}:{port}: {exc.strerror}") from None
+    _bound(host, port, f"{what}: ").close()
 
 
 def bind(host: str, port: int) -> socket.socket:
     """The listening socket every worker serves on (IPv4 or IPv6, as `host` resolves)."""
+    sock = _bound(host, port, "")
+    sock.listen(2048)  # uvicorn's backlog
+    sock.set_inheritable(True)
+    return sock
+
+
+def _bound(host: str, port: int, what: str) -> socket.socket:
+    """A socket bound to host:port, or OSError "<what>cannot listen on host:port: <why>"."""
     family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[
         0
     ]
@@ -295,7 +299,5 @@ def bind(host: str, port: int) -> socket.socket:
         sock.bind(address)
     except OSError as exc:
         sock.close()
-        raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}") from None
-    sock.listen(2048)  # uvicorn's backlog
-    sock.set_inheritable(True)
+        raise OSError(exc.errno, f"{what}cannot listen on {host}:{port}: {exc.strerror}") from None
     return sock
