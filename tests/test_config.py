@@ -80,6 +80,13 @@ def test_invalid_value_names_the_key() -> None:
         load_config(None, ["data.source=imagenet"])
     with pytest.raises(ConfigError, match=r"'export\.instance_kind': must be one of 'KIND_AUTO', 'KIND_CPU' or"):
         load_config(None, ["export.instance_kind=KIND_TPU"])
+    with pytest.raises(ConfigError, match=r"qat.*epochs must be >= 1 while qat.enabled is true; set qat.enabled=false"):
+        load_config(None, ["qat.epochs=0"])
+    assert load_config(None, ["qat.epochs=0", "qat.enabled=false"]).qat.enabled is False
+    with pytest.raises(
+        ConfigError, match=r"'export\.shift_corruptions'.*unknown corruption\(s\) \['fog'\]; accepted: noise"
+    ):
+        load_config(None, ["export.shift_corruptions=[noise, fog]"])
 
 
 def test_sections_validate_on_construction_and_assignment() -> None:

@@ -28,6 +28,7 @@ from adaptive_quant.training.checkpoint import load_checkpoint, restore_float_mo
 from adaptive_quant.training.engine import predict_logits
 from adaptive_quant.training.prune import prune_channels
 from adaptive_quant.training.quantize import convert, prepare_qat, set_qat_mode
+from checkpoints import rotate_head
 from conftest import EXPORT_FAST
 from gateway_repo import b64_instance, images
 
@@ -86,7 +87,7 @@ def pruned_checkpoint(pruned):
 def added(base_repo, pruned_checkpoint):
     before = load_manifest(base_repo)
     # synthetic data: the limit is not what this fixture is about (the refusal test is)
-    cfg = ExportConfig(repository=str(base_repo), max_pruned_accuracy_drop=100.0, **FAST)
+    cfg = ExportConfig(repository=str(base_repo), max_pruned_accuracy_drop=100.0, max_shift_drop=100.0, **FAST)
     result = add_variant(pruned_checkpoint, base_repo, export_cfg=cfg, tracking=False)
     return before, result
 
@@ -170,20 +171,10 @@ def test_the_gateway_routes_to_it_only_when_named(added) -> None:
     assert sorted(keys) == ["fp32", "int8_pruned50"] and entries == ["int8_pruned50"] * 4
 
 
-def _break_head(src, dst) -> None:
-    """The same pruned checkpoint with its classifier's rows rotated: class c answers as c + 1."""
-    payload = torch.load(src, map_location="cpu", weights_only=True)
-    for state in (payload["float_state"], payload["qat_state"]):
-        for k, t in state.items():
-            if "fc" in k and t.ndim >= 1 and t.shape[0] == 10:  # weight, bias and per-channel scales
-                state[k] = torch.roll(t, 1, dims=0)
-    torch.save(payload, dst)
-
-
 def test_the_gate_refuses_a_pruned_variant_that_breaks_the_limit(added, pruned_checkpoint, tmp_path, capsys) -> None:
     _, r = added
     broken = tmp_path / "broken.pt"
-    _break_head(pruned_checkpoint, broken)
+    rotate_head(pruned_checkpoint, broken)
     manifest_before = (r.repository / "manifest.json").read_bytes()
     argv = ["--checkpoint", str(broken), "--repository", str(r.repository), "--add-variant", "int8_pruned50b"]
     assert export_main([*argv, "--no-mlflow", "--set", "export.profile_seconds=0.05"]) == 2

@@ -233,6 +233,14 @@ class QATConfig(_Section):
     freeze_bn_epoch: int = Field(1, ge=0)
     max_steps_per_epoch: int = Field(0, ge=0)
 
+    @model_validator(mode="after")
+    def _some_qat(self) -> QATConfig:
+        # 0 epochs would convert observers that never saw an image: an INT8 network at chance,
+        # reported as if it were a result
+        if self.enabled and self.epochs == 0:
+            raise ValueError("epochs must be >= 1 while qat.enabled is true; set qat.enabled=false to skip QAT")
+        return self
+
 
 class PruneConfig(_Section):
     """Structured (channel) pruning between the float phase and QAT: fewer filters, same layers."""
@@ -264,6 +272,13 @@ class ExportConfig(_Section):
     # pruned network, `aq-export --add-variant`), in points below that repository's FP32: pruning
     # trades some accuracy for speed on purpose, so it gets its own, wider limit
     max_pruned_accuracy_drop: float = Field(1.5, ge=0)
+    # the shift check (export/shift.py): the validation split under these corruptions, on which the
+    # new INT8 variant may answer at most max_shift_drop points below the INT8 of the repository it
+    # replaces (or, for --add-variant, of the repository it joins); [] turns it off. 10 points is
+    # far more than any clean-accuracy gain buys, and far less than the 64 points a whitening stem
+    # lost under noise
+    shift_corruptions: list[str] = Field(default_factory=lambda: ["noise", "blur", "contrast", "jpeg", "brightness"])
+    max_shift_drop: float = Field(10.0, ge=0)
     max_batch_size: int = Field(64, ge=1)  # Triton max_batch_size and the gateway's largest batch
     preferred_batch_sizes: list[int] = Field(default_factory=lambda: [8, 32, 64])
     max_queue_delay_us: int = Field(500, ge=0)  # Triton dynamic batching: µs a request may wait for company
@@ -291,6 +306,16 @@ class ExportConfig(_Section):
     def _sizes(cls, v: list[int]) -> list[int]:
         if not v or not all(b >= 1 for b in v):
             raise ValueError(f"must be a non-empty list of sizes >= 1, got {v}")
+        return v
+
+    @field_validator("shift_corruptions")
+    @classmethod
+    def _corruptions(cls, v: list[str]) -> list[str]:
+        from adaptive_quant.evaluation.corruptions import CORRUPTIONS  # numpy and Pillow only
+
+        unknown = [n for n in v if n not in CORRUPTIONS]
+        if unknown:
+            raise ValueError(f"unknown corruption(s) {unknown}; accepted: {', '.join(CORRUPTIONS)}")
         return v
 
 

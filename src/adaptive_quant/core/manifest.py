@@ -102,6 +102,9 @@ class Manifest:
     plans: list[PlanEntry] = field(default_factory=list)  # follow-ups the router may choose (two-stage)
     # the two-stage router's predictor: reads the entry pass's output (paths, sha256, plan columns, metrics)
     router: dict[str, Any] | None = None
+    # the export gate's shift check (export/shift.py): validation accuracy (0..1) under each
+    # corruption, {"int8": {...}, "replaced_int8": {...}}; empty in repositories exported before it
+    shift: dict[str, dict[str, float]] = field(default_factory=dict)
     created_at: str = ""
     schema_version: int = SCHEMA_VERSION
 

@@ -30,6 +30,7 @@ from adaptive_quant.export.ort_eval import (
     profile_session,
     run_batched,
 )
+from adaptive_quant.export.shift import shift_check
 from adaptive_quant.export.triton_config import TritonModelSpec, render_config
 from adaptive_quant.training.augment import to_normalized_tensor
 from adaptive_quant.training.checkpoint import load_checkpoint, restore_converted_model, restore_float_model
@@ -129,7 +130,7 @@ def build_repository(
     work = Path(tempfile.mkdtemp(prefix=f".{target.name}.building-", dir=target.parent))
     try:
         paths, torch_models = write_variant_files(payload, cfg, work, calibration)
-        result = _validate_profile_describe(cfg, payload, work, paths, torch_models, data, val_x, force)
+        result = _validate_profile_describe(cfg, payload, work, paths, torch_models, data, val_x, force, target)
         if e.router and "int8" in result.manifest.variants:
             from adaptive_quant.export.plans import fit_router
 
@@ -158,6 +159,7 @@ def _validate_profile_describe(
     data: Dataset,
     val_x: np.ndarray,
     force: bool,
+    replaced: Path,
 ) -> ExportResult:
     e = cfg.export
     labels = data.val.labels
@@ -192,12 +194,28 @@ def _validate_profile_describe(
             g.non_finite,
             "pass" if g.passed else g.reason,
         )
-    failed = {k: g for k, g in gates.items() if not g.passed and k != PTQ_KEY}  # the baseline is not served
+    failed = {k: g.reason for k, g in gates.items() if not g.passed and k != PTQ_KEY}  # the baseline is not served
+    shift = None
+    if e.shift_corruptions and "int8" in sessions:
+        shift = shift_check(
+            sessions["int8"],
+            data.val.images,
+            labels,
+            e.shift_corruptions,
+            list(CIFAR10_MEAN),
+            list(CIFAR10_STD),
+            replaced,
+            e.max_shift_drop,
+            cfg.seed,
+            e.ort_threads,
+        )
+        if not shift.passed:
+            failed["shift"] = "; ".join(shift.failures)
     if failed and not force:
-        lines = "; ".join(f"{k}: {g.reason}" for k, g in failed.items())
+        lines = "; ".join(f"{k}: {why}" for k, why in failed.items())
         raise ExportGateError(f"refusing to publish: {lines} (--force publishes anyway)")
-    for k, g in failed.items():
-        log.warning("publishing %s despite the gate (forced): %s", k, g.reason)
+    for k, why in failed.items():
+        log.warning("publishing %s despite the gate (forced): %s", k, why)
 
     profiles = {}
     for k, s in tqdm(sessions.items(), desc="profile", unit="variant", dynamic_ncols=True):
@@ -237,6 +255,7 @@ def _validate_profile_describe(
             "parity": parity,
             "config": {"model": payload["config"]["model"], "seed": payload["config"]["seed"]},
         },
+        shift=shift.to_manifest() if shift is not None else {},
         created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     )
     save_manifest(repo, manifest)

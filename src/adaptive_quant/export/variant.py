@@ -40,6 +40,7 @@ from adaptive_quant.data import Dataset, load_dataset
 from adaptive_quant.export import onnx_export
 from adaptive_quant.export.ort_eval import GateResult, gate_variant, make_session, profile_session, run_batched
 from adaptive_quant.export.pipeline import PTQ_KEY, ExportGateError, model_dir, publish_repository, triton_spec
+from adaptive_quant.export.shift import shift_check
 from adaptive_quant.export.triton_config import render_config
 from adaptive_quant.training.augment import to_normalized_tensor
 from adaptive_quant.training.checkpoint import load_checkpoint, restore_converted_model
@@ -169,13 +170,28 @@ def add_variant(
             gate.non_finite,
             "pass" if gate.passed else gate.reason,
         )
-        if not gate.passed and not force:
-            raise ExportGateError(
-                f"refusing to add {key} to {repo}: {gate.reason} "
-                "(export.max_pruned_accuracy_drop sets the limit; --force publishes anyway); nothing was published"
+        reasons = [] if gate.passed else [f"{gate.reason} (export.max_pruned_accuracy_drop sets the limit)"]
+        shift = None
+        if e.shift_corruptions:  # against the repository's own INT8, the entry pass it would stand in for
+            shift = shift_check(
+                session,
+                data.val.images,
+                labels,
+                e.shift_corruptions,
+                manifest.mean,
+                manifest.std,
+                repo,
+                e.max_shift_drop,
+                cfg.seed,
+                e.ort_threads,
             )
-        if not gate.passed:
-            log.warning("publishing %s despite the gate (forced): %s", key, gate.reason)
+            reasons += shift.failures
+        if reasons and not force:
+            raise ExportGateError(
+                f"refusing to add {key} to {repo}: {'; '.join(reasons)} (--force publishes anyway); nothing was published"
+            )
+        for why in reasons:
+            log.warning("publishing %s despite the gate (forced): %s", key, why)
 
         torch_logits = predict_logits(converted, data.val.images)
         parity = {
@@ -219,8 +235,9 @@ def add_variant(
             "gate": {
                 "limit_points": e.max_pruned_accuracy_drop,
                 "drop_points": gate.accuracy_drop,
-                "forced": not gate.passed,
+                "forced": bool(reasons),
             },
+            "shift": shift.to_manifest() if shift is not None else {},
             "parity": parity,
             "time_vs_int8": ratio,
             "added_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

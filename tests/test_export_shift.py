@@ -1,0 +1,78 @@
+"""The export gate's shift check: the new INT8 against the repository it replaces, on the
+validation split under each corruption (noise, blur, contrast, jpeg, brightness)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from adaptive_quant.config import ExportConfig
+from adaptive_quant.core.manifest import load_manifest
+from adaptive_quant.evaluation.corruptions import CORRUPTIONS
+from adaptive_quant.export.pipeline import ExportGateError, build_repository
+from adaptive_quant.export.shift import compare
+from checkpoints import rotate_head
+from conftest import EXPORT_FAST
+
+NAMES = list(CORRUPTIONS)
+
+
+def test_a_first_export_records_its_figures_and_compares_with_nothing(smoke_export) -> None:
+    repo, out = smoke_export
+    shift = load_manifest(repo).shift
+    assert set(shift["int8"]) == set(NAMES)
+    assert all(0.0 <= a <= 1.0 for a in shift["int8"].values())
+    assert shift["replaced_int8"] == {}  # there was no repository at the target
+    assert out.manifest.shift == shift
+
+
+def test_re_exporting_the_same_network_passes_and_measures_the_replaced_one(smoke_export, smoke_run, tmp_path) -> None:
+    repo = tmp_path / "model_repository"
+    shutil.copytree(smoke_export[0], repo)
+    _, result, _ = smoke_run
+    out = build_repository(result.checkpoint, ExportConfig(repository=str(repo), **EXPORT_FAST), tracking=False)
+    shift = out.manifest.shift
+    # the same INT8 network, so the same answers on the same seeded corrupted images
+    assert shift["replaced_int8"] == shift["int8"] == smoke_export[1].manifest.shift["int8"]
+
+
+def test_a_network_far_below_the_replaced_one_is_refused_and_the_repository_kept(
+    smoke_export, smoke_run, tmp_path
+) -> None:
+    repo = tmp_path / "model_repository"
+    shutil.copytree(smoke_export[0], repo)
+    before = (repo / "manifest.json").read_bytes()
+    _, result, _ = smoke_run
+    worse = tmp_path / "worse.pt"
+    rotate_head(result.checkpoint, worse)  # its INT8 agrees with its FP32: the clean gate alone lets it pass
+    cfg = ExportConfig(repository=str(repo), **EXPORT_FAST)
+    with pytest.raises(
+        ExportGateError, match=r"shift: under noise the new INT8 answers .* more than export.max_shift_drop=10"
+    ):
+        build_repository(worse, cfg, tracking=False)
+    assert (repo / "manifest.json").read_bytes() == before
+    assert not list(tmp_path.glob(".model_repository.building-*")), "no temporary folder left behind"
+
+    # with the check off the same network is published: the clean gate is not what refused it
+    out = build_repository(worse, cfg.model_copy(update={"shift_corruptions": []}), tracking=False)
+    assert json.loads((repo / "manifest.json").read_text())["shift"] == {}
+    assert out.gates["int8"].passed
+
+
+def test_compare_names_each_corruption_beyond_the_limit() -> None:
+    previous = {"noise": 0.75, "blur": 0.57, "jpeg": 0.80}
+    new = {"noise": 0.107, "blur": 0.59, "jpeg": 0.71, "contrast": 0.5}  # contrast: nothing to compare with
+    lines = compare(new, previous, max_drop_points=5.0)
+    assert len(lines) == 2
+    assert lines[0].startswith(
+        "under noise the new INT8 answers 10.70%, the repository it replaces 75.00%: 64.3 points"
+    )
+    assert lines[1].startswith("under jpeg") and "9.0 points lower" in lines[1]
+    assert compare(new, previous, max_drop_points=65.0) == []
+
+
+def test_an_unknown_corruption_is_a_config_error() -> None:
+    with pytest.raises(ValueError, match=r"unknown corruption\(s\) \['fog'\]; accepted: noise, blur"):
+        ExportConfig(shift_corruptions=["noise", "fog"])
