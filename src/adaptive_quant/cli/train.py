@@ -12,12 +12,14 @@ The best checkpoint (by validation accuracy) lands in <output_dir>/best.pt.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from adaptive_quant.cli import LOG_LEVELS, setup_logging
 from adaptive_quant.config import ConfigError, load_config
 from adaptive_quant.data import DataError
 from adaptive_quant.tracking import name_runs_after
+from adaptive_quant.training import allocator
 from adaptive_quant.training.checkpoint import CheckpointError
 from adaptive_quant.training.pipeline import run_training
 
@@ -44,7 +46,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if argv is None:  # the command line, not a caller in this process: start again with the allocator tuned
+        allocator.reexec_tuned()
     setup_logging(args.log_level)
+    if allocator.active():
+        logging.getLogger(__name__).info("allocator: GLIBC_TUNABLES=%s (see training/allocator.py)", allocator.TUNABLES)
     name_runs_after(args.config, args.overrides)  # MLflow run names: train-<config>-<overrides>-<time>
     try:
         cfg = load_config(args.config, args.overrides)
