@@ -1,7 +1,15 @@
 import torch
 
-from adaptive_quant.config import ModelConfig
-from adaptive_quant.training.augment import cutout, random_crop, random_flip, to_normalized_tensor
+from adaptive_quant.config import AugmentConfig, ModelConfig
+from adaptive_quant.data import CIFAR10_STD
+from adaptive_quant.training.augment import (
+    augment_batch,
+    cutout,
+    pixel_noise,
+    random_crop,
+    random_flip,
+    to_normalized_tensor,
+)
 from adaptive_quant.training.model import build_model, count_parameters
 
 
@@ -51,3 +59,26 @@ def test_flip_and_cutout() -> None:
     cut = cutout(torch.ones(16, 3, 32, 32), 8, g)
     zeros_per_image = (cut == 0).flatten(1).sum(1) / 3
     assert (zeros_per_image > 0).all() and (zeros_per_image <= 64).all()
+
+
+def test_pixel_noise_reaches_a_share_of_the_images_at_most_its_level() -> None:
+    g = torch.Generator().manual_seed(2)
+    x = torch.zeros(4000, 3, 32, 32)
+    noisy = pixel_noise(x, 12.0, 0.5, g)
+    # back in grey levels (0..255): each channel's std undoes the normalisation
+    grey = noisy * torch.tensor(CIFAR10_STD).view(1, 3, 1, 1) * 255
+    sigma = grey.flatten(1).std(1)
+    touched = sigma > 0
+    assert 0.45 < touched.float().mean() < 0.55  # about half the batch
+    assert sigma.max() < 12.0 * 1.1  # σ ~ U(0, 12): none above the level, within sampling error
+    assert 5.0 < sigma[touched].mean() < 7.0  # the mean of U(0, 12)
+    assert torch.equal(pixel_noise(x, 0.0, 0.5, g), x) and torch.equal(pixel_noise(x, 12.0, 0.0, g), x)
+
+
+def test_augment_batch_adds_noise_only_when_configured() -> None:
+    g = torch.Generator().manual_seed(3)
+    x = torch.zeros(256, 3, 32, 32)
+    off = AugmentConfig(crop_padding=0, flip=False, cutout=0)
+    assert torch.equal(augment_batch(x, off, g), x)
+    on = off.model_copy(update={"noise_std": 8.0, "noise_share": 1.0})
+    assert (augment_batch(x, on, g).flatten(1).std(1) > 0).all()

@@ -182,6 +182,12 @@ class AugmentConfig(_Section):
     # the first float epoch, then each image flipped in every other epoch, so both views are seen
     # equally often (QAT always flips at random)
     flip_mode: Literal["random", "alternate"] = "random"
+    # Gaussian pixel noise on a share of the training images, σ ~ U(0, noise_std) grey levels
+    # (0..255) per image; 0 disables. The JPEG training copy has almost no high-frequency chroma,
+    # so a whitening stem learns to trust directions that any camera noise fills (see
+    # training/whitening.py); a little noise in training teaches the network not to
+    noise_std: float = Field(0.0, ge=0, le=255)
+    noise_share: float = Field(0.5, ge=0, le=1)
 
 
 class TrainConfig(_Section):

@@ -62,6 +62,18 @@ def cutout(x: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tens
     return x.masked_fill(mask, 0.0)
 
 
+def pixel_noise(x: torch.Tensor, max_std: float, share: float, generator: torch.Generator) -> torch.Tensor:
+    """Gaussian pixel noise on a random `share` of a normalised batch, σ ~ U(0, max_std) grey levels
+    per image (0..255 scale, converted with each channel's std). max_std 0 returns x unchanged."""
+    if max_std == 0 or share == 0:
+        return x
+    n = x.shape[0]
+    sigma = torch.rand(n, generator=generator) * max_std * (torch.rand(n, generator=generator) < share)
+    per_channel = torch.tensor(CIFAR10_STD, dtype=x.dtype).view(1, 3, 1, 1) * 255.0  # grey levels per unit
+    noise = torch.randn(x.shape, generator=generator, dtype=x.dtype)
+    return x + noise * (sigma.view(n, 1, 1, 1).to(x.dtype) / per_channel)
+
+
 def alternating_flip_mask(
     n: int, epoch: int, generator: torch.Generator, base: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -75,11 +87,12 @@ def alternating_flip_mask(
 def augment_batch(
     x: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator, flip_mask: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Training augmentation on a normalised batch: padded random crop, flip, cutout.
+    """Training augmentation on a normalised batch: padded random crop, flip, cutout, pixel noise.
 
     flip_mask: (N,) bool, which images to flip (alternating flips); None flips a random half.
     """
     x = random_crop(x, cfg.crop_padding, generator)
     if cfg.flip:
         x = random_flip(x, generator, flip_mask)
-    return cutout(x, cfg.cutout, generator)
+    x = cutout(x, cfg.cutout, generator)
+    return pixel_noise(x, cfg.noise_std, cfg.noise_share, generator)
