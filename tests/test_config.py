@@ -22,7 +22,7 @@ from adaptive_quant.core.settings import ConfigError as CoreConfigError
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("name", ["default.yaml", "smoke.yaml", "recipe.yaml"])
+@pytest.mark.parametrize("name", ["default.yaml", "smoke.yaml", "resnet.yaml"])
 def test_shipped_configs_load(name: str) -> None:
     cfg = load_config(ROOT / "configs" / name)
     assert isinstance(cfg, ExperimentConfig)
