@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from adaptive_quant.core.images import to_model_input
 from adaptive_quant.core.manifest import ManifestError, load_manifest
 from adaptive_quant.evaluation.corruptions import corrupt
 from adaptive_quant.export.ort_eval import make_session, run_batched
@@ -50,14 +51,8 @@ class ShiftResult:
 def corrupted_inputs(
     images: np.ndarray, names: list[str], mean: list[float], std: list[float], seed: int
 ) -> dict[str, np.ndarray]:
-    """(N, H, W, 3) uint8 → {corruption: (N, 3, H, W) float32 normalised with mean/std (0..1 scale)}."""
-    m = np.asarray(mean, np.float32).reshape(1, 3, 1, 1)
-    s = np.asarray(std, np.float32).reshape(1, 3, 1, 1)
-    out = {}
-    for name in names:
-        x = corrupt(images, name, seed).transpose(0, 3, 1, 2).astype(np.float32) / 255.0
-        out[name] = (x - m) / s
-    return out
+    """(N, H, W, 3) uint8 → {corruption: the model input (N, 3, H, W) float32, normalised with mean/std}."""
+    return {name: to_model_input(corrupt(images, name, seed), mean, std) for name in names}
 
 
 def measure(session: ort.InferenceSession, inputs: dict[str, np.ndarray], labels: np.ndarray) -> dict[str, float]:
