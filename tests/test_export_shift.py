@@ -46,8 +46,12 @@ def test_a_network_far_below_the_replaced_one_is_refused_and_the_repository_kept
     before = (repo / "manifest.json").read_bytes()
     _, result, _ = smoke_run
     worse = tmp_path / "worse.pt"
-    rotate_head(result.checkpoint, worse)  # its INT8 agrees with its FP32: the clean gate alone lets it pass
-    cfg = ExportConfig(repository=str(repo), **EXPORT_FAST)
+    rotate_head(result.checkpoint, worse)
+    # The clean gate compares the new INT8 with its own FP32. The rotated network gets almost every
+    # validation image wrong in both precisions, and which of the two gets a few more right hangs
+    # on the CPU's rounding (on an AMD EPYC its INT8 fell 1.5 points below its FP32, past the
+    # 1-point limit). Lift that limit so that only the shift check, the subject here, can refuse.
+    cfg = ExportConfig(repository=str(repo), max_accuracy_drop=100.0, **EXPORT_FAST)
     with pytest.raises(
         ExportGateError, match=r"shift: under noise the new INT8 answers .* more than export.max_shift_drop=10"
     ):
