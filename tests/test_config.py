@@ -89,14 +89,30 @@ def test_invalid_value_names_the_key() -> None:
         load_config(None, ["export.shift_corruptions=[noise, fog]"])
 
 
-def test_sections_validate_on_construction_and_assignment() -> None:
+def test_sections_validate_on_construction_and_are_frozen() -> None:
     with pytest.raises(ConfigError, match=r"^config key 'train\.lr': must be > 0, got 0$"):
         TrainConfig(lr=0)
     cfg = ExperimentConfig()
-    cfg.export.ptq_calibration_images = 256  # sections stay mutable...
-    with pytest.raises(ConfigError, match=r"^config key 'export\.ptq_calibration_images': must be >= 1, got 0$"):
-        cfg.export.ptq_calibration_images = 0  # ...and checked
+    with pytest.raises(ValueError, match="frozen"):
+        cfg.export.ptq_calibration_images = 256  # type: ignore[misc]
+    # a stage that needs other values builds a copy; the original is untouched
+    fewer = cfg.model_copy(update={"export": cfg.export.model_copy(update={"ptq_calibration_images": 256})})
+    assert fewer.export.ptq_calibration_images == 256 and cfg.export.ptq_calibration_images == 512
     assert ConfigError is CoreConfigError  # one error type for the gateway's settings and this config
+
+
+def test_a_training_run_reads_no_environment(monkeypatch) -> None:
+    """The run is its file plus its overrides, both recorded: the gateway's AQ_* variables stay out."""
+    monkeypatch.setenv("AQ_TRAIN__EPOCHS", "99")
+    monkeypatch.setenv("AQ_SEED", "1")
+    assert load_config(ROOT / "configs" / "smoke.yaml").train.epochs == 3
+    assert ExperimentConfig().seed == 42
+
+
+def test_importing_the_config_leaves_the_warnings_filters_alone() -> None:
+    import warnings
+
+    assert not any("register" in getattr(f[1], "pattern", "") for f in warnings.filters if f[1] is not None)
 
 
 def test_malformed_override_is_explained() -> None:
@@ -104,6 +120,8 @@ def test_malformed_override_is_explained() -> None:
         load_config(None, ["train.epochs"])
     with pytest.raises(ConfigError, match=r"cannot set config key 'seed\.x': 'seed' is a value, not a section"):
         apply_overrides({"seed": 1}, ["seed.x=2"])
+    with pytest.raises(ConfigError, match=r"^cannot set config key 'seed\.x': 'seed' is a value, not a section$"):
+        load_config(None, ["seed.x=2"])
 
 
 def test_missing_file_is_named(tmp_path: Path) -> None:

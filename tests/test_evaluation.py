@@ -14,6 +14,7 @@ import onnxruntime as ort
 import pytest
 
 from adaptive_quant.config import TrackingConfig
+from adaptive_quant.core.images import to_model_input
 from adaptive_quant.core.manifest import VariantEntry, load_manifest, save_manifest, sha256_file
 from adaptive_quant.core.routing import Priority, RoutingConfig, allowed_mask, route_batch
 from adaptive_quant.data import make_synthetic
@@ -65,10 +66,9 @@ def report(repo, test_split):
 
 
 def _logits(repo, key, images):
-    from adaptive_quant.training.augment import to_normalized_tensor
-
-    sess = ort.InferenceSession(str(repo / load_manifest(repo).variants[key].path), providers=["CPUExecutionProvider"])
-    return sess.run(None, {"images": to_normalized_tensor(images).numpy()})[0]
+    manifest = load_manifest(repo)
+    sess = ort.InferenceSession(str(repo / manifest.variants[key].path), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"images": to_model_input(images, manifest.mean, manifest.std)})[0]
 
 
 def test_every_section_and_plot(report, tmp_path):
@@ -95,7 +95,7 @@ def test_every_section_and_plot(report, tmp_path):
     data = json.loads((tmp_path / "report.json").read_text())
     assert {v["key"] for v in data["variants"]} == {"fp32", "fp16", "int8", "int8_ptq"}
     strategies = {p["strategy"] for p in data["points"]}
-    assert strategies == {"fixed", "adaptive", "oracle", "cascade"}
+    assert strategies == {"fixed", "adaptive", "oracle", "confidence"}
     budgets = data["meta"]["budgets_ms"]
     adaptive = [p for p in data["points"] if p["strategy"] == "adaptive"]
     assert len(adaptive) == 3 * (len(budgets) + 1)  # three priorities × (budgets + no budget)
@@ -149,10 +149,10 @@ def test_routed_and_baseline_points_agree_with_an_independent_count(repo, test_s
     z = logits["int8"]  # float32, as ONNX Runtime returns it and the cascade reads it
     e = np.exp(z - z.max(axis=1, keepdims=True))
     top = (e / e.sum(axis=1, keepdims=True)).max(axis=1)  # int8's top-1 softmax probability
-    for p in report.points_of("cascade"):
+    for p in report.points_of("confidence"):
         up = top < p.param  # escalated to fp32
         assert p.accuracy == pytest.approx(np.where(up, right["fp32"], right["int8"]).mean())
-        assert p.mix["fp32"] == pytest.approx(up.mean())
+        assert p.mix["fp32"] == pytest.approx(up.mean()) and p.escalated == pytest.approx(up.mean())
 
 
 def test_frontier_marks_no_dominated_point(report):

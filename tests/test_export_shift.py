@@ -9,8 +9,8 @@ import shutil
 import pytest
 
 from adaptive_quant.config import ExportConfig
+from adaptive_quant.core.corruptions import CORRUPTIONS
 from adaptive_quant.core.manifest import load_manifest
-from adaptive_quant.evaluation.corruptions import CORRUPTIONS
 from adaptive_quant.export.pipeline import ExportGateError, build_repository
 from adaptive_quant.export.shift import compare
 from checkpoints import rotate_head

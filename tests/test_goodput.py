@@ -156,7 +156,7 @@ def servers(tmp_path_factory):
 
 
 def test_baseline_server_answers_the_classify_shape(servers):
-    from adaptive_quant.tools.client import request_body
+    from adaptive_quant.core.v1_wire import request_body
     from gateway_repo import images
 
     r = httpx.post(servers[1] + "/v1/classify", json=request_body(images(3, seed=1)), timeout=10)

@@ -342,7 +342,7 @@ def test_closed_loop_run_over_http_with_two_phases(gateway_url, tmp_path):
     assert set(results["phases"]) == {"adaptive", "fp32"}
     assert results["calibration"] is None
     assert results["config"]["url"] == gateway_url
-    assert results["config"]["machine"]["cpu_count"] >= 1
+    assert results["config"]["machine"]["cpu_count"] >= 1 and results["config"]["machine"]["cpu"]
     for name, s in results["phases"].items():
         assert s["requests"] > 10, name
         assert s["errors_by_kind"] == {} and s["answered"] == s["requests"], name
@@ -360,6 +360,60 @@ def test_closed_loop_run_over_http_with_two_phases(gateway_url, tmp_path):
     # a 40 ms budget fits only int8 (30 ms profiled), so adaptive uses it
     assert results["phases"]["adaptive"]["variant_mix"].get("int8", 0) > 0
     assert png.read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_the_fronts_bench_counts_through_the_load_testers_loop_and_stays_on_loopback():
+    """scripts/bench_oip.py's measurement: any client's call becomes a record of the load tester's
+    closed loop, an exception an error of its type, and only this machine may be the target."""
+    import time
+
+    from adaptive_quant.tools.loadtest.fronts import FrontsConfig, as_send
+    from adaptive_quant.tools.loadtest.loop import closed_loop
+
+    sent = []
+
+    async def answer(i: int) -> list[int]:
+        sent.append(i)
+        await asyncio.sleep(0)
+        if i % 4 == 3:
+            raise RuntimeError("refused")
+        return [0, 0]
+
+    t0 = time.perf_counter()
+    records = asyncio.run(closed_loop(as_send(answer, 2, t0), concurrency=3, stop_at=t0 + 60, max_requests=8))
+    s = summarize(records, 1.0)
+    assert sorted(sent) == list(range(8)) and s["requests"] == 8 and s["answered"] == 6
+    assert s["errors_by_kind"] == {"RuntimeError": 2} and s["answered_samples"] == 12
+    assert s["latency_ms"]["p50"] >= 0
+    with pytest.raises(LoadTestConfigError, match="not this machine"):
+        FrontsConfig(url="http://192.0.2.1:8000")
+    with pytest.raises(LoadTestConfigError, match="loopback"):
+        FrontsConfig(grpc="192.0.2.1:8081")
+    with pytest.raises(LoadTestConfigError, match="choose from v1, http, grpc"):
+        FrontsConfig(fronts=("v3",))
+
+
+def test_the_fronts_bench_runs_v1_and_v2_http_against_a_real_gateway(gateway_url):
+    """bench_oip's two HTTP fronts through their stock clients: they agree, and the server's CPU per
+    request comes from its /v1/status, as aq-loadtest reads it."""
+    from adaptive_quant.tools.loadtest.fronts import FrontsConfig, run_fronts
+
+    cfg = FrontsConfig(
+        url=gateway_url,
+        model="tiny",
+        fronts=("v1", "http"),
+        distinct=4,
+        concurrency=2,
+        seconds=0.3,
+        warmup=0.1,
+        rounds=1,
+    )
+    images = np.random.default_rng(0).integers(0, 256, size=(4, 32, 32, 3), dtype=np.uint8)
+    result = run_fronts(cfg, images)
+    assert set(result["fronts"]) == {"v1", "http"} and result["answers_agree"] and result["cpu"]
+    for name, f in result["fronts"].items():
+        assert f["rps_median"] > 0 and f["errors"] == 0 and f["p50_ms"] > 0, name
+        assert f["server_cpu_ms"] > 0 and f["client_cpu_ms"] > 0, name
 
 
 def test_the_v2_protocol_front_is_driven_side_by_side_with_v1(gateway_url, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from adaptive_quant.core.stats import max_softmax
 from adaptive_quant.evaluation.report import classification_metrics, confusion_matrix, pareto_mask, recommend, verdict
 from adaptive_quant.evaluation.strategies import (
     Outcomes,
@@ -13,7 +14,6 @@ from adaptive_quant.evaluation.strategies import (
     fixed_points,
     mixed_throughput,
     oracle_point,
-    score_choice,
 )
 
 
@@ -68,15 +68,15 @@ def test_score_choice_counts():
     correct = np.array([[1, 0], [1, 1], [0, 1], [0, 0]], dtype=bool)
     lat = np.array([[10.0, 1.0], [10.0, 1.0], [10.0, 2.0], [10.0, 3.0]])  # ms, (N, V)
     choice = np.array([0, 1, 1, 1])
-    p = score_choice(
-        choice, correct, lat, np.array([100.0, 1000.0]), ["fp32", "int8"], 2.5, "adaptive", "x", share_budgets=[2.5]
-    )
+    o = Outcomes(["fp32", "int8"], correct, lat, np.array([100.0, 1000.0]), share_budgets=[2.5])
+    p = o.score(choice, "adaptive", "x", budget_ms=2.5)
     assert p.accuracy == pytest.approx(3 / 4)  # right, right, right, wrong
     assert p.mean_ms == pytest.approx((10 + 1 + 2 + 3) / 4)
     assert p.within_budget == pytest.approx(2 / 4)  # 1 ms and 2 ms samples
     assert p.mix == {"fp32": 0.25, "int8": 0.75}
     assert p.throughput == pytest.approx(1 / (0.25 / 100 + 0.75 / 1000))
     assert p.within_by_budget == {"2.5": 0.5}
+    assert p.escalated == 0.0 and p.compute is None  # single-stage routes: no follow-up, compute not counted
 
 
 def test_strategies_on_a_per_variant_latency():
@@ -92,9 +92,12 @@ def test_strategies_on_a_per_variant_latency():
     assert oracle.mean_ms == pytest.approx((1 + 3 + 1 + 1) / 4)
     # int8 sure of samples 0 and 1 (top-1 softmax ≈ 1), unsure of 2 and 3 (two classes tied: 0.5)
     logits = np.array([[20.0, 0.0], [20.0, 0.0], [5.0, 5.0], [5.0, 5.0]], dtype=np.float32)
-    low, high = cascade_points(o, logits, "int8", "fp32", [0.4, 0.6])
+    cascade = o.then("int8", "fp32")  # the route int8 then fp32, fp32's answer: single-stage's cascade
+    assert cascade.keys == ["fp32", "int8", "int8→fp32"]
+    low, high = cascade_points(cascade, max_softmax(logits), "int8", "int8→fp32", [0.4, 0.6], "t={t:g}")
     assert low.mix == {"fp32": 0.0, "int8": 1.0} and low.accuracy == 0.5 and low.mean_ms == pytest.approx(1.0)
-    assert high.mix == {"fp32": 0.5, "int8": 0.5} and high.param == 0.6
+    assert high.mix == {"fp32": 0.5, "int8": 0.5} and high.param == 0.6 and high.label == "t=0.6"
+    assert (low.escalated, high.escalated) == (0.0, 0.5)
     assert high.accuracy == pytest.approx(1 / 4)  # int8 right on 0, wrong on 1; fp32 wrong on 2 and 3
     assert high.mean_ms == pytest.approx((1 + 1 + 4 + 4) / 4)  # an escalated sample pays both
 
@@ -135,7 +138,7 @@ def test_recommend_and_verdict_from_numbers():
     assert recs[1.0] is int8
     assert recs[2.0] is ad  # more accurate than int8 and 97% within 2 ms
     assert recs[4.0] is fp32 and recs[None] is fp32
-    text = verdict([fp32, int8, ptq], [ad], [], None, [0.5, 1.0, 2.0, 4.0, None])
+    text = verdict([fp32, int8, ptq, ad], [0.5, 1.0, 2.0, 4.0, None])
     assert "3.0× faster" in text and "-2.00 points" in text
     assert "gains 3.00 points against post-training" in text
     assert "at 2 ms run adaptive balanced (92.50%" in text
@@ -143,5 +146,5 @@ def test_recommend_and_verdict_from_numbers():
     assert "never mixed" not in text  # this adaptive point mixes fp32 and int8
     # single-stage routing on priors: every point sends all samples to one variant, and the verdict says so
     one = _pt("adaptive", "adaptive quality @ no budget", 0.93, 3.0, {"fp32": 1.0, "int8": 0.0}, prio="quality")
-    text = verdict([fp32, int8], [one], [], None, [1.0, None])
+    text = verdict([fp32, int8, one], [1.0, None])
     assert "Adaptive routing never mixed variants in this sweep" in text and "fixed precision per budget" in text

@@ -9,7 +9,8 @@ import pytest
 
 from adaptive_quant.cli import fit_router as fit_router_cli
 from adaptive_quant.core.manifest import load_manifest
-from adaptive_quant.evaluation.router_cv import cross_validate, fold_ids, out_of_fold, render
+from adaptive_quant.evaluation.render import render_cross_validation
+from adaptive_quant.evaluation.router_cv import cross_validate, fold_ids, out_of_fold
 from adaptive_quant.evaluation.two_stage import Recorded, best_within, fixed_choices
 from adaptive_quant.predictor.fit_deferral import DeferralFitConfig
 from gateway_repo import build_repo
@@ -71,7 +72,7 @@ def test_quality_matches_the_fixed_plan_that_fits_and_the_tie_choice_is_reported
     )
     assert best_within(fixed_choices(rec, ["int8", "fp32"]), 0.5, "int8") == ("int8", ok[:, 0].mean())  # nothing fits
     assert cv.balanced["confidence_plan"] == "int8:hflip" and 0 < cv.balanced["escalated"] < 1
-    text = render(cv, 1.0)
+    text = render_cross_validation(cv, 1.0)
     assert "quality_tie" in text and "← chosen" in text and "balanced:" in text
 
 

@@ -222,6 +222,22 @@ def test_settings_error_is_the_one_config_error_and_sections_are_frozen():
     s = load_settings(environ={})
     with pytest.raises(ValueError):
         s.routing.load_price = 2.0  # type: ignore[misc]
+    with pytest.raises(ValueError):
+        s.server.port = 9000  # type: ignore[misc]
+    with pytest.raises(ValueError):
+        s.variants = ["int8"]  # type: ignore[misc]
     pinned = s.model_copy(update={"variants": ["int8"]})
     assert pinned.variants == ["int8"] and s.variants == []
     assert ServeSettings(repository="r").repository == "r"
+
+
+def test_settings_built_directly_read_the_process_environment(monkeypatch):
+    monkeypatch.setenv("AQ_SERVER__PORT", "9100")
+    monkeypatch.setenv("AQ_SERVER__API_KEY", "0x1F")
+    monkeypatch.setenv("AQ_API_KEY", "the client's")
+    s = ServeSettings(repository="r")
+    assert (s.repository, s.server.port, s.server.api_key) == ("r", 9100, "0x1F")
+    assert load_settings().server.port == 9100  # environ=None: os.environ
+    monkeypatch.setenv("AQ_SERVER__PORT", "-1")
+    with pytest.raises(SettingsError, match=r"^setting 'server\.port' \(from AQ_SERVER__PORT\): must be > 0, got -1$"):
+        ServeSettings()

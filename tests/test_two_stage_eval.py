@@ -9,23 +9,23 @@ import pytest
 
 from adaptive_quant.cli import evaluate as evaluate_cli
 from adaptive_quant.cli import fit_router as fit_router_cli
+from adaptive_quant.core.corruptions import CORRUPTIONS, corrupt
 from adaptive_quant.core.manifest import load_manifest
 from adaptive_quant.core.planner import PlannerConfig
 from adaptive_quant.core.routing import Priority
 from adaptive_quant.data import make_synthetic
-from adaptive_quant.evaluation.corruptions import CORRUPTIONS, corrupt
-from adaptive_quant.evaluation.two_stage import (
-    Recorded,
+from adaptive_quant.evaluation.policies import router_choice, router_points
+from adaptive_quant.evaluation.render import write_two_stage
+from adaptive_quant.evaluation.strategies import (
+    cascade_points,
     confidence_at_rate,
-    confidence_cascade,
-    fixed_plans,
-    oracle,
+    fixed_points,
+    oracle_point,
     random_assignment,
     random_escalation,
-    router_choice,
-    router_points,
 )
-from adaptive_quant.evaluation.two_stage_report import evaluate_two_stage, write_two_stage
+from adaptive_quant.evaluation.two_stage import Recorded
+from adaptive_quant.evaluation.two_stage_report import evaluate_two_stage
 from adaptive_quant.export.plans import fit_router
 from gateway_repo import build_repo
 
@@ -46,17 +46,24 @@ def hand_recorded() -> Recorded:
 
 def test_fixed_plans_confidence_random_and_oracle_on_hand_checked_outputs():
     rec = hand_recorded()
-    plans = {p.name: p for p in fixed_plans(rec)}
+    o = rec.outcomes(["fp32"])  # the entry + each plan, then fp32 alone
+    assert o.keys == ["int8", "int8+int8:hflip", "int8+fp32", "fp32"]
+    plans = {p.label: p for p in fixed_points(o, label="{key}")}
     assert plans["int8"].accuracy == 0.5 and plans["int8"].compute == 1.0
     assert plans["int8+int8:hflip"].accuracy == 0.75 and plans["int8+int8:hflip"].compute == 2.0
     assert plans["int8+fp32"].accuracy == 0.5 and plans["int8+fp32"].compute == 4.0
-    [cascade] = confidence_cascade(rec, "int8:hflip", [0.9])  # the two unsure samples escalate
+    assert plans["fp32"].accuracy == 0.5 and plans["fp32"].compute == 3.0 and plans["fp32"].escalated == 0.0
+    assert plans["int8+fp32"].escalated == 1.0 and plans["int8+fp32"].mean_ms == 4.0  # ms: 1 + 3
+    conf = rec.confidence()
+    [cascade] = cascade_points(o, conf, "int8", "int8+int8:hflip", [0.9], "t={t:g}")  # the two unsure escalate
     assert cascade.accuracy == 0.75 and cascade.escalated == 0.5 and cascade.compute == 1.5
-    assert confidence_at_rate(rec, "int8:hflip", 0.25).escalated == 0.25
-    rnd = random_escalation(rec, "int8:hflip", 0.5, draws=200)
+    assert confidence_at_rate(o, conf, "int8", "int8+int8:hflip", 0.25, "x").escalated == 0.25
+    rnd = random_escalation(o, "int8", "int8+int8:hflip", 0.5, "x", draws=200)
     assert 0.55 < rnd.accuracy < 0.70  # sample 2 is among the 2 drawn in half the draws: 0.5 + 0.25 / 2
-    best = oracle(rec)
+    assert rnd.escalated == 0.5 and rnd.compute == 1.5
+    best = oracle_point(o, ["int8", "int8+int8:hflip", "int8+fp32"], label="any plan")
     assert best.accuracy == 0.75 and best.escalated == 0.25  # only sample 2 needs (and gets) a follow-up
+    assert best.compute == 1.25 and not best.deployable
 
 
 def test_the_router_points_use_the_planner_and_respect_budgets():
@@ -79,8 +86,8 @@ def test_quality_ties_follow_the_validation_prior_and_random_assignment_keeps_th
     tied = router_choice(rec, pred, Priority.QUALITY, PlannerConfig(), prior=prior)
     assert tied.tolist() == [1, 1, 1, 1]  # ties within 0.01 go to the flip; sample 2's 0.5 lead stands
     # random assignment of [none, none, flip, flip]: sample 2 gets the flip in half the shuffles
-    assert 0.55 < random_assignment(rec, plain, draws=400) < 0.70
-    assert random_assignment(rec, tied) == 0.75  # every sample escalated: nothing left to chance
+    assert 0.55 < random_assignment(rec.outcomes(), plain, draws=400) < 0.70
+    assert random_assignment(rec.outcomes(), tied) == 0.75  # every sample escalated: nothing left to chance
 
 
 def test_corruptions_change_the_images_and_keep_their_shape():
@@ -105,7 +112,10 @@ def test_the_two_stage_report_prices_every_strategy_and_writes_its_files(routed_
     val = make_synthetic(100, seed=5)
     report = evaluate_two_stage(routed_repo, test, val=val, threads=1)
     strategies = {p.strategy for p in report.points}
-    assert strategies == {"fixed variant", "fixed plan", "confidence", "router", "oracle"}
+    # random escalation is priced at each rate where the balanced router escalates some samples, not all
+    random = {"random"} if report.equal_rate else set()
+    assert strategies == {"fixed", "confidence", "adaptive", "oracle"} | random
+    assert len([p for p in report.points if p.strategy == "random"]) == len(report.equal_rate)
     top = max(p.accuracy for p in report.points if p.strategy != "oracle")
     assert next(p for p in report.points if p.strategy == "oracle").accuracy >= top
     assert [s["corruption"] for s in report.shift] == list(CORRUPTIONS)

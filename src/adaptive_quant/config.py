@@ -2,9 +2,12 @@
 
 Every section validates itself on construction (torchao style), so a bad value fails at
 load time with a message that names the key ("config key 'train.lr': must be > 0, got -1"),
-never halfway through a training run. The machinery (unknown keys refused, strict types,
-`--set` values read as YAML scalars except for text keys, the wording of errors) is the
-gateway's too: adaptive_quant.core.settings. No environment source: a file plus overrides.
+never halfway through a training run. Sections are frozen: a stage that needs other values
+builds a copy (`cfg.model_copy(update={"model": pruned_model_cfg})`). The loader and its rules
+(unknown keys refused, strict types, `--set` values read as YAML scalars except for text keys,
+the wording of errors) are the gateway's too: adaptive_quant.core.settings. No environment
+source: a run is the file plus the overrides on its command line, both recorded with it (the
+gateway's AQ_* variables must not change a training run behind its back).
 """
 
 from __future__ import annotations
@@ -14,14 +17,14 @@ import warnings
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import SettingsConfigDict
 
 from adaptive_quant.core.settings import (
     ConfigError,
     FieldError,
     Section,
-    config_error,
-    read_yaml,
+    SettingsRoot,
     set_path,
     split_assignment,
     text_for,
@@ -45,6 +48,7 @@ __all__ = [
     "config_to_dict",
     "flatten",
     "load_config",
+    "parse_overrides",
 ]
 
 NOUN = "config key"
@@ -56,25 +60,7 @@ log = logging.getLogger(__name__)
 
 
 class _Section(Section):
-    # mutable, like the dataclasses it replaces (a caller may set cfg.train.epochs), but checked on assignment too
-    model_config = ConfigDict(validate_assignment=True)
     config_noun: ClassVar[str] = NOUN
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        before = self.__dict__.get(name)
-        try:
-            super().__setattr__(name, value)
-        except ValidationError as exc:
-            # a model validator (a check across fields) runs after pydantic has stored the value:
-            # put the old one back, so a refused assignment leaves the section as it was
-            if name in type(self).model_fields:
-                self.__dict__[name] = before
-            raise config_error(exc, type(self), NOUN, self.config_key) from None
-
-
-# `export.register` (a key since the first checkpoints) is also the name of ABCMeta.register, which
-# every pydantic model class has; on an instance the field wins, so pydantic's warning is noise
-warnings.filterwarnings("ignore", message='Field name "register" in "ExportConfig" shadows', category=UserWarning)
 
 
 def _positive_entries(values: list[int]) -> list[int]:
@@ -216,7 +202,7 @@ class TrainConfig(_Section):
     # epochs during which the whitening stem's bias is trained; frozen afterwards (airbench: 3)
     whiten_bias_epochs: int = Field(3, ge=0)
     label_smoothing: float = Field(0.2, ge=0, lt=1)
-    # bfloat16 autocast: ~2.3× faster on CPUs with AVX512-BF16 (measured); fp32 otherwise
+    # bfloat16 autocast: the fast path on CPUs with AVX512-BF16 or AMX; fp32 otherwise
     bf16: bool = True
     channels_last: bool = True  # NHWC tensors: oneDNN's fast path for convolutions on CPU
     threads: int = Field(0, ge=0)  # torch intra-op threads; 0 = all cores
@@ -266,63 +252,71 @@ class PruneConfig(_Section):
     finetune_max_steps_per_epoch: int = Field(0, ge=0)  # 0 = full epochs
 
 
-class ExportConfig(_Section):
-    """Turning a checkpoint into a validated, profiled Triton model repository."""
+# `export.register` (a key since the first checkpoints) is also the name of ABCMeta.register, which
+# every pydantic model class has; on an instance the field wins, so pydantic's warning when the
+# class is made is noise, silenced there and only there
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message='Field name "register" in "ExportConfig" shadows', category=UserWarning)
 
-    config_key: ClassVar[str] = "export"
+    class ExportConfig(_Section):
+        """Turning a checkpoint into a validated, profiled Triton model repository."""
 
-    repository: str = "model_repository"
-    # the gate: a variant more than this many accuracy points below FP32 (validation split) is refused
-    max_accuracy_drop: float = Field(1.0, ge=0)
-    # the same gate for an extra INT8 variant added to an existing repository (a structurally
-    # pruned network, `aq-export --add-variant`), in points below that repository's FP32: pruning
-    # trades some accuracy for speed on purpose, so it gets its own, wider limit
-    max_pruned_accuracy_drop: float = Field(1.5, ge=0)
-    # the shift check (export/shift.py): the validation split under these corruptions, on which the
-    # new INT8 variant may answer at most max_shift_drop points below the INT8 of the repository it
-    # replaces (or, for --add-variant, of the repository it joins); [] turns it off. 10 points is
-    # far more than any clean-accuracy gain buys, and far less than the 64 points a whitening stem
-    # lost under noise
-    shift_corruptions: list[str] = Field(default_factory=lambda: ["noise", "blur", "contrast", "jpeg", "brightness"])
-    max_shift_drop: float = Field(10.0, ge=0)
-    max_batch_size: int = Field(64, ge=1)  # Triton max_batch_size and the gateway's largest batch
-    preferred_batch_sizes: list[int] = Field(default_factory=lambda: [8, 32, 64])
-    max_queue_delay_us: int = Field(500, ge=0)  # Triton dynamic batching: µs a request may wait for company
-    instance_count: int = Field(1, ge=1)
-    instance_kind: Literal["KIND_AUTO", "KIND_CPU", "KIND_GPU"] = "KIND_AUTO"
-    # "python": also write <repository>_python, the Python-backend flavour for the local Triton
-    # that nvidia-pytriton ships (the production repository is always the onnxruntime one)
-    triton_flavor: Literal["onnxruntime", "python"] = "onnxruntime"
-    profile_batch_sizes: list[int] = Field(default_factory=lambda: [1, 8, 32, 64])
-    profile_seconds: float = Field(1.0, gt=0)  # wall time per (variant, batch size) point
-    ort_threads: int = 0  # ONNX Runtime intra-op threads while validating/profiling; 0 = all cores
-    ptq_calibration_images: int = Field(512, ge=1)  # training images for the PTQ baseline's calibration
-    ptq_baseline: bool = True
-    register: bool = True  # register variants in the MLflow model registry
-    # two-stage routing: follow-up plans measured after the INT8 entry pass on the validation split,
-    # and the router predictor fitted on those outcomes (export/plans.py); written into router/1/.
-    # A flipped INT8 pass is the cheap second opinion (+0.6 points at ~1.1x INT8's compute on the
-    # shipped model); FP32 fails on nearly the same images as INT8 (same weights), so alone it adds
-    # little, but with a flip it is the most accurate plan
-    router: bool = True
-    plans: list[str] = Field(default_factory=lambda: ["int8:hflip", "fp32", "fp32:hflip", "int8:hflip+fp32:hflip"])
+        config_key: ClassVar[str] = "export"
 
-    @field_validator("profile_batch_sizes")
-    @classmethod
-    def _sizes(cls, v: list[int]) -> list[int]:
-        if not v or not all(b >= 1 for b in v):
-            raise ValueError(f"must be a non-empty list of sizes >= 1, got {v}")
-        return v
+        repository: str = "model_repository"
+        # the gate: a variant more than this many accuracy points below FP32 (validation split) is refused
+        max_accuracy_drop: float = Field(1.0, ge=0)
+        # the same gate for an extra INT8 variant added to an existing repository (a structurally
+        # pruned network, `aq-export --add-variant`), in points below that repository's FP32: pruning
+        # trades some accuracy for speed on purpose, so it gets its own, wider limit
+        max_pruned_accuracy_drop: float = Field(1.5, ge=0)
+        # the shift check (export/shift.py): the validation split under these corruptions, on which the
+        # new INT8 variant may answer at most max_shift_drop points below the INT8 of the repository it
+        # replaces (or, for --add-variant, of the repository it joins); [] turns it off. 10 points is
+        # far more than any clean-accuracy gain buys, and far less than the 64 points a whitening stem
+        # lost under noise
+        shift_corruptions: list[str] = Field(
+            default_factory=lambda: ["noise", "blur", "contrast", "jpeg", "brightness"]
+        )
+        max_shift_drop: float = Field(10.0, ge=0)
+        max_batch_size: int = Field(64, ge=1)  # Triton max_batch_size and the gateway's largest batch
+        preferred_batch_sizes: list[int] = Field(default_factory=lambda: [8, 32, 64])
+        max_queue_delay_us: int = Field(500, ge=0)  # Triton dynamic batching: µs a request may wait for company
+        instance_count: int = Field(1, ge=1)
+        instance_kind: Literal["KIND_AUTO", "KIND_CPU", "KIND_GPU"] = "KIND_AUTO"
+        # "python": also write <repository>_python, the Python-backend flavour for the local Triton
+        # that nvidia-pytriton ships (the production repository is always the onnxruntime one)
+        triton_flavor: Literal["onnxruntime", "python"] = "onnxruntime"
+        profile_batch_sizes: list[int] = Field(default_factory=lambda: [1, 8, 32, 64])
+        profile_seconds: float = Field(1.0, gt=0)  # wall time per (variant, batch size) point
+        ort_threads: int = 0  # ONNX Runtime intra-op threads while validating/profiling; 0 = all cores
+        ptq_calibration_images: int = Field(512, ge=1)  # training images for the PTQ baseline's calibration
+        ptq_baseline: bool = True
+        register: bool = True  # register variants in the MLflow model registry
+        # two-stage routing: follow-up plans measured after the INT8 entry pass on the validation split,
+        # and the router predictor fitted on those outcomes (export/plans.py); written into router/1/.
+        # A flipped INT8 pass is the cheap second opinion (another view at INT8's price); FP32 fails on
+        # nearly the same images as INT8 (same weights), so alone it adds little, but with a flip it is
+        # the most accurate plan
+        router: bool = True
+        plans: list[str] = Field(default_factory=lambda: ["int8:hflip", "fp32", "fp32:hflip", "int8:hflip+fp32:hflip"])
 
-    @field_validator("shift_corruptions")
-    @classmethod
-    def _corruptions(cls, v: list[str]) -> list[str]:
-        from adaptive_quant.evaluation.corruptions import CORRUPTIONS  # numpy and Pillow only
+        @field_validator("profile_batch_sizes")
+        @classmethod
+        def _sizes(cls, v: list[int]) -> list[int]:
+            if not v or not all(b >= 1 for b in v):
+                raise ValueError(f"must be a non-empty list of sizes >= 1, got {v}")
+            return v
 
-        unknown = [n for n in v if n not in CORRUPTIONS]
-        if unknown:
-            raise ValueError(f"unknown corruption(s) {unknown}; accepted: {', '.join(CORRUPTIONS)}")
-        return v
+        @field_validator("shift_corruptions")
+        @classmethod
+        def _corruptions(cls, v: list[str]) -> list[str]:
+            from adaptive_quant.core.corruptions import CORRUPTIONS  # numpy and Pillow only
+
+            unknown = [n for n in v if n not in CORRUPTIONS]
+            if unknown:
+                raise ValueError(f"unknown corruption(s) {unknown}; accepted: {', '.join(CORRUPTIONS)}")
+            return v
 
 
 class TrackingConfig(_Section):
@@ -337,9 +331,14 @@ class TrackingConfig(_Section):
     enabled: bool = True
 
 
-class ExperimentConfig(_Section):
-    seed: int = 42
-    output_dir: str = "runs/default"  # checkpoints and the resolved config go here
+class ExperimentConfig(SettingsRoot):
+    # frozen like its sections: a stage that needs other values builds a copy (model_copy(update=...))
+    model_config = SettingsConfigDict(frozen=True)
+    config_noun: ClassVar[str] = NOUN
+    file_noun: ClassVar[str] = "config file"
+
+    seed: int = Field(42, strict=True)
+    output_dir: str = Field("runs/default", strict=True)  # checkpoints and the resolved config go here
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
@@ -382,22 +381,28 @@ def config_to_dict(cfg: ExperimentConfig | Any) -> dict[str, Any]:
     return cfg.model_dump(mode="json")
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `a.b=value` overrides to nested plain data, in place. The value is read as YAML
-    (`5`, `0.1`, `[16, 32]`, `true`) unless the key is text, which keeps it as typed."""
+def parse_overrides(overrides: list[str]) -> dict[str, str]:
+    """['train.epochs=5', ...] → {'train.epochs': '5'} (values read later, by each key's type)."""
+    out = {}
     for item in overrides:
         key, text = split_assignment(item, "train.epochs=5")
         if key.split(".")[0] in RETIRED_SECTIONS:  # a file may still carry one; asking for one is a mistake
             raise ConfigError(f"unknown {NOUN} {key!r}: {RETIRED_SECTIONS[key.split('.')[0]]}")
+        out[key] = text
+    return out
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b=value` overrides to nested plain data (a checkpoint's config), in place. The value
+    is read as YAML (`5`, `0.1`, `[16, 32]`, `true`) unless the key is text, which keeps it as typed."""
+    for key, text in parse_overrides(overrides).items():
         set_path(data, key, text_for(ExperimentConfig, key, text), NOUN)
     return data
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
-    """Load YAML (or defaults when path is None), apply overrides, validate."""
-    data = read_yaml(path, "config file") if path is not None else {}
-    apply_overrides(data, overrides or [])
-    return config_from_dict(data)
+    """The YAML file (or the defaults when path is None) under `--set` overrides, validated."""
+    return ExperimentConfig.load(path, parse_overrides(overrides or []))
 
 
 def flatten(data: dict[str, Any] | ExperimentConfig, prefix: str = "") -> dict[str, Any]:

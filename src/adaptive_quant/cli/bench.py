@@ -43,10 +43,10 @@ from adaptive_quant.core.manifest import ManifestError, load_manifest
 from adaptive_quant.core.precision import Precision
 from adaptive_quant.core.prior import PriorAccuracy
 from adaptive_quant.core.routing import Priority, allowed_mask, route_batch
+from adaptive_quant.core.v1_wire import request_body
 from adaptive_quant.serving.followup import FollowupStage, load_router
 from adaptive_quant.serving.settings import ServeSettings, SettingsError, load_settings, parse_set
 from adaptive_quant.tools import bench
-from adaptive_quant.tools.client import request_body
 
 ROUTING_BUDGET_MS = 10.0  # the budget each timed routing decision is made under
 
@@ -144,20 +144,20 @@ STAGES = ("options", "json", "decode", "normalise", "classify", "answer")
 
 
 async def _stage_times(settings: ServeSettings, bodies: list[bytes], iterations: int) -> dict[str, np.ndarray]:
-    """µs per stage of `hot_path.classify_request`, each step called as the route calls it, on the
+    """µs per stage of `fronts.v1_rest.classify_request`, each step called as the route calls it, on the
     app's own service (in-process, no HTTP): where a one-image request's server time goes."""
     import time
 
     from adaptive_quant.core.images import to_model_input
     from adaptive_quant.serving.app import create_app
     from adaptive_quant.serving.decode import decode_instances, parse_json
-    from adaptive_quant.serving.hot_path import shape_answer
+    from adaptive_quant.serving.fronts.v1_rest import encode_answer
     from adaptive_quant.serving.options import parse_options
 
     app = create_app(settings)
     times = {k: [] for k in (*STAGES, "request")}
     async with app.router.lifespan_context(app):
-        svc = app.state.service
+        svc, plane = app.state.service, app.state.dataplane
         m, limits = svc.manifest, svc.settings.limits
         warm = iterations // bench.WARMUP_SHARE
         clock = time.perf_counter
@@ -173,7 +173,8 @@ async def _stage_times(settings: ServeSettings, bodies: list[bytes], iterations:
             t4 = clock()
             result = await svc.classify(x, options, t0)
             t5 = clock()
-            shape_answer(svc, result, options.budget_ms, t0)
+            plane.record_result(result, options.budget_ms)
+            encode_answer(result, options.budget_ms, t0)
             t6 = clock()
             if i >= warm:
                 marks = (t0, t1, t2, t3, t4, t5, t6)

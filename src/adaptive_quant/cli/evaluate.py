@@ -150,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         two_stage = None
         if not args.url and not args.checkpoint and not args.no_two_stage and load_manifest(args.repository).router:
             from adaptive_quant.evaluation.offline import pick_samples
-            from adaptive_quant.evaluation.two_stage_report import evaluate_two_stage, write_two_stage
+            from adaptive_quant.evaluation.render import write_two_stage
+            from adaptive_quant.evaluation.two_stage_report import evaluate_two_stage
 
             planner = load_settings_for(args).planner
             two_stage = evaluate_two_stage(

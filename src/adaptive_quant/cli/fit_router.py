@@ -98,7 +98,8 @@ def _cross_validate(args: argparse.Namespace, val: Split) -> int:
     from pathlib import Path
 
     from adaptive_quant.core.manifest import load_manifest
-    from adaptive_quant.evaluation.router_cv import cross_validate, render
+    from adaptive_quant.evaluation.render import render_cross_validation
+    from adaptive_quant.evaluation.router_cv import cross_validate
     from adaptive_quant.evaluation.two_stage_report import record_split
     from adaptive_quant.predictor.deferral import DeferralPredictor
 
@@ -113,7 +114,7 @@ def _cross_validate(args: argparse.Namespace, val: Split) -> int:
     cv = cross_validate(
         rec, [v.key for v in manifest.served_variants()], folds=args.cross_validate, repeats=args.repeats
     )
-    print(render(cv, pass_ms[rec.entry]))
+    print(render_cross_validation(cv, pass_ms[rec.entry]))
     print(
         f"\nchosen planner.quality_tie: {cv.chosen_tie:g} (the default is in core/planner.py; --set planner.quality_tie=…)"
     )

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from adaptive_quant.core.v1_wire import request_body
 from adaptive_quant.data import DataError, make_synthetic, read_cifar_split
-from adaptive_quant.tools.client import request_body
 
 
 def main(argv: list[str] | None = None) -> int:

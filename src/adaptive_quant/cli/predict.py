@@ -21,12 +21,12 @@ from contextlib import contextmanager
 import httpx
 
 from adaptive_quant.core.manifest import ManifestError
+from adaptive_quant.core.v1_wire import headers_for
 from adaptive_quant.serving.settings import ServeSettings, SettingsError, load_settings, parse_set
 from adaptive_quant.tools.client import (
     auth_headers,
     classify_rows,
     format_table,
-    headers_for,
     http_client,
     load_request,
 )

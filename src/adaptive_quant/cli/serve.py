@@ -20,11 +20,19 @@ import argparse
 import logging
 import sys
 
+from fastapi import FastAPI
+
 from adaptive_quant.core.manifest import ManifestError
 from adaptive_quant.serving.app import create_app
 from adaptive_quant.serving.server import run
-from adaptive_quant.serving.settings import SettingsError, load_settings, parse_set
+from adaptive_quant.serving.settings import ServeSettings, SettingsError, load_settings, parse_set
+from adaptive_quant.serving.worker_role import WorkerRole
 from adaptive_quant.serving.workers import Supervisor
+
+
+def worker_app(settings: ServeSettings, role: WorkerRole) -> FastAPI:
+    """One worker's gateway (the supervisor's app factory; module-level, so spawn can pickle it)."""
+    return create_app(settings, worker=role)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     if workers > 1:
         # the app built above checked the settings and the repository; each worker builds its own
         try:
-            return Supervisor(settings, args.config or None, overrides, workers).run()
+            return Supervisor(settings, args.config or None, overrides, workers, app_factory=worker_app).run()
         except OSError as exc:  # the port is taken, or the host is not an address of this machine
             print(f"error: {exc}", file=sys.stderr)
             return 2

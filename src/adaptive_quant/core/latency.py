@@ -8,9 +8,8 @@ estimate(v, batch) = ratio(v) · [ service(v, batch) + queue(v) ]          (ms)
                   with compute_slots = N ≥ 1 the variants share N compute slots (the embedded
                   backend's CPU cores, one GPU), so queue(v) = Σ_u work(u) / N: work queued on
                   INT8 delays an FP32 call too. Without it a slow variant with an empty queue
-                  looks fast while the fast one is busy. (At concurrency 64 on 2 cores the two
-                  models measured the same within noise, 726 vs 740 req/s: there the budget,
-                  not the queue estimate, decides most routes.)
+                  looks fast while the fast one is busy. (Under closed-loop load the budget,
+                  not the queue estimate, decides most routes: both queue models serve alike.)
   ratio(v)      = EWMA of observed / predicted over completed calls: corrects a profile that
                   was measured on another host, or a server that is slower right now.
                   It relaxes back towards 1 with a half-life when nothing is observed, so a
@@ -97,11 +96,9 @@ class LatencyEstimator:
         """Profiled p50 time of one call of `batch` samples, ms: what a call costs in compute.
 
         The planner prices follow-ups with this, relative to the entry's, and plans deadlines with
-        the p95 (`service_ms`). A profile measured while other work shared the cores has its p95
-        inflated for every variant alike, which compresses their ratios: measured at start-up on a
-        loaded 2-core host, INT8's p95 read 5.1 ms and FP32's 6.9 ms (1.3×, against 4.4× quiet),
-        and balanced routing sent 10 % of one-image requests to int8:hflip+fp32:hflip. The p50
-        keeps the ratio."""
+        the p95 (`service_ms`). A profile taken while other work shared the cores has its p95
+        inflated for every variant alike, which compresses their cost ratios, and balanced routing
+        then bought the three-pass plan where one flip pays. The p50 keeps the ratio."""
         return self._profiled_ms(variant, batch, "p50_ms")
 
     def _profiled_ms(self, variant: str, batch: int, point: str) -> float:

@@ -51,16 +51,15 @@ class PlannerConfig(Section):
     # expects it to turn at least 1 % of such samples from wrong to right
     followup_price: float = Field(0.01, ge=0.0)
     # under load: price × (1 + load_price × load), load = samples in flight / max batch size.
-    # 1 barely shed anything: at concurrency 64 on 2 cores (load ≈ 2) 9.1 % of samples still got a
-    # follow-up against 10.9 % idle, and under an INT8-p95 budget 74 % of them were cut (measured
-    # with scripts/loadtest.py); 4 makes a busy server's follow-ups promise ~9× the idle gain
+    # 1 barely shed anything at load ≈ 2, and under a tight budget most follow-ups were then cut
+    # at the deadline; 4 makes a busy server's follow-ups promise ~9× the idle gain
     load_price: float = Field(4.0, ge=0.0)
     # a follow-up is feasible only if s × its latency estimate fits the remaining budget, with
     # s = 1 + (slack − 1) × min(1, load). Under load the estimate is a profile plus the queue seen
     # now, and a pass planned to the last millisecond is a pass cut at the deadline (its compute
     # spent for nothing); on an idle server it is the profile's p95, which already has its margin.
     # With a fixed 2×, a flip that fit an idle budget at 2.0-2.9× the entry time was never planned,
-    # and quality answered INT8 alone (89.23 %) where the fixed flip plan fit (89.87 %)
+    # and quality answered INT8 alone where the fixed flip plan fit and was more accurate
     slack: float = Field(2.0, ge=1.0)
     # speed: a follow-up only when its predicted gain over "none" is at least this share
     speed_tolerance: float = Field(0.02, ge=0.0, le=1.0)
@@ -69,10 +68,9 @@ class PlannerConfig(Section):
     # ones the true gain of a second view is smaller than its error and spread thin. Chosen by
     # `aq-fit-router --cross-validate 5 --repeats 5` (router and prior refitted per fold, 5 fold
     # assignments): the tie whose worst budget of the sweep is best against the fixed choices
-    # that fit. 0.02 to 1 tie there (−0.09 points at the worst budget, against −0.10 at 0.01 and
-    # −0.11 at 0); 0.02 is also where quality runs the flip for every sample when only the flip
-    # fits (±0.00 against the fixed flip plan; −0.02 at 0.01). It applies in full on an idle
-    # server and shrinks to nothing at a load of one full batch in flight. 0 turns the rule off
+    # that fit, and the smallest at which quality runs the flip for every sample when only the
+    # flip fits. It applies in full on an idle server and shrinks to nothing at a load of one
+    # full batch in flight. 0 turns the rule off
     quality_tie: float = Field(0.02, ge=0.0, le=1.0)
 
 
@@ -107,7 +105,7 @@ def plan_followups(
     acc = np.asarray(pred_acc, dtype=np.float64)
     if acc.ndim == 2 and acc.shape[0] == 1 and np.ndim(extra_ms) == 1 and np.ndim(remaining_ms) == 0:
         # one-sample requests (most of the traffic): the same rule over P plain floats. NumPy's
-        # per-call overhead on (1, P) arrays made the vectorised path ~23 µs of a ~55 µs decision
+        # per-call overhead (~1 µs) on (1, P) arrays was most of the vectorised path's cost
         return _plan_one(acc, extra_cost, extra_ms, allowed, remaining_ms, priority, config, load, prior)
     if acc.ndim != 2 or acc.shape[1] < 1:
         raise ValueError(f"pred_acc must be (N, P) with P >= 1 (column 0 = none), got shape {acc.shape}")
@@ -166,8 +164,8 @@ def _quality_tie(priority: Priority, config: PlannerConfig, prior: object, load:
     """How close two predictions must be to tie: for quality given a prior, `quality_tie` on an idle
     server, shrinking to none at a load of one full batch in flight; else _TIE.
 
-    A tie spends compute where the router cannot tell the plans apart (on the test split: every
-    sample escalated, 3.8× INT8's compute, for +0.01 point). That is worth it only while the
+    A tie spends compute where the router cannot tell the plans apart (it can escalate every
+    sample, at several times the compute, for a hundredth of a point). That is worth it only while the
     compute is free: under load it would delay everyone queued, so quality falls back to the
     prediction alone (its follow-ups shed first, like balanced's)."""
     if priority is Priority.QUALITY and prior is not None and config.quality_tie > _TIE:

@@ -4,8 +4,8 @@ variant's validation accuracy, the same for every sample (the manifest's "prior"
 Single-stage routing is what a repository without a router gets (or `planner.enabled: false`);
 two-stage routing learns per sample from the entry pass instead (serving/followup.py). A
 pre-inference predictor over pixel features was tried here and retired: its AUROC at flagging
-a variant's errors was 0.57, no better than random assignment at the same mix (README,
-"Measured results").
+a variant's errors was 0.57, no better than random assignment at the same mix
+(docs/results/2026-11-22-previous-network.md).
 
 Pure: reads a Manifest object, no files.
 """

@@ -71,8 +71,8 @@ class RoutingConfig(Section):
     accuracy_per_halving: float = Field(0.01, ge=0.0)
     # balanced, under load: accuracy_per_halving × (1 + load_price × load), load = samples in
     # flight / max batch size. A busy server's compute delays everyone queued behind it, so a
-    # slower variant must promise more; 0 = the same price at any load. (At concurrency 64 on
-    # 2 cores it cut FP32's share from 4 % to 1 % at the same latency and accuracy within noise.)
+    # slower variant must promise more; 0 = the same price at any load. (Under closed-loop load
+    # it cut FP32's share by three quarters at the same latency and accuracy.)
     load_price: float = Field(1.0, ge=0.0)
     default_priority: Priority = Field(Priority.BALANCED, strict=False)  # "balanced" → Priority.BALANCED
 
@@ -157,7 +157,7 @@ def route_batch(
     # among the candidates, the fastest. Rows with nothing feasible take the allowed variant of
     # least compute (cost_ms, when given): the budget is lost anyway, and on shared compute the
     # cheapest variant drains the queue soonest; choosing by the live estimate instead let one
-    # stall on INT8 send every sample to FP32 for seconds (measured at concurrency 64)
+    # stall on INT8 send every sample to FP32 for seconds under load
     pool = np.where(any_feasible[:, None], candidates, allowed[None, :])
     order = np.where(any_feasible[:, None], lat, price)
     index = np.where(pool, order, np.inf).argmin(axis=1)

@@ -1,31 +1,47 @@
 """The machinery every settings tree shares: the gateway's ServeSettings and the training ExperimentConfig.
 
-Both are trees of pydantic models (`Section`): extra="forbid" (an unknown key is refused, never
-ignored) and strict types (an integer setting takes an integer, a boolean true or false, a number
-setting an integer or a float; text settings take text). Values typed by a person, `--set
-key.path=value` or an environment variable, are read as YAML scalars first, so `12`, `0.5`,
-`true`, `[8, 16]` get their natural types, except where the setting is text: there the text is kept
-as typed (an API key `0x1F` or `yes` must not become 31 or True; a text setting that may be null
-takes `null` as None).
+A tree is a `SettingsRoot` (a pydantic-settings `BaseSettings`) over sections (`Section`):
+extra="forbid" (an unknown key is refused, never ignored), strict types (an integer setting takes
+an integer, a boolean true or false, a number setting an integer or a float; text settings take
+text) and frozen (a caller that wants other values builds a copy: `model_copy(update=...)`).
+
+One loader, `SettingsRoot.load(path, overrides, environ)`, on pydantic-settings' stock sources,
+first wins: overrides (`--set key.path=value`, flags: `InitSettingsSource`) > environment
+(`EnvSettingsSource`, for a tree with an `env_prefix`) > YAML file (`YamlConfigSettingsSource`) >
+the defaults. Values typed by a person, overrides and environment variables, are read as YAML
+scalars, so `12`, `0.5`, `true`, `[8, 16]` get their natural types, except where the setting is
+text: there the text is kept as typed (an API key `0x1F` or `yes` must not become 31 or True; a
+text setting that may be null takes `null` as None).
 
 Every failure is a `ConfigError` whose message names the dotted key, what was given and what is
 accepted: "setting 'server.port': must be > 0, got -1", "unknown config key 'train.epocs'; known
-here: batch_size, bf16, ...". Checks that involve several fields raise `FieldError(field, why)` in a
-model validator, so the message still names the field.
+here: batch_size, bf16, ...", and the variable a value came from: "(from AQ_SERVER__PORT)". Checks
+that involve several fields raise `FieldError(field, why)` in a model validator, so the message
+still names the field.
 """
 
 from __future__ import annotations
 
+import os
 import types
 import typing
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Self
 
 import annotated_types
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    InitSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+    YamlConfigSettingsSource,
+)
 
 
 class ConfigError(ValueError):
@@ -42,14 +58,14 @@ class FieldError(ValueError):
 
 
 class Section(BaseModel):
-    """A node of a settings tree: unknown keys refused, strict types, errors translated to ConfigError.
+    """A node of a settings tree: unknown keys refused, strict types, frozen, errors translated to ConfigError.
 
     `config_key` is where the section sits in its tree ("routing", "train") and `config_noun` how
     messages call a key ("setting", "config key"); both only shape the messages of a section built
     on its own (`RoutingConfig(speed_tolerance=2)`): inside a tree the loader names the full path.
     """
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
     config_noun: ClassVar[str] = "setting"
     config_key: ClassVar[str] = ""
 
@@ -71,6 +87,151 @@ def validate(model: type[BaseModel], data: Any, noun: str = "setting") -> Any:
         return model.model_validate(data)
     except ValidationError as exc:
         raise config_error(exc, model, noun) from None
+
+
+# ----------------------------------------------------------------------------- the loader
+
+
+class SettingsRoot(BaseSettings):
+    """The root of a settings tree, built from pydantic-settings' stock sources (see the module's doc).
+
+    A subclass sets `env_prefix` (and `env_nested_delimiter`) in its model_config to read the
+    environment; without one it reads arguments and a file only. The root itself is not strict
+    (its sections are, and its own scalar fields say `strict=True`): in a strict settings class the
+    stock environment source converts text by pydantic's lax rules before validation, where these
+    trees read it as YAML scalars (`type_text`), the rule `--set` follows.
+
+    Built directly (`ServeSettings(repository="r")`), a tree reads its arguments and, if it has an
+    env_prefix, os.environ; `load` adds a file and takes the environment as an argument.
+    """
+
+    model_config = SettingsConfigDict(extra="forbid", case_sensitive=False, enable_decoding=False)
+    config_noun: ClassVar[str] = "setting"  # how messages call a key
+    file_noun: ClassVar[str] = "settings file"  # how messages call the file
+
+    def __init__(self, /, **values: Any) -> None:
+        built = values.get("_build_sources")  # (sources, overrides) from load(); None when built directly
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            sources, given = built if built else (None, values)
+            origin = env_origin(type(self), _environ_of(type(self), sources), given)
+            raise config_error(exc, type(self), self.config_noun, origin=origin) from None
+        except SettingsError as exc:  # a source failed before validation (pydantic-settings wraps the cause)
+            cause = exc.__cause__
+            raise (cause if isinstance(cause, ConfigError) else ConfigError(str(exc))) from None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Built directly: the arguments, then os.environ where the tree reads the environment (no .env, no secrets)."""
+        if cls.model_config.get("env_prefix") and isinstance(env_settings, EnvSettingsSource):
+            return init_settings, TypedEnvSource(env_settings)
+        return (init_settings,)
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path | None = None,
+        overrides: Mapping[str, Any] | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> Self:
+        """YAML file (optional) < environment (None: os.environ; only for a tree with an env_prefix) <
+        overrides ('section.key' → value; text read as YAML scalars except for text settings)."""
+        given = overrides_tree(cls, overrides or {}, cls.config_noun)
+        sources: list[PydanticBaseSettingsSource] = [InitSettingsSource(cls, init_kwargs=given)]
+        if cls.model_config.get("env_prefix"):
+            sources.append(TypedEnvSource(EnvSettingsSource(cls), environ))
+        if path is not None:
+            sources.append(yaml_file_source(cls, Path(path)))
+        return cls(_build_sources=(tuple(sources), given))
+
+
+def yaml_file_source(root: type[SettingsRoot], path: Path) -> YamlConfigSettingsSource:
+    """The stock YAML source for a file that must exist (the stock source skips a missing one) and
+    hold a mapping; what is wrong with it is a ConfigError that names the file."""
+    if not path.is_file():
+        raise ConfigError(f"{root.file_noun} {path} does not exist")
+    try:
+        return YamlConfigSettingsSource(root, yaml_file=path)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{root.file_noun} {path} is not valid YAML: {exc}") from None
+    except (TypeError, ValueError):  # the stock source merges the top level into a dict: it is no mapping
+        read_yaml(path, root.file_noun)  # words it ("must hold a mapping ..., got list")
+        raise
+
+
+class TypedEnvSource(PydanticBaseSettingsSource):
+    """pydantic-settings' stock EnvSettingsSource, with its text read as typed by a person (`type_text`).
+
+    `environ` (None: os.environ) is the mapping it reads: the stock source takes os.environ when it
+    is built, and reads whatever its `env_vars` then holds.
+    """
+
+    def __init__(self, env: EnvSettingsSource, environ: Mapping[str, str] | None = None) -> None:
+        super().__init__(env.settings_cls)
+        self.env = env
+        self.environ: Mapping[str, str] = os.environ if environ is None else environ
+        if environ is not None:
+            env.env_vars = {k if env.case_sensitive else k.lower(): v for k, v in environ.items()}
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return self.env.get_field_value(field, field_name)
+
+    def __call__(self) -> dict[str, Any]:
+        return type_text(self.settings_cls, self.env())
+
+
+def _environ_of(root: type[BaseSettings], sources: tuple[PydanticBaseSettingsSource, ...] | None) -> Mapping[str, str]:
+    if sources is None:  # built directly: settings_customise_sources read os.environ, if anything
+        return os.environ if root.model_config.get("env_prefix") else {}
+    return next((s.environ for s in sources if isinstance(s, TypedEnvSource)), {})
+
+
+def env_origin(
+    root: type[BaseSettings], environ: Mapping[str, str], given: Mapping[str, Any]
+) -> Callable[[str], str | None]:
+    """key → the environment variable that set it ('server.port' → 'AQ_SERVER__PORT'), unless an argument did."""
+    prefix = root.model_config.get("env_prefix") or ""
+    delimiter = root.model_config.get("env_nested_delimiter") or ""
+    names = {k.upper(): k for k in environ}
+
+    def origin(key: str) -> str | None:
+        if not prefix:
+            return None
+        parts = key.split("[", 1)[0].split(".")
+        node: Any = given
+        for p in parts:  # an explicit argument (--set, a flag) outranks the environment
+            if not isinstance(node, Mapping) or p not in node:
+                break
+            node = node[p]
+        else:
+            return None
+        return names.get((prefix + delimiter.join(parts)).upper())
+
+    return origin
+
+
+def stray_variables(root: type[BaseSettings], environ: Mapping[str, str]) -> list[str]:
+    """Names in `environ` that share the tree's env_prefix but whose first part names no field of it
+    (for the gateway: AQ_API_KEY, the client scripts' key). AQ_SERVER__PROT is not among them: its
+    first part names a section, so it is a misspelt setting, refused when the tree is built."""
+    prefix = (root.model_config.get("env_prefix") or "").upper()
+    delimiter = root.model_config.get("env_nested_delimiter") or "\0"
+    if not prefix:
+        return []
+    fields = root.model_fields
+    return sorted(
+        name
+        for name in environ
+        if name.upper().startswith(prefix) and name[len(prefix) :].split(delimiter, 1)[0].lower() not in fields
+    )
 
 
 # ----------------------------------------------------------------------------- error messages
@@ -309,6 +470,22 @@ def set_path(tree: dict[str, Any], dotted: str, value: Any, noun: str = "setting
             raise ConfigError(f"cannot set {noun} '{dotted}': '{where}' is a value, not a section")
         node = child
     node[name] = value
+
+
+def overrides_tree(model: type[BaseModel], overrides: Mapping[str, Any], noun: str = "setting") -> dict[str, Any]:
+    """{'server.port': '9000'} → {'server': {'port': 9000}}, text read by each setting's type (`text_for`).
+    A key beneath a value of `model` ('seed.x', seed a number) is refused here, naming both."""
+    tree: dict[str, Any] = {}
+    for dotted, value in overrides.items():
+        *sections, _ = dotted.split(".")
+        for depth, part in enumerate(sections):
+            owner = _model_at(model, sections[:depth])
+            field = owner.model_fields.get(part) if owner else None
+            if field is not None and _model_of(field.annotation) is None:
+                where = ".".join(sections[: depth + 1])
+                raise ConfigError(f"cannot set {noun} '{dotted}': '{where}' is a value, not a section")
+        set_path(tree, dotted, text_for(model, dotted, value) if isinstance(value, str) else value, noun)
+    return tree
 
 
 def flatten(data: Mapping[str, Any] | BaseModel, prefix: str = "") -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Numeric helpers every stage measures with: percentiles, softmax confidence, a timing loop.
+"""Numeric helpers every stage measures with: percentiles, softmax confidence, sigmoid, a timing loop.
 
 Stdlib and NumPy only, so the evaluation, the export's latency profiles, the router's fit report
 and the tools all compute a p99 or a confidence the same way.
@@ -44,6 +44,25 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 def max_softmax(logits: np.ndarray) -> np.ndarray:
     """(N, C) logits → (N,) top-1 softmax probability: how sure the model is of its answer."""
     return softmax(logits).max(axis=1)
+
+
+SIGMOID_CLIP = 50.0  # |z| beyond this is clipped: exp(50) ≈ 5e21 fits float32, σ(±50) is 0/1 to 1e-21
+
+
+def sigmoid(z: np.ndarray | float, out: np.ndarray | None = None) -> np.ndarray:
+    """σ(z) = 1 / (1 + e^−z), elementwise, in z's float dtype, clipped to ±SIGMOID_CLIP first (no
+    overflow warnings, the same result to float precision). With `out` (a float array, z itself
+    allowed) the result is written there with no temporary arrays, for per-request paths."""
+    if out is None:
+        z = np.asarray(z)
+        if z.dtype.kind != "f":
+            z = z.astype(np.float64)
+        return 1.0 / (1.0 + np.exp(-np.clip(z, -SIGMOID_CLIP, SIGMOID_CLIP)))
+    np.clip(z, -SIGMOID_CLIP, SIGMOID_CLIP, out=out)
+    np.negative(out, out=out)
+    np.exp(out, out=out)
+    out += 1.0
+    return np.reciprocal(out, out=out)
 
 
 def _iterations(min_iters: int, min_seconds: float) -> Iterator[int]:

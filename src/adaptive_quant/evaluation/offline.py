@@ -2,12 +2,13 @@
 
 The sweep is single-stage routing as the gateway runs it without a router: `route_batch` on each
 variant's validation accuracy (core.prior), the same for every sample, so each budget and
-priority picks one variant. Per-sample routing is the two-stage router's, reported by
-`two_stage_report.py`.
+priority picks one variant. Single-stage is two-stage with no follow-up: the routes here are the
+variants alone, plus the INT8→FP32 cascade's route; per-sample follow-ups are the two-stage
+router's, reported by `two_stage_report.py` with the same strategies.
 
 I/O lives here (ONNX Runtime sessions, the clock, the model repository); the strategies are priced
-in `strategies.py`, the counting and the verdict are in `report.py`, the files and plots in
-`render.py`, the HTTP mode in `over_http.py`.
+in `strategies.py` and `policies.py`, the counting and the verdict are in `report.py`, the files
+and plots in `render.py`, the HTTP mode in `over_http.py`.
 
 How latency is modelled (stated in the report too):
   - each variant is timed on this host with ONNX Runtime in-process, one sample per call
@@ -32,22 +33,16 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from adaptive_quant.core.images import to_model_input
 from adaptive_quant.core.latency import LatencyConfig, LatencyEstimator
 from adaptive_quant.core.manifest import LatencyPoint, LatencyProfile, Manifest, ManifestError, load_manifest
 from adaptive_quant.core.prior import PriorAccuracy
 from adaptive_quant.core.routing import Priority, RoutingConfig
-from adaptive_quant.core.stats import percentile, percentiles, time_calls
+from adaptive_quant.core.stats import max_softmax, percentile, percentiles, time_calls
 from adaptive_quant.data import Split
+from adaptive_quant.evaluation.policies import adaptive_point
 from adaptive_quant.evaluation.report import ClassificationMetrics, classification_metrics, mark_frontiers, verdict
-from adaptive_quant.evaluation.strategies import (
-    CASCADE_THRESHOLDS,
-    Outcomes,
-    StrategyPoint,
-    adaptive_point,
-    cascade_points,
-    fixed_points,
-    oracle_point,
-)
+from adaptive_quant.evaluation.strategies import Outcomes, StrategyPoint, cascade_points, fixed_points, oracle_point
 from adaptive_quant.export.ort_eval import host_info, make_session, profile_session, run_batched
 
 log = logging.getLogger(__name__)
@@ -59,6 +54,9 @@ LATENCY_MODEL = (
     "those calls (the gateway's latency estimate for an idle server, batch 1). Throughput = samples/s at "
     "batch 64; a mix runs its variants one after the other on the same cores (harmonic mean by share)."
 )
+
+
+CASCADE_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)  # int8 top-1 softmax below this → fp32
 
 
 class EvaluationError(RuntimeError):
@@ -192,11 +190,14 @@ def baseline_points(
     o: Outcomes, logits: dict[str, np.ndarray], served_keys: list[str], opts: EvalOptions
 ) -> list[StrategyPoint]:
     """Every variant alone (served ones and the PTQ baseline), the oracle over the served ones,
-    and the INT8→FP32 confidence cascade at each threshold."""
-    out = fixed_points(o, served_keys)
-    out.append(oracle_point(o, [o.keys.index(k) for k in served_keys]))
+    and the INT8→FP32 confidence cascade at each threshold: INT8 first, FP32's answer instead
+    where INT8's top softmax probability is low (the route "int8→fp32" pays both)."""
+    out = fixed_points(o, served=served_keys)
+    out.append(oracle_point(o, served_keys))
     if "int8" in served_keys and "fp32" in served_keys:
-        out += cascade_points(o, logits["int8"], "int8", "fp32", opts.cascade_thresholds)
+        confidence = max_softmax(logits["int8"])  # (N,) int8's top-1 probability
+        label = "cascade int8→fp32 (threshold {t:g})"
+        out += cascade_points(o.then("int8", "fp32"), confidence, "int8", "int8→fp32", opts.cascade_thresholds, label)
     return out
 
 
@@ -225,9 +226,7 @@ def evaluate_repository(repo: str | Path, test: Split, opts: EvalOptions) -> Eva
     test = pick_samples(test, opts.limit, opts.seed)
     if len(test) == 0:
         raise EvaluationError("the test split is empty")
-    from adaptive_quant.training.augment import to_normalized_tensor  # torch: imported only when an evaluation runs
-
-    x = to_normalized_tensor(test.images).numpy()  # (N, 3, 32, 32) float32, the serving input
+    x = to_model_input(test.images, manifest.mean, manifest.std)  # (N, 3, 32, 32) float32, what every stage feeds
     keys = list(manifest.variants)  # served variants and the PTQ baseline
     served_keys = [v.key for v in manifest.served_variants()]
     # the policy sweep routes over what a default gateway routes to: opt-in variants (a pruned INT8
@@ -272,13 +271,7 @@ def evaluate_repository(repo: str | Path, test: Split, opts: EvalOptions) -> Eva
     points = baseline_points(outcomes, logits, served_keys, opts)
     points += sweep_points(outcomes, pred_acc, served_cols, precisions, estimates, budgets, opts)
     mark_frontiers(points)
-    text = verdict(
-        [p for p in points if p.strategy == "fixed"],
-        [p for p in points if p.strategy == "adaptive"],
-        [p for p in points if p.strategy == "cascade"],
-        next((p for p in points if p.strategy == "oracle"), None),
-        budgets,
-    )
+    text = verdict(points, budgets)
     meta = {
         "repository": str(repo.resolve()),
         "model": manifest.model_name,

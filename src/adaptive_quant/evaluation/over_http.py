@@ -20,6 +20,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from adaptive_quant.core.stats import percentile
+from adaptive_quant.core.v1_wire import CLASSIFY_PATH, headers_for, request_body
 from adaptive_quant.data import Split
 from adaptive_quant.evaluation.offline import (
     EvalOptions,
@@ -29,8 +30,7 @@ from adaptive_quant.evaluation.offline import (
     pick_samples,
 )
 from adaptive_quant.evaluation.report import classification_metrics, mark_frontiers, verdict
-from adaptive_quant.evaluation.strategies import StrategyPoint
-from adaptive_quant.tools.client import headers_for, request_body
+from adaptive_quant.evaluation.strategies import FIXED, HTTP, StrategyPoint
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def _run_point(
     server_ms = np.full(n, np.nan)
     for i in tqdm(range(n), desc=desc, unit="req", leave=False, disable=not progress, dynamic_ncols=True):
         t = time.perf_counter()
-        r = client.post("/v1/classify", json=bodies[i], headers=headers)
+        r = client.post(CLASSIFY_PATH, json=bodies[i], headers=headers)
         client_ms[i] = (time.perf_counter() - t) * 1e3
         if r.status_code != 200:
             log.warning("sample %d: HTTP %d %s", i, r.status_code, r.text[:200])
@@ -132,7 +132,7 @@ def evaluate_url(url: str, test: Split, opts: EvalOptions, timeout_s: float = 30
             run = _run_point(
                 client, bodies, test.labels, keys, headers_for(None, None, "fp32"), "fp32 floor", opts.progress
             )
-            points.append(_point(run, test.labels, keys, None, None, "fixed", "service with X-Min-Precision fp32"))
+            points.append(_point(run, test.labels, keys, None, None, FIXED, "service with X-Min-Precision fp32"))
         grid = [(b, p) for b in budgets for p in opts.priorities]
         for budget, prio in tqdm(grid, desc="http sweep", unit="point", disable=not opts.progress, dynamic_ncols=True):
             run = _run_point(
@@ -145,7 +145,7 @@ def evaluate_url(url: str, test: Split, opts: EvalOptions, timeout_s: float = 30
                 opts.progress,
             )
             where = "no budget" if budget is None else f"{budget:.3g} ms"
-            points.append(_point(run, test.labels, keys, budget, prio.value, "http", f"service {prio.value} @ {where}"))
+            points.append(_point(run, test.labels, keys, budget, prio.value, HTTP, f"service {prio.value} @ {where}"))
             if budget is None and prio.value == "balanced":
                 default_run = run
     mark_frontiers(points)
@@ -153,9 +153,7 @@ def evaluate_url(url: str, test: Split, opts: EvalOptions, timeout_s: float = 30
     if default_run is not None:
         ok = default_run["pred"] >= 0
         service = classification_metrics(test.labels[ok], default_run["pred"][ok], classes)
-    text = verdict(
-        [p for p in points if p.strategy == "fixed"], [p for p in points if p.strategy == "http"], [], None, budgets
-    )
+    text = verdict(points, budgets)
     meta = {
         "url": url,
         "model": models.get("model"),

@@ -1,138 +1,32 @@
-"""Write an EvaluationReport as report.md, report.json and PNG plots (matplotlib, headless)."""
+"""The one renderer of both reports: markdown, JSON and PNG plots (matplotlib, headless).
+
+Every strategy point, single-stage or two-stage, goes through the same table (`points_table`,
+columns picked from `COLUMNS`) and the same Pareto plot (`plot_pareto`, x = mean latency,
+throughput or compute, plots.py), one look per strategy:
+  report.md, report.json, confusion_*.png, pareto_*.png, sweep.png    an EvaluationReport
+  two_stage.md, two_stage.json, two_stage_pareto.png                  a TwoStageReport
+  a plain-text table (aq-fit-router --cross-validate)                 a CrossValidation
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
-
+from adaptive_quant.evaluation.plots import plot_confusion, plot_pareto, plot_sweep
 from adaptive_quant.evaluation.report import ClassificationMetrics
-from adaptive_quant.evaluation.strategies import StrategyPoint
+from adaptive_quant.evaluation.strategies import ADAPTIVE, HTTP, StrategyPoint
 
 if TYPE_CHECKING:
     from adaptive_quant.evaluation.offline import EvaluationReport
+    from adaptive_quant.evaluation.router_cv import CrossValidation
+    from adaptive_quant.evaluation.two_stage_report import TwoStageReport
 
 log = logging.getLogger(__name__)
-
-# one look per strategy, the same in every plot
-STYLE = {
-    "fixed": dict(marker="s", color="tab:blue", s=70),
-    "adaptive": dict(marker="o", color="tab:green", s=40),
-    "cascade": dict(marker="^", color="tab:orange", s=45),
-    "oracle": dict(marker="*", color="tab:red", s=140),
-    "http": dict(marker="o", color="tab:purple", s=45),
-}
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_confusion(metrics: ClassificationMetrics, title: str, path: Path) -> Path:
-    """Row-normalised confusion matrix (share of each true class), counts written in the cells."""
-    plt = _plt()
-    cm = np.asarray(metrics.confusion, dtype=np.float64)
-    share = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
-    names = [c.name for c in metrics.per_class]
-    fig, ax = plt.subplots(figsize=(7, 6))
-    im = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
-    ax.set_yticks(range(len(names)), names)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    for i in range(len(names)):
-        for j in range(len(names)):
-            if cm[i, j]:
-                ax.text(
-                    j,
-                    i,
-                    f"{int(cm[i, j])}",
-                    ha="center",
-                    va="center",
-                    fontsize=7,
-                    color="white" if share[i, j] > 0.5 else "black",
-                )
-    ax.set_title(f"{title}: accuracy {metrics.accuracy:.2%}")
-    fig.colorbar(im, ax=ax, fraction=0.046, label="share of true class")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def plot_pareto(points: list[StrategyPoint], axis: str, path: Path, title: str) -> Path:
-    """Accuracy against mean latency (axis='latency') or throughput (axis='throughput'); frontier joined and ringed."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(8, 5.5))
-    xs = (lambda p: p.mean_ms) if axis == "latency" else (lambda p: p.throughput)
-    on = (lambda p: p.on_latency_frontier) if axis == "latency" else (lambda p: p.on_throughput_frontier)
-    for strategy, style in STYLE.items():
-        group = [p for p in points if p.strategy == strategy]
-        if group:
-            ax.scatter([xs(p) for p in group], [100 * p.accuracy for p in group], label=strategy, zorder=3, **style)
-    for p in points:
-        if p.strategy in ("fixed", "oracle"):
-            ax.annotate(
-                p.label.replace("fixed ", "").replace(" (baseline, not served)", " (PTQ)"),
-                (xs(p), 100 * p.accuracy),
-                textcoords="offset points",
-                xytext=(6, 4),
-                fontsize=8,
-            )
-    front = sorted((p for p in points if on(p)), key=xs)
-    if front:
-        ax.plot([xs(p) for p in front], [100 * p.accuracy for p in front], "k--", lw=1, zorder=2)
-        ax.scatter(
-            [xs(p) for p in front],
-            [100 * p.accuracy for p in front],
-            s=180,
-            facecolors="none",
-            edgecolors="black",
-            linewidths=1.3,
-            zorder=4,
-            label="Pareto frontier",
-        )
-    ax.set_xlabel("mean latency per sample, ms (batch 1)" if axis == "latency" else "throughput, samples/s (batch 64)")
-    ax.set_ylabel("accuracy, %")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def plot_sweep(points: list[StrategyPoint], path: Path) -> Path:
-    """Per priority: accuracy and share within budget against the budget."""
-    plt = _plt()
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    routed = [p for p in points if p.strategy in ("adaptive", "http") and p.budget_ms is not None and p.priority]
-    for prio in sorted({p.priority for p in routed}):
-        group = sorted((p for p in routed if p.priority == prio), key=lambda p: p.budget_ms)
-        b = [p.budget_ms for p in group]
-        a1.plot(b, [100 * p.accuracy for p in group], "o-", label=prio)
-        a2.plot(b, [100 * (p.within_budget or 0.0) for p in group], "o-", label=prio)
-    for ax, ylab in ((a1, "accuracy, %"), (a2, "samples within budget, %")):
-        ax.set_xscale("log")
-        ax.set_xlabel("latency budget, ms")
-        ax.set_ylabel(ylab)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle("adaptive routing across budgets and priorities")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
 
 # ----------------------------------------------------------------------------- markdown
 
@@ -145,18 +39,48 @@ def _opt(x: float | None, fmt: str) -> str:
     return "-" if x is None else format(x, fmt)
 
 
-def _points_table(points: list[StrategyPoint]) -> list[str]:
+def _frontier(p: StrategyPoint) -> str:
+    return f"{'●' if p.on_latency_frontier else '·'} / {'●' if p.on_throughput_frontier else '·'}"
+
+
+# column name → (header, right-aligned, the cell of a point)
+COLUMNS: dict[str, tuple[str, bool, Callable[[StrategyPoint], str]]] = {
+    "strategy": ("strategy", False, lambda p: p.strategy),
+    "configuration": ("configuration", False, lambda p: p.label),
+    "name": ("name", False, lambda p: p.label),
+    "accuracy": ("accuracy", True, lambda p: f"{p.accuracy:.2%}"),
+    "compute": ("compute (entry passes)", True, lambda p: _opt(p.compute, ".2f")),
+    "escalated": ("escalated", True, lambda p: f"{p.escalated:.1%}"),
+    "mean_ms": ("mean ms", True, lambda p: f"{p.mean_ms:.3f}"),
+    "p99_ms": ("p99 ms", True, lambda p: f"{p.p99_ms:.3f}"),
+    "within": ("within budget", True, lambda p: _opt(p.within_budget, ".1%")),
+    "router_met": ("router budget met", True, lambda p: _opt(p.extra.get("router_budget_met"), ".1%")),
+    "throughput": ("samples/s (b64)", True, lambda p: f"{p.throughput:,.0f}"),
+    "mix": ("mix", False, _mix),
+    "frontier": ("frontier (lat / thr)", False, _frontier),
+}
+LATENCY_COLUMNS = (
+    "configuration",
+    "accuracy",
+    "mean_ms",
+    "p99_ms",
+    "within",
+    "router_met",
+    "throughput",
+    "mix",
+    "frontier",
+)
+COMPUTE_COLUMNS = ("strategy", "name", "accuracy", "compute", "escalated")
+
+
+def points_table(points: list[StrategyPoint], columns: tuple[str, ...] = LATENCY_COLUMNS) -> list[str]:
+    """A markdown table, one row per point, the `columns` of COLUMNS."""
+    cols = [COLUMNS[c] for c in columns]
     lines = [
-        "| configuration | accuracy | mean ms | p99 ms | within budget | router budget met | samples/s (b64) | mix | frontier (lat / thr) |",
-        "|---|---:|---:|---:|---:|---:|---:|---|---|",
+        "| " + " | ".join(h for h, _, _ in cols) + " |",
+        "|" + "".join("---:|" if right else "---|" for _, right, _ in cols),
     ]
-    for p in points:
-        front = f"{'●' if p.on_latency_frontier else '·'} / {'●' if p.on_throughput_frontier else '·'}"
-        lines.append(
-            f"| {p.label} | {p.accuracy:.2%} | {p.mean_ms:.3f} | {p.p99_ms:.3f} | "
-            f"{_opt(p.within_budget, '.1%')} | {_opt(p.extra.get('router_budget_met'), '.1%')} | "
-            f"{p.throughput:,.0f} | {_mix(p)} | {front} |"
-        )
+    lines += ["| " + " | ".join(cell(p) for _, _, cell in cols) + " |" for p in points]
     return lines
 
 
@@ -235,7 +159,7 @@ def render_markdown(report: EvaluationReport, plots: dict[str, str]) -> str:
             f"![confusion matrix]({plots['confusion_service']})",
             "",
         ]
-    adaptive = [p for p in report.points if p.strategy in ("adaptive", "http")]
+    adaptive = [p for p in report.points if p.strategy in (ADAPTIVE, HTTP)]
     out += [
         "## Adaptive routing: budgets × priorities",
         "",
@@ -252,12 +176,12 @@ def render_markdown(report: EvaluationReport, plots: dict[str, str]) -> str:
         "Within budget = share of samples whose modelled latency is at most the budget. "
         "Router budget met = share for which the router's estimate fitted (else it took the fastest variant).",
         "",
-        *_points_table(adaptive),
+        *points_table(adaptive),
         "",
     ]
     if "sweep" in plots:
         out += [f"![sweep]({plots['sweep']})", ""]
-    base = [p for p in report.points if p.strategy not in ("adaptive", "http")]
+    base = [p for p in report.points if p.strategy not in (ADAPTIVE, HTTP)]
     if base:
         out += [
             "## Baselines",
@@ -265,7 +189,7 @@ def render_markdown(report: EvaluationReport, plots: dict[str, str]) -> str:
             "Oracle: the cheapest variant that is right (needs the labels; a ceiling). "
             "Cascade: INT8 first, FP32 when INT8's top softmax probability is below the threshold (pays both).",
             "",
-            *_points_table(base),
+            *points_table(base),
             "",
         ]
     out += [
@@ -315,6 +239,99 @@ def write_report(report: EvaluationReport, out_dir: str | Path) -> list[Path]:
     return files
 
 
+def render_two_stage(report: TwoStageReport) -> str:
+    """two_stage.md: the verdict, the setup, every strategy (the same table as report.md's, by
+    compute), equal-rate comparisons, AUROC, budgets, shift, targets."""
+    lines = ["# Two-stage routing", "", "## Verdict", "", report.verdict, "", "## Setup", ""]
+    lines += [f"- **{k}**: {v}" for k, v in report.meta.items()]
+    lines += ["", "## Strategies (test split, no budget)", ""]
+    lines += points_table(report.points, COMPUTE_COLUMNS)
+    lines += ["", "## Learned router against the confidence rule and random escalation, at equal rate", ""]
+    lines += ["| router | rate | router | confidence rule | random |", "|---|---:|---:|---:|---:|"]
+    lines += [
+        f"| {r['router']} | {100 * r['rate']:.1f}% | {100 * r['router_acc']:.2f}% | {100 * r['confidence_acc']:.2f}% "
+        f"| {100 * r['random_acc']:.2f}% |"
+        for r in report.equal_rate
+    ]
+    lines += ["", "## AUROC for “the follow-up turns a wrong answer right” (test split)", ""]
+    lines += ["| plan | fixes | breaks | learned gain | confidence rule |", "|---|---:|---:|---:|---:|"]
+    lines += [
+        f"| {k} | {a['fixes']} | {a['breaks']} | {a['learned']:.3f} | {a['confidence']:.3f} |"
+        for k, a in report.auroc.items()
+    ]
+    lines += ["", "## Budgets (one image per request, idle server)", ""]
+    lines += [
+        "| budget ms | balanced | escalated | random, same plans | quality | escalated | random, same plans "
+        "| best fixed choice that fits | its accuracy | best the planner could plan | its accuracy |",
+        "|---:|---:|---:|---:|---:|---:|---:|---|---:|---|---:|",
+    ]
+    lines += [
+        f"| {b['budget_ms']:.3f} | {100 * b['router_acc']:.2f}% | {100 * b['router_escalated']:.1f}% | "
+        f"{100 * b['router_random_acc']:.2f}% | {100 * b['quality_acc']:.2f}% | {100 * b['quality_escalated']:.1f}% | "
+        f"{100 * b['quality_random_acc']:.2f}% | {b['best_fixed']} | {100 * b['best_fixed_acc']:.2f}% | "
+        f"{b['best_plannable']} | {100 * b['best_plannable_acc']:.2f}% |"
+        for b in report.budgets
+    ]
+    if report.shift:
+        keys = [k for k in report.shift[0] if k.endswith("_acc") and k not in ("best_fixed_acc", "adaptive_acc")]
+        lines += ["", "## Under shift (corrupted copies of the validation split)", ""]
+        lines += [
+            "| corruption | " + " | ".join(k[:-4] for k in keys) + " | adaptive | escalated | ECE of p(entry right) |",
+            "|---|" + "---:|" * (len(keys) + 3),
+        ]
+        for s in report.shift:
+            accs = " | ".join(f"{100 * s[k]:.2f}%" for k in keys)
+            lines.append(
+                f"| {s['corruption']} | {accs} | {100 * s['adaptive_acc']:.2f}% | {100 * s['escalated']:.1f}% | "
+                f"{s['ece_none']:.3f} |"
+            )
+    lines += ["", "## Targets", ""] + [f"- {k}: {v}" for k, v in report.targets.items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_two_stage(report: TwoStageReport, out_dir: str | Path) -> list[Path]:
+    """two_stage.md, two_stage.json and two_stage_pareto.png into out_dir (created)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    md = out / "two_stage.md"
+    md.write_text(render_two_stage(report))
+    js = out / "two_stage.json"
+    js.write_text(json.dumps(asdict(report), indent=2, default=float) + "\n")
+    title = "two-stage routing: accuracy against compute (test split)"
+    return [md, js, plot_pareto(report.points, "compute", out / "two_stage_pareto.png", title)]
+
+
+def render_cross_validation(cv: CrossValidation, entry_ms: float) -> str:
+    """The cross-validation as a plain-text table: one row per tie, one column per budget."""
+    first = cv.ties[0]["budgets"]
+    heads = ["none" if b["budget_ms"] is None else f"{b['budget_ms'] / entry_ms:g}×" for b in first]
+    lines = [
+        f"{cv.folds}-fold cross-validation on {cv.samples} validation images (router refitted per fold), "
+        f"mean of {cv.repeats} fold assignment(s)",
+        "quality minus the best fixed variant or plan that fits, points, per budget (× the entry pass; idle):",
+        f"{'quality_tie':>12}" + "".join(f"{h:>8}" for h in heads) + f"{'worst':>8}  worst per repeat",
+    ]
+    for t in cv.ties:
+        mark = "  ← chosen" if t["quality_tie"] == cv.chosen_tie else ""
+        lines.append(
+            f"{t['quality_tie']:>12g}"
+            + "".join(f"{b['gap_points']:>+8.2f}" for b in t["budgets"])
+            + f"{t['worst_gap_points']:>+8.2f}  {t['worst_gap_range'][0]:+.2f} … {t['worst_gap_range'][1]:+.2f}{mark}"
+        )
+    lines.append("best fixed choice per budget: " + ", ".join(f"{h} {b['best_fixed']}" for h, b in zip(heads, first)))
+    b = cv.balanced
+    conf = (
+        ""
+        if b["confidence_acc"] is None
+        else f"; the confidence rule → {b['confidence_plan']} at that rate {b['confidence_acc']:.2%}"
+    )
+    lines.append(f"balanced: {b['accuracy']:.2%} at {b['compute']:.2f}× compute, {b['escalated']:.1%} escalated{conf}")
+    if b["per_repeat_gain_points"] and b["confidence_acc"] is not None:
+        g = b["per_repeat_gain_points"]
+        lines.append(f"balanced minus the confidence rule per repeat: {min(g):+.2f} … {max(g):+.2f} points")
+    return "\n".join(lines)
+
+
 def log_report_to_mlflow(tracking_cfg, report: EvaluationReport, files: list[Path]) -> str | None:
     """An MLflow evaluation run with the headline numbers and every report file; returns its run id."""
     from adaptive_quant.tracking import git_commit, start_run
@@ -347,7 +364,7 @@ def log_report_to_mlflow(tracking_cfg, report: EvaluationReport, files: list[Pat
             }
         if report.service_metrics is not None:
             metrics["service/accuracy"] = report.service_metrics.accuracy
-        adaptive = [p for p in report.points if p.strategy in ("adaptive", "http")]
+        adaptive = [p for p in report.points if p.strategy in (ADAPTIVE, HTTP)]
         if adaptive:
             best = max(adaptive, key=lambda p: p.accuracy)
             metrics |= {"adaptive/best_accuracy": best.accuracy, "adaptive/best_mean_ms": best.mean_ms}

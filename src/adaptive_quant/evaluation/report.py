@@ -5,17 +5,19 @@ this module counts and concludes.
 
 - `classification_metrics`: accuracy, macro precision/recall/F1, a per-class table, the confusion matrix
 - `pareto_mask`, `mark_frontiers`: which points no other point beats on both axes
-- `recommend`, `verdict`: a plain-language paragraph saying which configuration to run for which budget
+- `recommend`, `verdict`: a plain-language paragraph saying which configuration to run for which
+  budget; one verdict for both reports (a report with follow-ups passes its `FollowupFacts`)
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
-from adaptive_quant.evaluation.strategies import StrategyPoint
+from adaptive_quant.evaluation.strategies import ADAPTIVE, CONFIDENCE, FIXED, HTTP, ORACLE, StrategyPoint
 
 # ----------------------------------------------------------------------------- classification
 
@@ -155,29 +157,75 @@ def recommend(
     return out
 
 
+@dataclass
+class FollowupFacts:
+    """What a report with follow-ups adds to the verdict: the deployed router against the fixed choices."""
+
+    default: StrategyPoint  # balanced at the default price: what the gateway runs
+    best_fixed: StrategyPoint  # the most accurate variant alone
+    best_plan: StrategyPoint  # the most accurate fixed route from the entry (the entry alone included)
+    quality: StrategyPoint  # X-Priority: quality, no budget
+    followup_price: float
+    equal_rate: list[dict[str, Any]] = field(default_factory=list)  # router vs confidence vs random, same rate
+    budgets: list[dict[str, Any]] = field(default_factory=list)  # the budget sweep's rows
+    targets: dict[str, Any] = field(default_factory=dict)
+
+
 def verdict(
-    fixed: Sequence[StrategyPoint],
-    adaptive: Sequence[StrategyPoint],
-    cascade: Sequence[StrategyPoint],
-    oracle: StrategyPoint | None,
-    budgets: Sequence[float | None],
+    points: Sequence[StrategyPoint],
+    budgets: Sequence[float | None] = (),
     reference: str = "fp32",
+    followups: FollowupFacts | None = None,
 ) -> str:
-    """One paragraph, plain language, every claim a number from the points given."""
+    """One paragraph, plain language, every claim a number from the points given: the fixed
+    variants, the routed configurations (per latency budget in `budgets`, ms; None = none), the
+    follow-ups where `followups` is given, the confidence rule and the oracle."""
+    fixed = [p for p in points if p.strategy == FIXED and p.escalated == 0]
     served = [p for p in fixed if p.deployable]
     if not served:
         return "No served variant was measured, so there is nothing to recommend."
-    parts: list[str] = []
-    ref = next((p for p in fixed if p.mix.get(reference) == 1.0), max(served, key=lambda p: p.accuracy))
+    parts = _fixed_sentences(fixed, served, reference)
+    if followups is not None:
+        parts += _followup_sentences(followups)
+    adaptive = [p for p in points if p.strategy in (ADAPTIVE, HTTP)]
+    cascade = [p for p in points if p.strategy == CONFIDENCE]
+    if budgets:
+        parts += _budget_sentences(recommend([*served, *adaptive, *cascade], budgets))
+    # single-stage routing on each variant's validation accuracy is the same for every sample, so
+    # every point sends all samples to one variant: say what that amounts to
+    if followups is None and adaptive and all(max(p.mix.values()) >= 0.999 for p in adaptive):
+        parts.append(
+            "Adaptive routing never mixed variants in this sweep (each budget and priority sent every sample to one variant), so it reduces to a fixed precision per budget."
+        )
+    if cascade:
+        best_c = max(cascade, key=lambda p: (p.accuracy, -p.mean_ms))
+        parts.append(
+            f"The confidence rule reaches at best {_pct(best_c.accuracy)} at {best_c.mean_ms:.3g} ms mean ({best_c.label})."
+        )
+    oracle = next((p for p in points if p.strategy == ORACLE), None)
+    if oracle is not None:
+        parts.append(
+            f"An oracle that knew which route is right would reach {_pct(oracle.accuracy)} at {oracle.mean_ms:.3g} ms: the ceiling for any router over these routes."
+        )
+    return " ".join(parts)
+
+
+def _fixed_sentences(fixed: list[StrategyPoint], served: list[StrategyPoint], reference: str) -> list[str]:
+    """The reference variant against the fastest one, and QAT against the PTQ baseline."""
+    ref = next((p for p in served if p.mix.get(reference) == 1.0), max(served, key=lambda p: p.accuracy))
     fastest = min(served, key=lambda p: p.mean_ms)
-    parts.append(
-        f"{ref.label} answers {_pct(ref.accuracy)} of the test samples right at {ref.mean_ms:.3g} ms per sample "
-        f"(p99 {ref.p99_ms:.3g} ms, batch 1); the fastest variant, {fastest.label}, takes {fastest.mean_ms:.3g} ms "
-        f"({ref.mean_ms / fastest.mean_ms:.1f}× faster) at {_pct(fastest.accuracy)}"
-        f" ({100 * (fastest.accuracy - ref.accuracy):+.2f} points)."
-        if fastest is not ref
-        else f"{ref.label} answers {_pct(ref.accuracy)} of the test samples right at {ref.mean_ms:.3g} ms per sample (p99 {ref.p99_ms:.3g} ms)."
+    tail = f" (p99 {ref.p99_ms:.3g} ms, batch 1)" if ref.p99_ms > ref.mean_ms else " (batch 1)"
+    opening = (
+        f"{ref.label} answers {_pct(ref.accuracy)} of the test samples right at {ref.mean_ms:.3g} ms per sample{tail}"
     )
+    if fastest is ref:
+        parts = [opening + "."]
+    else:
+        parts = [
+            f"{opening}; the fastest variant, {fastest.label}, takes {fastest.mean_ms:.3g} ms "
+            f"({ref.mean_ms / fastest.mean_ms:.1f}× faster) at {_pct(fastest.accuracy)}"
+            f" ({100 * (fastest.accuracy - ref.accuracy):+.2f} points)."
+        ]
     ptq = [p for p in fixed if not p.deployable and "ptq" in p.label]
     qat = next((p for p in served if p.mix.get("int8") == 1.0), None)
     if ptq and qat:
@@ -185,8 +233,11 @@ def verdict(
         parts.append(
             f"Quantization-aware training {'gains' if d >= 0 else 'loses'} {abs(d):.2f} points against post-training INT8 quantization ({_pct(qat.accuracy)} vs {_pct(ptq[0].accuracy)})."
         )
-    # recommendations per budget, merged into ranges of equal choice
-    recs = recommend([*served, *adaptive, *cascade], budgets)
+    return parts
+
+
+def _budget_sentences(recs: list[tuple[float | None, StrategyPoint | None]]) -> list[str]:
+    """`recommend`'s choices, merged into ranges of budgets with the same choice."""
     ranges: list[tuple[str | None, list[float], StrategyPoint | None]] = []  # (choice, budgets, its point)
     for b, p in recs:
         if b is None:
@@ -206,26 +257,47 @@ def verdict(
             )
         else:
             sentences.append(f"at {span} run {name} ({_pct(p.accuracy)}, {p.mean_ms:.3g} ms mean)")
-    if sentences:
-        parts.append("Per latency budget: " + "; ".join(sentences) + ".")
+    parts = ["Per latency budget: " + "; ".join(sentences) + "."] if sentences else []
     none_rec = next((p for b, p in recs if b is None), None)
     if none_rec is not None:
         parts.append(
             f"Without a budget, {none_rec.label.split(' @ ')[0]} is the most accurate choice ({_pct(none_rec.accuracy)}, {none_rec.mean_ms:.3g} ms mean)."
         )
-    # in-process the sweep is single-stage routing on each variant's validation accuracy, the same
-    # for every sample, so every point sends all samples to one variant: say what that amounts to
-    if adaptive and all(max(p.mix.values()) >= 0.999 for p in adaptive):
+    return parts
+
+
+def _followup_sentences(f: FollowupFacts) -> list[str]:
+    """The deployed router against the best fixed variant and plan, the confidence rule and random
+    escalation at its own rate, and `quality` under every budget of the sweep."""
+    d, q, t = f.default, f.quality, f.targets
+    parts = [
+        f"Two-stage routing (balanced, default price {f.followup_price:g}) answers {_pct(d.accuracy)} at "
+        f"{d.compute:.2f}× the entry pass's compute, escalating {d.escalated:.1%} of samples: "
+        f"{100 * (d.accuracy - f.best_fixed.accuracy):+.2f} points over the best fixed variant "
+        f"({f.best_fixed.label}, {_pct(f.best_fixed.accuracy)}). `quality` answers {_pct(q.accuracy)} at "
+        f"{q.compute:.2f}×, {100 * (q.accuracy - f.best_plan.accuracy):+.2f} points against the most accurate "
+        f"fixed plan ({f.best_plan.label}, {_pct(f.best_plan.accuracy)} at {f.best_plan.compute:.2f}×)."
+    ]
+    eq = next((r for r in f.equal_rate if r["router"] == d.label), None)
+    if eq is not None:
+        diff = 100 * (eq["router_acc"] - eq["confidence_acc"])
+        word = "beats" if diff > 0.1 else "trails" if diff < -0.1 else "ties"
         parts.append(
-            "Adaptive routing never mixed variants in this sweep (each budget and priority sent every sample to one variant), so it reduces to a fixed precision per budget."
+            f"At its escalation rate ({eq['rate']:.1%}) the learned router {word} the plain confidence rule "
+            f"({_pct(eq['router_acc'])} vs {_pct(eq['confidence_acc'])}, {diff:+.2f} points) and beats random "
+            f"escalation ({_pct(eq['random_acc'])})."
         )
-    if cascade:
-        best_c = max(cascade, key=lambda p: (p.accuracy, -p.mean_ms))
+    if f.budgets:
+        worst = min(f.budgets, key=lambda b: b["quality_acc"] - b["best_fixed_acc"])
+        gap = 100 * (worst["quality_acc"] - worst["best_fixed_acc"])
+        plannable = min(b["quality_acc"] - b["best_plannable_acc"] for b in f.budgets)
         parts.append(
-            f"The INT8→FP32 confidence cascade reaches at best {_pct(best_c.accuracy)} at {best_c.mean_ms:.3g} ms mean ({best_c.label})."
+            f"Under budgets ({len(f.budgets)} from {f.budgets[0]['budget_ms']:.2f} to "
+            f"{f.budgets[-1]['budget_ms']:.2f} ms), `quality` is at worst {gap:+.2f} points against the best "
+            f"fixed choice whose time fits ({worst['best_fixed']} at {worst['budget_ms']:.2f} ms) and at worst "
+            f"{100 * plannable:+.2f} against the best one the planner could plan there (its margin × a "
+            f"follow-up's time within what the entry leaves); "
+            f"{'never below' if t.get('budgets_met_random') else 'not always above'} random assignment of the "
+            f"same plans at the same rate."
         )
-    if oracle is not None:
-        parts.append(
-            f"An oracle that knew which variant is right would reach {_pct(oracle.accuracy)} at {oracle.mean_ms:.3g} ms: the ceiling for any router over these variants."
-        )
-    return " ".join(parts)
+    return parts

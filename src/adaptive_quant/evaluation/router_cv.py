@@ -25,15 +25,9 @@ import numpy as np
 
 from adaptive_quant.core.planner import PlannerConfig
 from adaptive_quant.core.routing import Priority
-from adaptive_quant.evaluation.two_stage import (
-    BUDGET_FACTORS,
-    Recorded,
-    best_within,
-    confidence_at_rate,
-    fixed_choices,
-    flip_plan,
-    router_choice,
-)
+from adaptive_quant.evaluation.policies import router_choice
+from adaptive_quant.evaluation.strategies import confidence_at_rate
+from adaptive_quant.evaluation.two_stage import BUDGET_FACTORS, Recorded, best_within, fixed_choices, flip_plan
 from adaptive_quant.predictor.fit_deferral import DeferralFitConfig, fit_deferral
 
 # candidate quality_tie values, in predicted accuracy (0.01 = one point); 1.0 ties every plan
@@ -117,6 +111,7 @@ def cross_validate(
     fixed = [best_within(table, np.inf if b is None else b, rec.entry) for b in budgets]
     cost = rec.extra_cost()
     flip = flip_plan(rec)
+    o, up = rec.outcomes(), rec.route(rec.plan_index(flip))
     # (repeat, tie, budget) → quality's accuracy, escalation, compute; (repeat,) → balanced's
     q = np.zeros((repeats, len(ties), len(budgets), 3))
     bal = np.zeros((repeats, 4))
@@ -129,7 +124,8 @@ def cross_validate(
                 q[r, t, b] = (ok[rows, index].mean(), (index > 0).mean(), 1.0 + cost[index].mean())
         index = choices(rec, oof, Priority.BALANCED, planner, None)
         rate = float((index > 0).mean())
-        conf = confidence_at_rate(rec, flip, rate).accuracy if 0 < rate < 1 else np.nan
+        at = f"{flip} @{rate:.1%}"
+        conf = confidence_at_rate(o, rec.confidence(), rec.entry, up, rate, at).accuracy if 0 < rate < 1 else np.nan
         bal[r] = (ok[rows, index].mean(), rate, 1.0 + cost[index].mean(), conf)
     mean = q.mean(0)
     per_tie = []
@@ -171,34 +167,3 @@ def cross_validate(
     return CrossValidation(
         folds=folds, samples=len(rows), ties=per_tie, chosen_tie=chosen, balanced=balanced, repeats=repeats
     )
-
-
-def render(cv: CrossValidation, entry_ms: float) -> str:
-    """The cross-validation as a plain-text table: one row per tie, one column per budget."""
-    first = cv.ties[0]["budgets"]
-    heads = ["none" if b["budget_ms"] is None else f"{b['budget_ms'] / entry_ms:g}×" for b in first]
-    lines = [
-        f"{cv.folds}-fold cross-validation on {cv.samples} validation images (router refitted per fold), "
-        f"mean of {cv.repeats} fold assignment(s)",
-        "quality minus the best fixed variant or plan that fits, points, per budget (× the entry pass; idle):",
-        f"{'quality_tie':>12}" + "".join(f"{h:>8}" for h in heads) + f"{'worst':>8}  worst per repeat",
-    ]
-    for t in cv.ties:
-        mark = "  ← chosen" if t["quality_tie"] == cv.chosen_tie else ""
-        lines.append(
-            f"{t['quality_tie']:>12g}"
-            + "".join(f"{b['gap_points']:>+8.2f}" for b in t["budgets"])
-            + f"{t['worst_gap_points']:>+8.2f}  {t['worst_gap_range'][0]:+.2f} … {t['worst_gap_range'][1]:+.2f}{mark}"
-        )
-    lines.append("best fixed choice per budget: " + ", ".join(f"{h} {b['best_fixed']}" for h, b in zip(heads, first)))
-    b = cv.balanced
-    conf = (
-        ""
-        if b["confidence_acc"] is None
-        else f"; the confidence rule → {b['confidence_plan']} at that rate {b['confidence_acc']:.2%}"
-    )
-    lines.append(f"balanced: {b['accuracy']:.2%} at {b['compute']:.2f}× compute, {b['escalated']:.1%} escalated{conf}")
-    if b["per_repeat_gain_points"] and b["confidence_acc"] is not None:
-        g = b["per_repeat_gain_points"]
-        lines.append(f"balanced minus the confidence rule per repeat: {min(g):+.2f} … {max(g):+.2f} points")
-    return "\n".join(lines)

@@ -116,7 +116,7 @@ def build_repository(
     payload = load_checkpoint(checkpoint)
     cfg = config_from_dict(payload["config"])  # the config only: no network needed here
     if export_cfg is not None:
-        cfg.export = export_cfg
+        cfg = cfg.model_copy(update={"export": export_cfg})
     e = cfg.export
     target = Path(e.repository).resolve()
     if data is None:

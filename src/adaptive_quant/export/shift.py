@@ -1,12 +1,10 @@
 """The export gate's shift check: a new network must not break where the one it replaces holds.
 
-Clean validation accuracy alone once favoured a network that could not be served: the
-airbench-style whitening stem (2026-12-02, runs/r18w) was 0.8 points better on clean images and
-answered at chance (10.7 %) under Gaussian pixel noise of σ = 20 grey levels, where the shipped
-model answered 75 %. Only a separate `aq-evaluate` run found it. So the gate also looks at the
-validation split under each corruption of evaluation/corruptions.py (seeded, the same images for
-both networks) and refuses a new INT8 variant that answers more than `max_shift_drop` points
-below the INT8 variant of the repository it replaces, on any of them.
+Clean validation accuracy alone once favoured a network that answered at chance under Gaussian
+pixel noise where the shipped one held (docs/results/). So the gate also looks at the validation
+split under each corruption of core/corruptions.py (seeded, the same images for both networks)
+and refuses a new INT8 variant that answers more than `max_shift_drop` points below the INT8
+variant of the repository it replaces, on any of them.
 
 A first export (no repository at the target yet) records its figures and refuses nothing: there
 is nothing to fall behind. The figures land in manifest.json ("shift"), so the next export and a
@@ -24,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from adaptive_quant.core.corruptions import corrupt
 from adaptive_quant.core.images import to_model_input
 from adaptive_quant.core.manifest import ManifestError, load_manifest
-from adaptive_quant.evaluation.corruptions import corrupt
 from adaptive_quant.export.ort_eval import make_session, run_batched
 
 log = logging.getLogger(__name__)

@@ -126,7 +126,7 @@ def add_variant(
     payload = load_checkpoint(checkpoint)
     cfg = config_from_dict(payload["config"])
     if export_cfg is not None:
-        cfg.export = export_cfg
+        cfg = cfg.model_copy(update={"export": export_cfg})
     e = cfg.export
     repo = Path(repository).resolve()
     manifest = load_manifest(repo, verify_files=True)  # a damaged repository is refused before any work

@@ -192,7 +192,7 @@ class DeferralPredictor:
         """`predict` for one image's C logits as Python floats → P floats (the gateway's one-image
         path). Features, sigmoid and composition in plain Python, the three matmuls in NumPy: at
         N = 1 every NumPy call costs ~1 µs whatever its size, so this is ~3× cheaper than the
-        batched path (measured by `aq-bench --parts routing`)."""
+        batched path (`aq-bench --parts routing` times it)."""
         if len(values) != self.num_classes:
             raise ValueError(f"entry logits must have {self.num_classes} values for one image; got {len(values)}")
         if not math.isfinite(sum(values)):  # NaN or ±inf anywhere makes the sum non-finite (float32 cannot overflow it)

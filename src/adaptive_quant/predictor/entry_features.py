@@ -100,8 +100,8 @@ def features_of_checked(z: np.ndarray, out: np.ndarray | None = None) -> np.ndar
 def features_one(values: list[float]) -> list[float]:
     """`entry_features` of one image's C logits (finite Python floats, e.g. `row.tolist()`).
 
-    Plain Python: for C = 10 ~5× cheaper than the NumPy path at N = 1 (4-5 µs against 20-35 µs
-    measured), where every NumPy call costs ~1 µs of overhead whatever its size. The same values
+    Plain Python: for C = 10 ~5× cheaper than the NumPy path at N = 1, where every NumPy call
+    costs ~1 µs of overhead whatever its size. The same values
     to ~1e-7 (float64 here, float32 there).
     """
     c = len(values)

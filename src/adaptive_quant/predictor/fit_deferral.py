@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from adaptive_quant.core.stats import sigmoid
 from adaptive_quant.predictor.calibration import auroc, binary_nll, expected_calibration_error, fit_platt
 from adaptive_quant.predictor.deferral import NONE, DeferralPredictor, head_names, parse_pass, plan_name
 from adaptive_quant.predictor.entry_features import check_logits, feature_names, features_of_checked
@@ -276,7 +277,7 @@ def fit_deferral(
         calibration={h: (float(a), float(b)) for h, a, b in zip(names, scale, bias)},
     )
     y = outcomes[cal_idx]
-    raw = compose(1.0 / (1.0 + np.exp(-np.clip(cal_logits, -50, 50))), n_plans)
+    raw = compose(sigmoid(cal_logits), n_plans)
     cal = predictor.predict(z[cal_idx]).astype(np.float64)
     for j, name in enumerate(predictor.plan_names):
         report.plans[name] = PlanMetrics(

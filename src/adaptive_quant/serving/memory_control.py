@@ -1,6 +1,6 @@
 """The memory-pressure controller: measures memory, asks memory_policy.decide, applies it through the backend.
 
-Runs as one asyncio task in the gateway (started by the app's lifespan when `memory.enabled`).
+Runs as one asyncio task in the gateway (started by factory.build_service when `memory.enabled`).
 Measurements, every `memory.interval_s`:
   system  – host memory in use, % (psutil; in a container: the container's view of the host)
   process – this gateway process's RSS, % of host memory
@@ -20,13 +20,18 @@ import urllib.request
 from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 from prometheus_client import Gauge
 
 from adaptive_quant.core.memory_policy import Decision, MemoryPolicyConfig, MemorySample, VariantFacts, decide
 from adaptive_quant.core.precision import Precision
+from adaptive_quant.serving.backends.base import Backend
+from adaptive_quant.serving.metrics import GatewayMetrics
+
+if TYPE_CHECKING:
+    from adaptive_quant.serving.model import ServedModel
 
 log = logging.getLogger(__name__)
 
@@ -67,22 +72,25 @@ def measure(triton_metrics_url: str = "", timeout_s: float = 1.0) -> MemorySampl
 
 
 class MemoryController:
-    """Applies the memory policy to a ClassifierService whose backend supports model control."""
+    """Applies the memory policy to the variants of the served model, through a backend that
+    supports model control (else it only observes)."""
 
     def __init__(
         self,
-        service: Any,  # ClassifierService (Any: avoids an import cycle)
+        backend: Backend,
+        metrics: GatewayMetrics,
         config: MemoryPolicyConfig,
         probe: Callable[[], MemorySample] | None = None,  # tests inject a fake measurement
         triton_metrics_url: str = "",
     ) -> None:
-        self.service = service
+        self.backend = backend
+        self.metrics = metrics
         self.config = config
         self.probe = probe or (lambda: measure(triton_metrics_url))
-        self.backend = service.backend
+        self._model: Callable[[], ServedModel] | None = None  # the version served now (start())
         self.unloaded_by_policy: set[str] = set()
-        self.usage = dict.fromkeys(service.keys, 0.0)  # decayed routed-sample counts
-        self._seen = dict.fromkeys(service.keys, 0.0)  # last cumulative routed count
+        self.usage: dict[str, float] = {}  # decayed routed-sample counts
+        self._seen: dict[str, float] = {}  # last cumulative routed count
         self._last_update = time.monotonic()
         self._last_action = float("-inf")  # time.monotonic() of the last load/unload, s
         self.last_sample: MemorySample | None = None
@@ -93,13 +101,17 @@ class MemoryController:
             "aq_variant_loaded",
             "1 when the variant's model is loaded and serving, else 0",
             ["variant"],
-            registry=service.metrics.registry,
+            registry=metrics.registry,
             multiprocess_mode="livemax",  # several workers: only worker 0 runs the policy (workers.py)
         )
 
     # ------------------------------------------------------------------ lifecycle
 
-    def start(self) -> None:
+    def start(self, model: Callable[[], ServedModel]) -> None:
+        """Run the policy every `interval_s` over the variants of `model()`, the version served now."""
+        self._model = model
+        self.usage = dict.fromkeys(model().keys, 0.0)
+        self._seen = dict.fromkeys(model().keys, 0.0)
         if not getattr(self.backend, "supports_model_control", False):
             log.warning(
                 "memory policy enabled, but the %s backend cannot load/unload models "
@@ -107,6 +119,10 @@ class MemoryController:
                 self.backend.name,
             )
         self._task = asyncio.create_task(self._run(), name="memory-policy")
+
+    def _keys(self) -> list[str]:
+        assert self._model is not None, "start() first"
+        return self._model().keys
 
     async def close(self) -> None:
         if self._task is not None:
@@ -133,17 +149,19 @@ class MemoryController:
         now = time.monotonic()
         decay = math.pow(0.5, (now - self._last_update) / self.config.usage_half_life_s)
         self._last_update = now
-        for k in self.usage:
-            total = self.service.metrics.value("aq_samples_routed_total", variant=k)
-            self.usage[k] = self.usage[k] * decay + (total - self._seen[k])
+        for k in self._keys():
+            total = self.metrics.value("aq_samples_routed_total", variant=k)
+            self.usage[k] = self.usage.get(k, 0.0) * decay + (total - self._seen.get(k, 0.0))
             self._seen[k] = total
 
     def facts(self) -> list[VariantFacts]:
         states = getattr(self.backend, "model_states", lambda: {})()
         health = self.backend.variants()
+        assert self._model is not None, "start() first"
+        model = self._model()
         out = []
-        for k in self.service.keys:
-            v = self.service.manifest.variants[k]
+        for k in model.keys:
+            v = model.manifest.variants[k]
             loaded = states[k]["loaded"] if k in states else health[k].healthy
             out.append(
                 VariantFacts(
@@ -152,7 +170,7 @@ class MemoryController:
                     accuracy=v.val_accuracy,
                     latency_ms=v.latency.at(1).p95_ms if v.latency else None,
                     size_bytes=v.size_bytes,
-                    usage=self.usage[k],
+                    usage=self.usage.get(k, 0.0),
                     loaded=loaded,
                     unloaded_by_policy=k in self.unloaded_by_policy,
                 )
@@ -184,7 +202,7 @@ class MemoryController:
                 {"at": round(time.time(), 3), "action": decision.action, "variant": key, "reason": decision.reason}
             )
         health = self.backend.variants()
-        for k in self.service.keys:
+        for k in self._keys():
             self.loaded_gauge.labels(k).set(1.0 if health[k].healthy else 0.0)
         return decision
 

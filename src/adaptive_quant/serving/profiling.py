@@ -1,16 +1,16 @@
 """Latency profiles measured on the host that serves, at start-up.
 
 The manifest's profiles were measured where the repository was exported (e.g. an AMD EPYC),
-and the planner prices follow-ups and checks budgets with them. On another CPU they are wrong
-by a factor (INT8 batch 1: 0.57 ms in the shipped manifest, 0.8 ms measured on the Intel Xeon
-of 2026-12-01). So at start-up, when the manifest's host differs from this one (`auto`) or
+and the planner prices follow-ups and checks budgets with them. On another CPU they can be
+wrong by a large factor (another core, cache or instruction set). So at start-up, when the manifest's host differs from this one (`auto`) or
 always (`always`), each served variant is timed through the backend itself, the path requests
 take, at the profile's batch sizes, within a time budget (default 2 s, all variants together),
 and the estimator plans with what was measured. /v1/status says which profile is in use and why.
 
 With several gateway processes (serving/workers.py) only the first worker measures: the others
 start after it and plan with what it wrote (`save_shared` / `load_shared`), because two
-profilers timing at once on the same cores would each time the other's load.
+profilers timing at once on the same cores would each time the other's load
+(`profile_host` does both).
 """
 
 from __future__ import annotations
@@ -90,6 +90,27 @@ def load_shared(path: Path, estimator: LatencyEstimator, worker: int) -> Profile
         estimator.set_profiles(measured)
         info.reason += f" (measured by worker 0; worker {worker} plans with its figures)"
     log.info("latency profiles: %s, as worker 0 found (%s)", info.source, path)
+    return info
+
+
+async def profile_host(
+    backend: Backend,
+    manifest: Manifest,
+    keys: list[str],
+    estimator: LatencyEstimator,
+    settings: ProfilingSettings,
+    shared: Path | None = None,
+    worker: int = 0,
+) -> ProfileInfo:
+    """The profiles this gateway plans with, handed to `estimator`: re-measured here when the
+    manifest's come from another host (profile_on_host). With several workers (`shared` set) the
+    first to start (worker 0) measures and writes `shared`, the others plan with it; a worker
+    restarted later finds the file too, and does not time the host under load."""
+    info = load_shared(shared, estimator, worker) if shared is not None and shared.exists() else None
+    if info is None:
+        info = await profile_on_host(backend, manifest, keys, estimator, settings)
+        if shared is not None:
+            save_shared(shared, info)
     return info
 
 

@@ -2,33 +2,31 @@
 
 Precedence (last wins): defaults < YAML file < `AQ_<SECTION>__<KEY>` environment variables
 (e.g. `AQ_SERVER__PORT=9000`, `AQ_BACKEND__KIND=triton`, `AQ_REPOSITORY=...`) < `--set
-section.key=value` / explicit flags. Unknown keys and wrong types are rejected with a message
-that names the key and what it accepts (adaptive_quant.core.settings). String values from the
-environment and `--set` are read as YAML scalars, so `true`, `12`, `0.5` get their natural types
-(string settings keep the text as typed: an API key `0x1F` stays "0x1F").
+section.key=value` / explicit flags. The loader and its rules (unknown keys and wrong types
+refused with a message that names the key and what it accepts; environment and `--set` values
+read as YAML scalars, text settings kept as typed: an API key `0x1F` stays "0x1F") are
+adaptive_quant.core.settings', on pydantic-settings' stock sources.
 
 An environment variable that merely shares the prefix (`AQ_API_KEY`, the client scripts' key,
 or anything else whose first part names no setting) is not a gateway setting: it is ignored,
 with one warning naming it, instead of stopping the service. `AQ_SERVER__PROT`, whose section
 is a gateway section, is a typo of a setting and is refused like any unknown key.
 
-`ServeSettings` is a pydantic-settings `BaseSettings`: built directly (`ServeSettings(repository=...)`)
-it reads the AQ_* variables of os.environ under its arguments; `load_settings` adds the file and
-lets the caller pass the environment (tests pass `environ={}`).
+`ServeSettings` is a pydantic-settings `BaseSettings`, frozen like its sections: built directly
+(`ServeSettings(repository=...)`) it reads the AQ_* variables of os.environ under its arguments;
+`load_settings` adds the file and lets the caller pass the environment (tests pass `environ={}`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Mapping
-from contextvars import ContextVar
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BeforeValidator, Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
-from pydantic_settings import SettingsError as SourceError
+from pydantic import BeforeValidator, Field, ValidationInfo, field_validator, model_validator
+from pydantic_settings import SettingsConfigDict
 
 from adaptive_quant.core.latency import LatencyConfig
 from adaptive_quant.core.memory_policy import MemoryPolicyConfig
@@ -38,12 +36,9 @@ from adaptive_quant.core.settings import (
     ConfigError,
     FieldError,
     Section,
-    config_error,
-    read_yaml,
-    set_path,
+    SettingsRoot,
     split_assignment,
-    text_for,
-    type_text,
+    stray_variables,
 )
 from adaptive_quant.serving.profiling import ProfilingSettings
 
@@ -74,12 +69,11 @@ class ServerSettings(Section):
     api_key: str = ""
     api_key_file: str = ""  # read the key from this file (surrounding whitespace stripped)
     drain_timeout_s: float = Field(30.0, gt=0)  # s in-flight requests may take to finish after SIGTERM/SIGINT
-    # one log line per request: off by default (at ~700 req/s a flood that cost ~2 % CPU, measured
-    # with py-spy); /metrics and /v1/status carry the counts, warnings and errors are always logged
+    # one log line per request: off by default (at hundreds of requests/s a flood that costs CPU);
+    # /metrics and /v1/status carry the counts, warnings and errors are always logged
     access_log: bool = False
     # s an idle keep-alive connection stays open. Longer than the clients' and load balancers'
     # idle timeouts (often 60 s): uvicorn's 5 s closed connections just as clients reused them
-    # (seen as resets in bursty load tests with 5 s gaps)
     keep_alive_s: float = Field(75.0, gt=0)
     # port of the Open Inference Protocol's gRPC front (what tritonclient.grpc calls), on `host`;
     # 0 = off. Off unless asked for: a second listening port is a deliberate exposure, like
@@ -89,10 +83,9 @@ class ServerSettings(Section):
     # serves on uvicorn's own protocol (A/B runs; a uvicorn without httptools uses its own anyway)
     coalesce_writes: bool = True
     # gateway processes serving one port (serving/workers.py); auto = one per CPU core this
-    # process may use, at most AUTO_WORKERS_MAX (each holds its own sessions: ~170 MB RSS here).
-    # Under Poisson load most batches are small and compute inline on the event loop, so one
-    # process serves on about one core: with two, goodput went from 0.96x to 2.0x the plain
-    # server's (2 vCPUs, runs/bench6 and runs/bench7)
+    # process may use, at most AUTO_WORKERS_MAX (each holds its own sessions: ~170 MB RSS). Most
+    # batches are small and compute inline on the event loop, so one process serves on about one
+    # core: the other cores need a worker each
     workers: int | Literal["auto"] = "auto"
 
     @field_validator("workers")
@@ -112,21 +105,24 @@ class ServerSettings(Section):
             raise FieldError("grpc_port", f"server.grpc_port {self.grpc_port} is also server.port; give gRPC its own")
         return self
 
-    @model_validator(mode="after")
-    def _read_key_file(self) -> ServerSettings:
-        if not self.api_key_file:
-            return self
-        if self.api_key:
+    @model_validator(mode="before")
+    @classmethod
+    def _read_key_file(cls, data: Any) -> Any:
+        # read before the fields are checked: a frozen section is whole once built
+        file = data.get("api_key_file") if isinstance(data, dict) else None
+        if not file or not isinstance(file, str):
+            return data  # no file (a wrong type is refused by the field's own check)
+        if data.get("api_key"):
             raise FieldError(
                 "api_key_file", "server.api_key and server.api_key_file are both set; give the key one way"
             )
-        path = Path(self.api_key_file)
+        path = Path(file)
         if not path.is_file():
             raise FieldError("api_key_file", f"{path} does not exist")
-        self.api_key = path.read_text().strip()
-        if not self.api_key:
+        key = path.read_text().strip()
+        if not key:
             raise FieldError("api_key_file", f"{path} is empty")
-        return self
+        return {**data, "api_key": key}
 
 
 class BackendSettings(Section):
@@ -143,14 +139,13 @@ class BackendSettings(Section):
     triton_metrics_url: str = ""  # Triton's /metrics (e.g. http://127.0.0.1:8002/metrics) for the memory policy
     intra_op_threads: int = Field(1, gt=0)  # embedded: ORT threads per call
     # embedded: concurrent ORT calls per variant; auto = one per CPU core this process may use.
-    # With 1, a 32-image batch computes on one core: 32-image requests at concurrency 8 ran at
-    # 50 req/s with 1 and 67 with 2 on 2 vCPUs (Intel Xeon, 2026-12-02); small batches run on
-    # the event loop either way (inline_max_batch)
+    # With 1, a large batch computes on one core while the others wait; small batches run on the
+    # event loop either way (inline_max_batch)
     instances: int | Literal["auto"] = "auto"
     # embedded: batches of at most this many samples compute on the event loop instead of a pool
-    # thread (0 = never): two thread wake-ups fewer, which on 2 vCPUs cost more than the call
-    # (0.75 vs 2.28 ms for one INT8 image, serving/backends/batcher.py); under load batches grow
-    # past it and go to the pool, so the loop keeps reading requests while they compute
+    # thread (0 = never): two thread wake-ups fewer, which on few cores cost more than a small
+    # call (serving/backends/batcher.py); under load batches grow past it and go to the pool, so
+    # the loop keeps reading requests while they compute
     inline_max_batch: int = Field(4, ge=0)
 
     @field_validator("instances")
@@ -204,7 +199,7 @@ class DeadlineSettings(Section):
     # the part of the budget kept back from follow-up passes: max(ms, share × budget). They are
     # planned and cut this much before the deadline, so that cancelling a cut call, combining the
     # passes and writing the answer still land within the budget (on busy cores the event loop
-    # wakes a few ms late: a 400 ms budget with a 1 ms reserve answered in 401.2 ms)
+    # wakes late, by about a ms)
     followup_reserve_ms: float = Field(1.0, ge=0)
     followup_reserve_share: float = Field(0.02, ge=0, lt=1)
 
@@ -223,154 +218,41 @@ def _comma_list(value: Any) -> Any:
     return value
 
 
-# what load_settings passes to the sources of the ServeSettings it builds: (YAML file, environment)
-_LOAD: ContextVar[tuple[Path | None, Mapping[str, str] | None]] = ContextVar("aq_serve_load", default=(None, None))
+class ServeSettings(SettingsRoot):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter=ENV_DELIMITER, frozen=True)
 
-
-class ServeSettings(BaseSettings):
-    model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX,
-        env_nested_delimiter=ENV_DELIMITER,
-        case_sensitive=False,
-        extra="forbid",
-        strict=True,
-        enable_decoding=False,  # env values are read like --set values (YAML scalars), not as JSON
-    )
-
-    repository: str = "model_repository"
+    repository: str = Field("model_repository", strict=True)
     # manifest keys to route among (e.g. [int8] to pin one precision; [int8_pruned50, fp32] to take an
     # opt-in pruned INT8 variant in as the entry pass); empty = every served variant but the opt-in ones
-    variants: Annotated[list[str], BeforeValidator(_comma_list)] = Field(default_factory=list)
+    variants: Annotated[list[str], BeforeValidator(_comma_list)] = Field(default_factory=list, strict=True)
     server: ServerSettings = Field(default_factory=ServerSettings)
     backend: BackendSettings = Field(default_factory=BackendSettings)
     batching: BatchingSettings = Field(default_factory=BatchingSettings)
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
     planner: PlannerConfig = Field(default_factory=PlannerConfig)  # two-stage: follow-ups after the entry pass
-    latency: LatencyConfig = Field(default_factory=LatencyConfig)
+    # after batching (validators see the fields above them), and checked when left at its default
+    latency: LatencyConfig = Field(default_factory=LatencyConfig, validate_default=True)
     profiling: ProfilingSettings = Field(default_factory=ProfilingSettings)  # re-profile on this host at start-up
     deadline: DeadlineSettings = Field(default_factory=DeadlineSettings)
     breaker: BreakerSettings = Field(default_factory=BreakerSettings)
     memory: MemoryPolicyConfig = Field(default_factory=MemoryPolicyConfig)
 
-    def __init__(self, /, **values: Any) -> None:
-        _, environ = _LOAD.get()
-        try:
-            super().__init__(**values)
-        except ValidationError as exc:
-            origin = _env_origin(os.environ if environ is None else environ, values)
-            raise config_error(exc, type(self), "setting", origin=origin) from None
-        except SourceError as exc:  # a source failed before validation (pydantic-settings wraps the cause)
-            cause = exc.__cause__
-            raise (cause if isinstance(cause, ConfigError) else ConfigError(str(exc))) from None
-
-    @model_validator(mode="after")
-    def _latency_follows_batching(self) -> ServeSettings:
-        # the latency model must know how the backend batches
-        if self.latency.max_batch_size != self.batching.max_batch_size:
-            self.latency = self.latency.model_copy(update={"max_batch_size": self.batching.max_batch_size})
-        return self
-
+    @field_validator("latency")
     @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        """First wins: arguments (--set, flags) > environment > YAML file (> the defaults, added after these)."""
-        path, environ = _LOAD.get()
-        sources: list[PydanticBaseSettingsSource] = [init_settings, GatewayEnvSource(settings_cls, environ)]
-        if path is not None:
-            sources.append(YamlFileSource(settings_cls, path))
-        return tuple(sources)
-
-
-# ----------------------------------------------------------------------------- sources
+    def _latency_follows_batching(cls, latency: LatencyConfig, info: ValidationInfo) -> LatencyConfig:
+        # the latency model must know how the backend batches (no batching here: it failed, and says so)
+        batching = info.data.get("batching")
+        if batching is not None and latency.max_batch_size != batching.max_batch_size:
+            return latency.model_copy(update={"max_batch_size": batching.max_batch_size})
+        return latency
 
 
 def ignored_variables(environ: Mapping[str, str]) -> list[str]:
     """AQ_* names in `environ` that are not gateway settings: their first part names no setting
     (AQ_API_KEY, the client scripts' key; AQ_FOO). AQ_SERVER__PROT is not among them: its section
     is a gateway section, so it is a misspelt setting, refused when the settings are built."""
-    fields = ServeSettings.model_fields
-    out = []
-    for name in environ:
-        if name.upper().startswith(ENV_PREFIX):
-            head = name[len(ENV_PREFIX) :].split(ENV_DELIMITER, 1)[0].lower()
-            if head not in fields:
-                out.append(name)
-    return sorted(out)
-
-
-class GatewayEnvSource(EnvSettingsSource):
-    """pydantic-settings' environment source for AQ_<SECTION>__<KEY>, reading `environ` (None:
-    os.environ), leaving out the variables that are not gateway settings (one warning names them),
-    and reading values by the rule --set uses (YAML scalars, text settings as typed)."""
-
-    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str] | None = None) -> None:
-        self._environ = os.environ if environ is None else environ
-        self.ignored = ignored_variables(self._environ)
-        super().__init__(settings_cls)  # reads the variables through _load_env_vars
-        if self.ignored:
-            many = len(self.ignored) > 1  # names only: a value may be a client's secret
-            log.warning(
-                "ignoring environment variable%s %s: %s; gateway settings look like AQ_SERVER__PORT",
-                "s" if many else "",
-                ", ".join(self.ignored),
-                "not gateway settings" if many else "not a gateway setting",
-            )
-
-    def _load_env_vars(self) -> Mapping[str, str | None]:
-        ignored = set(self.ignored)
-        return {
-            (k if self.case_sensitive else k.lower()): v
-            for k, v in self._environ.items()
-            if k.upper().startswith(ENV_PREFIX) and k not in ignored
-        }
-
-    def _coerce_env_val_strict(self, field: Any, value: Any) -> Any:
-        return value  # text stays text here; type_text below reads it by the field's type
-
-    def __call__(self) -> dict[str, Any]:
-        return type_text(self.settings_cls, super().__call__())
-
-
-class YamlFileSource(PydanticBaseSettingsSource):
-    """configs/serve.yaml (or the file given): it must exist and hold a mapping of settings."""
-
-    def __init__(self, settings_cls: type[BaseSettings], path: str | Path) -> None:
-        super().__init__(settings_cls)
-        self.data = read_yaml(path, "settings file")
-
-    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
-        return self.data.get(field_name), field_name, False
-
-    def __call__(self) -> dict[str, Any]:
-        return dict(self.data)
-
-
-def _env_origin(environ: Mapping[str, str], given: Mapping[str, Any]) -> Callable[[str], str | None]:
-    """key → the environment variable that set it ('server.port' → 'AQ_SERVER__PORT'), unless an argument did."""
-    names = {k.upper(): k for k in environ}
-
-    def origin(key: str) -> str | None:
-        parts = key.split("[", 1)[0].split(".")
-        node: Any = given
-        for p in parts:  # an explicit argument (--set, a flag) outranks the environment
-            if not isinstance(node, Mapping) or p not in node:
-                break
-            node = node[p]
-        else:
-            return None
-        return names.get(ENV_PREFIX + ENV_DELIMITER.join(parts).upper())
-
-    return origin
-
-
-# ----------------------------------------------------------------------------- loading
+    return stray_variables(ServeSettings, environ)
 
 
 def load_settings(
@@ -379,15 +261,18 @@ def load_settings(
     environ: Mapping[str, str] | None = None,
 ) -> ServeSettings:
     """YAML file (optional) < environment (None: os.environ) < overrides ('section.key' → value; text
-    read as YAML scalars except for text settings)."""
-    tree: dict[str, Any] = {}
-    for dotted, value in (overrides or {}).items():
-        set_path(tree, dotted, text_for(ServeSettings, dotted, value) if isinstance(value, str) else value)
-    token = _LOAD.set((None if path is None else Path(path), environ))
-    try:
-        return ServeSettings(**tree)
-    finally:
-        _LOAD.reset(token)
+    read as YAML scalars except for text settings). AQ_* variables that are not gateway settings
+    are left out, with one warning naming them (names only: a value may be a client's secret)."""
+    ignored = ignored_variables(os.environ if environ is None else environ)
+    if ignored:
+        many = len(ignored) > 1
+        log.warning(
+            "ignoring environment variable%s %s: %s; gateway settings look like AQ_SERVER__PORT",
+            "s" if many else "",
+            ", ".join(ignored),
+            "not gateway settings" if many else "not a gateway setting",
+        )
+    return ServeSettings.load(path, overrides, environ)
 
 
 def parse_set(items: list[str]) -> dict[str, str]:

@@ -4,8 +4,8 @@ uvicorn writes a response's status line and headers on `http.response.start` and
 `http.response.body`: two `transport.write` calls, hence two send() syscalls and two TCP segments
 (asyncio and uvloop set TCP_NODELAY), and the client wakes twice, the first time for a response it
 cannot finish reading. On a loopback or virtual NIC each send() also runs the receive side in the
-sender's context. py-spy at concurrency 1 on 2 vCPUs put ~30 % of the gateway's samples on the
-header write alone.
+sender's context, so the header write alone was a large share of a one-request-at-a-time
+gateway's CPU (the profile: docs/results/).
 
 `CoalescingTransport` holds a write for at most one event-loop step; the next write (the body,
 sent in the same step by every route here) leaves together with it in one send(). A write that no

@@ -1,15 +1,15 @@
 """Several gateway processes on one port: a supervisor and its workers (`server.workers`).
 
 Why: under Poisson arrivals most batches are small and compute inline on the event loop
-(backend.inline_max_batch), so one gateway process serves on about one core while the other
-waits. Measured on 2 vCPUs (runs/twoproc, 2026-12-02): two gateways loaded at half the rate each
-kept 95 % of requests within 50 ms at 800 req/s in all, where one gateway kept 85 %.
+(backend.inline_max_batch), so one gateway process serves on about one core while the others
+wait; one process per core keeps more requests within their budget at the same rate.
 
 How:
-- The supervisor (this process) checks the settings and the repository, binds the listening
-  socket once, and starts the workers one after another (multiprocessing "spawn": a fresh
-  interpreter each, no state forked from here). Each worker serves on the inherited socket; the
-  kernel gives every new connection to one worker's accept.
+- The supervisor (this process) is given the app factory by its caller (cli/serve.py, which has
+  checked the settings and the repository), binds the listening socket once, and starts the
+  workers one after another (multiprocessing "spawn": a fresh interpreter each, no state forked
+  from here). Each worker serves on the inherited socket; the kernel gives every new
+  connection to one worker's accept.
 - Worker 0 profiles the host at start-up (profiling.py) and writes what it found; the others start
   once it is ready and plan with that file, because two profilers timing at once on the same
   cores would each time the other's load. Starting one at a time also keeps start-up memory flat.
@@ -43,6 +43,9 @@ from pathlib import Path
 from typing import Any
 
 from adaptive_quant.serving.metrics import MULTIPROC_ENV
+from adaptive_quant.serving.server import make_server
+from adaptive_quant.serving.settings import ServeSettings, load_settings
+from adaptive_quant.serving.worker_role import WorkerRole
 
 log = logging.getLogger(__name__)
 
@@ -52,14 +55,8 @@ RESTART_DELAY_S = (1.0, 30.0)  # first and longest wait before starting a dead w
 LIVED_LONG_S = 60.0  # a worker that served this long before dying restarts after the first delay again
 LOG_FORMAT = "%(asctime)s %(levelname)s [worker {index}] %(name)s: %(message)s"
 
-
-@dataclass(frozen=True)
-class WorkerRole:
-    """What one worker process knows of its place among the others."""
-
-    index: int  # 0 .. count-1; 0 profiles the host and runs the memory policy
-    count: int
-    profile_path: Path  # worker 0 writes the start-up profile here, the others read it
+# (settings, role) → one worker's ASGI app, e.g. create_app(settings, worker=role)
+AppFactory = Callable[[ServeSettings, WorkerRole], Any]
 
 
 @dataclass(frozen=True)
@@ -71,28 +68,18 @@ class WorkerSpec:
     config_path: str | None
     overrides: dict[str, Any]
     log_level: str
-    # (settings, role) -> the ASGI app; module-level so spawn can pickle it (default: create_app)
-    app_factory: Callable[[Any, WorkerRole], Any] | None = None
-
-
-def default_app(settings: Any, role: WorkerRole) -> Any:
-    from adaptive_quant.serving.app import create_app
-
-    return create_app(settings, worker=role)
+    app_factory: AppFactory
 
 
 def worker_main(spec: WorkerSpec, sock: socket.socket, ready: Connection) -> None:
     """A worker's process: its own gateway (app, backend, event loop) on the shared socket."""
     os.setpgrp()  # Ctrl-C in a terminal reaches the supervisor only, which forwards one SIGTERM
-    from adaptive_quant.serving.server import make_server
-    from adaptive_quant.serving.settings import load_settings
-
     logging.basicConfig(level=spec.log_level.upper(), format=LOG_FORMAT.format(index=spec.role.index))
     quiet = logging.getLogger("adaptive_quant.serving.settings")
     quiet.setLevel(logging.ERROR)  # its warnings (stray AQ_* variables) were the supervisor's to give, once
     settings = load_settings(spec.config_path, spec.overrides)
     quiet.setLevel(logging.NOTSET)
-    app = (spec.app_factory or default_app)(settings, spec.role)
+    app = spec.app_factory(settings, spec.role)
     server = make_server(app, settings)
     server.on_started = lambda: ready.send((READY, os.getpid()))
     server.run(sockets=[sock])
@@ -103,12 +90,15 @@ class Supervisor:
 
     def __init__(
         self,
-        settings: Any,
+        settings: ServeSettings,
         config_path: str | None,
         overrides: dict[str, Any],
         count: int,
-        app_factory: Callable[[Any, WorkerRole], Any] | None = None,
+        app_factory: AppFactory,
     ) -> None:
+        """`app_factory(settings, role)` builds one worker's ASGI app (cli/serve.py passes
+        `worker_app`); it must be picklable (a module-level function or a partial of one): each
+        worker is a fresh interpreter ("spawn")."""
         self.settings = settings
         self.count = count
         self.run_dir = Path(tempfile.mkdtemp(prefix="aq-serve-"))

@@ -1,25 +1,19 @@
 """Calling the gateway over HTTP: request bodies and headers, a client, a readable result table.
 
-Used by `aq-predict`, `aq-make-sample`, `aq-bench`, the load tester and the evaluation's --url mode.
+Used by `aq-predict`, `aq-make-sample`, `aq-bench` and the load tester; the request format itself
+is core/v1_wire.py, which the evaluation's --url mode uses too.
 """
 
 from __future__ import annotations
 
-import base64
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 
-from adaptive_quant.core.images import encode_png
-
-
-def request_body(images: np.ndarray) -> dict[str, Any]:
-    """(N, H, W, 3) uint8 → {"instances": [{"b64": PNG}, ...]}."""
-    return {"instances": [{"b64": base64.b64encode(encode_png(im)).decode()} for im in images]}
+from adaptive_quant.core.v1_wire import CLASSIFY_PATH
 
 
 def load_request(path: str | Path) -> dict[str, Any]:
@@ -31,17 +25,6 @@ def load_request(path: str | Path) -> dict[str, Any]:
     if not isinstance(body, dict) or not isinstance(body.get("instances"), list):
         raise ValueError(f'{p} is not a classify request: expected {{"instances": [...]}}')
     return body
-
-
-def headers_for(budget_ms: float | None, priority: str | None, min_precision: str | None) -> dict[str, str]:
-    h = {}
-    if budget_ms is not None:
-        h["X-Latency-Budget-Ms"] = f"{budget_ms:g}"
-    if priority:
-        h["X-Priority"] = priority
-    if min_precision:
-        h["X-Min-Precision"] = min_precision
-    return h
 
 
 def http_client(url: str, timeout_s: float = 30.0, api_key: str | None = None) -> httpx.Client:
@@ -72,7 +55,7 @@ def classify_rows(client: httpx.Client, body: dict[str, Any], headers: dict[str,
     groups = [[i] for i in range(len(instances))] if one_by_one else [list(range(len(instances)))]
     rows: list[Row] = []
     for group in groups:
-        r = client.post("/v1/classify", json={"instances": [instances[i] for i in group]}, headers=headers)
+        r = client.post(CLASSIFY_PATH, json={"instances": [instances[i] for i in group]}, headers=headers)
         if r.status_code != 200:
             msg = (
                 r.json().get("error", {}).get("message", r.text)

@@ -2,11 +2,10 @@
 
 A bf16 training step at batch 1024 allocates activations of up to ~270 MB each. glibc serves every
 allocation above its largest mmap threshold (32 MB on 64-bit) with a fresh mmap and unmaps it on
-free, so every step faults in gigabytes of new zeroed pages: 200,000 minor faults a second and
-22 % of the CPU in the kernel (measured 2026-12-02 on 2 Intel Xeon vCPUs during a recipe run).
-With mmap for chunks off and heap trimming off, freed memory stays in the heap and the next step
-reuses it: 635 against 457 images/s per train step of the recipe network (1.39×; jemalloc
-without decay measured 651, but it is not installed everywhere). The price is that the process
+free, so every step faults in gigabytes of new zeroed pages and a fifth of the CPU goes to the
+kernel. With mmap for chunks off and heap trimming off, freed memory stays in the heap and the
+next step reuses it: about 1.4× the images/s per train step (jemalloc without decay does as well,
+but it is not installed everywhere; docs/platform.md). The price is that the process
 keeps its peak footprint (~2.5 GB for the recipe), which training reaches anyway.
 
 GLIBC_TUNABLES is read once, by the dynamic loader, so the training CLI starts itself again with

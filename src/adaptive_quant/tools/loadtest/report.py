@@ -6,13 +6,17 @@ import os
 import platform
 from typing import Any
 
+from adaptive_quant.core.host import cpu_model
 from adaptive_quant.tools.loadtest.config import LoadTestConfig
 
 
 def machine_info() -> dict[str, Any]:
-    """Where the figures were measured: they mean little without it."""
+    """Where the figures were measured: they mean little without it (AMD EPYC one day, Intel
+    Xeon the next)."""
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     return {
+        "cpu": cpu_model(),
+        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "platform": platform.platform(),
         "machine": platform.machine(),
         "processor": platform.processor(),

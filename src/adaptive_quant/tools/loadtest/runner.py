@@ -3,7 +3,7 @@
 One keep-alive connection pool (wire.py, a minimal HTTP/1.1 client) for the whole run, sized
 to the most requests that can be in flight, and request bodies serialised once up front (the
 load tester shares the CPU with the gateway it measures; every µs it spends is one the gateway
-does not get: httpx took ~3× the gateway's CPU at concurrency 64).
+does not get; wire.py says why not httpx).
 
 Per phase: GET /v1/status → warm-up load (not recorded) → GET /v1/status → recorded load →
 wait for what is in flight → GET /v1/status. Memory is compared across the whole phase
@@ -24,7 +24,9 @@ from typing import Any
 import numpy as np
 
 from adaptive_quant.core.stats import percentile
+from adaptive_quant.core.v1_wire import CLASSIFY_PATH
 from adaptive_quant.tools.loadtest.config import LoadTestConfig
+from adaptive_quant.tools.loadtest.loop import closed_loop
 from adaptive_quant.tools.loadtest.schedule import CALIBRATION_PHASE, BudgetSpec, BudgetStream, Phase, arrival_times
 from adaptive_quant.tools.loadtest.stats import (
     BAD_RESPONSE,
@@ -44,7 +46,6 @@ from adaptive_quant.tools.loadtest.wire import WireError, WirePool
 
 log = logging.getLogger(__name__)
 
-CLASSIFY = "/v1/classify"
 # warm-up draws its own schedule, unrelated to the recorded one
 WARMUP_SEED_OFFSET = 7919
 
@@ -71,8 +72,8 @@ class Workload:
         """images (N, H, W, 3) uint8, labels (N,), groups (n_requests, batch) indices
         → bodies encoded once (PNG + base64, as any caller would send them); with v2, the
         Open Inference Protocol bodies too (normalised with CIFAR-10's mean and std)."""
+        from adaptive_quant.core.v1_wire import request_body
         from adaptive_quant.data import CIFAR10_MEAN, CIFAR10_STD
-        from adaptive_quant.tools.client import request_body
 
         bodies = [json.dumps(request_body(images[g])).encode() for g in groups]
         tensors = [v2_request_body(images[g], CIFAR10_MEAN, CIFAR10_STD) for g in groups] if v2 else []
@@ -237,7 +238,7 @@ class Runner:
                 "Inference-Header-Content-Length": str(header_length),
             }
         else:
-            body, path = self.work.bodies[k], CLASSIFY
+            body, path = self.work.bodies[k], CLASSIFY_PATH
         rec.send_lag_ms = max(0.0, (time.perf_counter() - scheduled) * 1e3)
         try:
             r = await client.request("POST", path, body, headers)
@@ -290,22 +291,10 @@ class Runner:
         max_requests: int | None,
         t0: float,
     ) -> list[RequestRecord]:
-        records: list[RequestRecord] = []
-        stop_at = t0 + duration_s
-        next_i = 0
+        async def send(i: int, now: float) -> RequestRecord:
+            return self._count(await self._send(client, headers, i, budgets[i], now, t0))
 
-        async def worker() -> None:
-            nonlocal next_i
-            while True:
-                now = time.perf_counter()
-                if now >= stop_at or (max_requests is not None and next_i >= max_requests):
-                    return
-                i, next_i = next_i, next_i + 1
-                rec = await self._send(client, headers, i, budgets[i], now, t0)
-                records.append(self._count(rec))
-
-        await asyncio.gather(*(worker() for _ in range(self.cfg.concurrency)))
-        return records
+        return await closed_loop(send, self.cfg.concurrency, t0 + duration_s, max_requests)
 
     async def _open(
         self, client: WirePool, headers: dict[str, str], budgets: BudgetStream, times: np.ndarray, t0: float

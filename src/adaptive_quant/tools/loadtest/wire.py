@@ -1,9 +1,9 @@
 """A minimal HTTP/1.1 keep-alive client on asyncio streams, for the load tester only.
 
-Why not httpx: at concurrency 64 on 2 cores, httpx.AsyncClient spent ~95 % of a core on its
-own bookkeeping while the gateway it measured got ~30 % (measured here, 2026-11-22): the tool
-measured itself. This client writes pre-built bytes and parses a status line, headers and a
-Content-Length (or chunked) body, ~20× less CPU per request, so the figures are the gateway's.
+Why not httpx: on a small machine shared with the gateway, httpx.AsyncClient's own bookkeeping
+took more CPU than the gateway it measured, so the tool measured itself (docs/results/). This
+client writes pre-built bytes and parses a status line, headers and a Content-Length (or
+chunked) body, far less CPU per request, so the figures are the gateway's.
 
 It speaks only what the gateway answers: HTTP/1.1, Content-Length or chunked bodies, keep-alive
 unless the server says `Connection: close`. Not a general-purpose client.

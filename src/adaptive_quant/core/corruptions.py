@@ -6,7 +6,8 @@ Five corruptions of moderate severity, each applied to every image (N, H, W, 3) 
   contrast    pixel values pulled halfway towards each image's mean
   jpeg        re-encoded at quality 20 (the data already is JPEG at a higher quality)
   brightness  +60/255, clipped
-The router is fitted on clean validation images; these measure whether it still pays, and stays
+Every stage may use them (pure image transforms): the export gate's shift check refuses a network
+that breaks under them, and the evaluation measures whether the router still pays, and stays
 calibrated, when the inputs drift.
 """
 

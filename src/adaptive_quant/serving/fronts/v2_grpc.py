@@ -3,16 +3,16 @@
 (server.grpc_port), in the gateway's process and event loop (grpc.aio).
 
   ServerLive, ServerReady                      probes (open without an API key)
-  ModelReady, ServerMetadata, ModelMetadata    as oip_http.py answers them over HTTP
+  ModelReady, ServerMetadata, ModelMetadata    as fronts/v2_rest.py answers them over HTTP
   ModelConfig                                  Triton's ModelConfig message
   ModelInfer                                   inference, routed per sample
   everything else (streaming, repository, statistics, shared memory, trace, logging): UNIMPLEMENTED
 
-The messages are the protos that ship with tritonclient. One codec (oip.py) and one engine
-behind both v2 fronts: a ModelInferRequest goes through oip.py's checks (the same refusal,
-word for word, as over HTTP, but for naming raw_input_contents where HTTP says
-binary_data_size), routing_options, the same ClassifierService, planner and deadlines, and
-hot_path.guarded, so in-flight, outcome and request-time metrics count both fronts alike.
+The messages are the protos that ship with tritonclient. One codec (v2_codec.py) and one
+dataplane behind both v2 fronts: a ModelInferRequest goes through the codec's checks (the same
+refusal, word for word, as over HTTP, but for naming raw_input_contents where HTTP says
+binary_data_size), routing_options, and DataPlane.serve and classify, so in-flight, outcome and
+request-time metrics count every front alike.
 
 Inputs: raw_input_contents (tritonclient's way, one little-endian blob per input), or typed
 InferTensorContents (fp32_contents for images, uint_contents for pixels). Outputs come back as
@@ -20,28 +20,26 @@ raw_output_contents, as Triton answers them. Parameters (InferParameter) as over
 latency_budget_ms, priority or routing_priority, min_precision; gRPC metadata stands in for
 the REST headers (x-latency-budget-ms, ...). The response parameters are the HTTP front's.
 
-Errors: the HTTP status of a refusal becomes its gRPC code (STATUS_CODES), with the same message.
+Errors: the error table (errors.py) gives a refusal's gRPC code, with the same message as over HTTP.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import grpc
 import numpy as np
 from google.protobuf import json_format
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
-from adaptive_quant.serving.auth import presented_key
-from adaptive_quant.serving.errors import InputError
-from adaptive_quant.serving.hot_path import guarded, precision_header, record_result
-from adaptive_quant.serving.oip import (
+from adaptive_quant.serving.auth import key_problem, presented_key
+from adaptive_quant.serving.dataplane import DataPlane, precision_header
+from adaptive_quant.serving.errors import GRPC_KEY_HOW, InputError, Refusal, Unauthorized, refusal
+from adaptive_quant.serving.v2_codec import (
     IMAGES,
     PIXELS,
     PLATFORM,
@@ -58,10 +56,8 @@ from adaptive_quant.serving.oip import (
     model_config,
     model_input,
     model_metadata,
-    model_ready,
     output_tensors,
     requested_outputs,
-    resolve_model,
     response_parameters,
     routing_options,
     tensor_bytes,
@@ -70,40 +66,25 @@ from adaptive_quant.serving.oip import (
     unknown_input,
 )
 
+if TYPE_CHECKING:
+    from adaptive_quant.core.manifest import Manifest
+
 log = logging.getLogger(__name__)
 
 SERVICE = "inference.GRPCInferenceService"
 EXTENSIONS = ["classification", "parameters"]
 SERVED = ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelConfig", "ModelInfer")
 OPEN = frozenset({"ServerLive", "ServerReady"})  # probes: orchestrators call them without secrets
-# the HTTP status a refusal carries (errors.py, oip.py) → its gRPC code
-STATUS_CODES = {
-    400: grpc.StatusCode.INVALID_ARGUMENT,
-    401: grpc.StatusCode.UNAUTHENTICATED,
-    404: grpc.StatusCode.NOT_FOUND,
-    413: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    422: grpc.StatusCode.INVALID_ARGUMENT,  # a valid-looking option this service cannot honour
-    503: grpc.StatusCode.UNAVAILABLE,
-}
 # the typed contents field each input takes (Triton's rule: UINT8 travels as uint32 values)
 CONTENTS_FIELD = {"FP32": "fp32_contents", "UINT8": "uint_contents"}
 # bytes a ModelInferRequest may carry beyond the tensor limit: names, shapes, parameters
 MESSAGE_SLACK_BYTES = 65_536
 
 
-@dataclass(frozen=True)
-class Refusal:
-    """A request's failure, to abort the RPC with (outside `guarded`, whose accounting ran)."""
-
-    code: grpc.StatusCode
-    message: str
-    trailers: tuple[tuple[str, str], ...] = ()
-
-
-def refusal(status: int, message: str, headers: list[tuple[bytes, bytes]] | None = None) -> Refusal:
-    """`guarded`'s on_error for gRPC: the status as a code, headers (Retry-After) as trailers."""
-    trailers = tuple((k.decode(), v.decode()) for k, v in headers or [])
-    return Refusal(STATUS_CODES.get(status, grpc.StatusCode.INTERNAL), message, trailers)
+async def abort(context: grpc.aio.ServicerContext, r: Refusal) -> NoReturn:
+    """End the RPC with the error table's code for `r`, its message, Retry-After as a trailer."""
+    await context.abort(r.kind.grpc_code, r.message, trailing_metadata=r.grpc_trailers())
+    raise AssertionError("context.abort raises")  # pragma: no cover
 
 
 # ------------------------------------------------------------------------------- the codec
@@ -130,7 +111,7 @@ def _parameters(params: Mapping[str, service_pb2.InferParameter]) -> dict[str, A
     return {k: parameter_value(v) for k, v in params.items()}
 
 
-def parse_grpc_request(request: service_pb2.ModelInferRequest, manifest: Any, max_instances: int) -> InferRequest:
+def parse_grpc_request(request: service_pb2.ModelInferRequest, manifest: Manifest, max_instances: int) -> InferRequest:
     """A ModelInferRequest → the model input and what to answer, by oip.py's checks."""
     if not request.inputs:
         raise ProtocolError(f"'inputs' must be a non-empty list of tensors; accepted inputs: {IMAGES!r} or {PIXELS!r}")
@@ -192,49 +173,43 @@ def encode_grpc_response(
 
 
 class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
-    """GRPCInferenceService over one ClassifierService (`service`)."""
+    """GRPCInferenceService over one dataplane (`plane`)."""
 
-    def __init__(self, service: Any, api_key: str = "") -> None:
-        self.service = service
+    def __init__(self, plane: DataPlane, api_key: str = "") -> None:
+        self.plane = plane
         self.key = api_key.encode() if api_key else None
 
     async def _check_key(self, context: grpc.aio.ServicerContext, method: str) -> None:
         """Abort UNAUTHENTICATED unless the call carries the key (metadata x-api-key or
-        authorization: Bearer), compared in constant time, as the HTTP fronts do."""
+        authorization: Bearer), by the HTTP fronts' rule (auth.py)."""
         if self.key is None:
             return
         metadata = [(k.encode(), v.encode()) for k, v in context.invocation_metadata() or () if isinstance(v, str)]
-        key = presented_key(metadata)
-        if key is not None and hmac.compare_digest(key, self.key):
+        reason = key_problem(presented_key(metadata), self.key)
+        if reason is None:
             return
-        reason = "no API key" if key is None else "a wrong API key"
         log.warning("UNAUTHENTICATED for gRPC %s from %s: %s", method, context.peer(), reason)
-        self.service.metrics.unauthorized.inc()
-        await context.abort(
-            grpc.StatusCode.UNAUTHENTICATED,
-            f"this service needs an API key and the request carried {reason}; "
-            "send it as metadata x-api-key: <key> or authorization: Bearer <key>",
-        )
+        self.plane.metrics.unauthorized.inc()
+        await abort(context, refusal(Unauthorized(reason, GRPC_KEY_HOW)))
 
     async def _model(self, context: grpc.aio.ServicerContext, method: str, name: str, version: str) -> str | None:
         """The caller's key checked, then the model it names → None (routed) or a variant key."""
         await self._check_key(context, method)
         try:
-            return resolve_model(self.service, name, version)
+            return self.plane.resolve_model(name, version)
         except InputError as exc:
-            error = exc
-        await context.abort(STATUS_CODES[error.status], error.message)  # raises
-        return None
+            r = refusal(exc)
+        await abort(context, r)
 
     async def ServerLive(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         return service_pb2.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        return service_pb2.ServerReadyResponse(ready=self.service.ready())
+        return service_pb2.ServerReadyResponse(ready=self.plane.ready())
 
     async def ModelReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         variant = await self._model(context, "ModelReady", request.name, request.version)
-        return service_pb2.ModelReadyResponse(ready=model_ready(self.service, variant))
+        return service_pb2.ModelReadyResponse(ready=self.plane.model_ready(variant))
 
     async def ServerMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         await self._check_key(context, "ServerMetadata")
@@ -242,39 +217,35 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         await self._model(context, "ModelMetadata", request.name, request.version)
-        meta = model_metadata(self.service.manifest, request.name, PLATFORM)
+        meta = model_metadata(self.plane.manifest, request.name, PLATFORM)
         return json_format.ParseDict(meta, service_pb2.ModelMetadataResponse())
 
     async def ModelConfig(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         variant = await self._model(context, "ModelConfig", request.name, request.version)
-        s = self.service
-        config = model_config(s.manifest, request.name, s.settings.limits.max_instances, variant)
+        plane = self.plane
+        config = model_config(plane.manifest, request.name, plane.settings.limits.max_instances, variant)
         return service_pb2.ModelConfigResponse(config=json_format.ParseDict(config, model_config_pb2.ModelConfig()))
 
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         started = time.perf_counter()
         await self._check_key(context, "ModelInfer")
-        service = self.service
+        plane = self.plane
         # gRPC metadata in place of the REST headers (lower-case names, as gRPC sends them)
         headers = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
 
         async def work() -> service_pb2.ModelInferResponse:
-            variant = resolve_model(service, request.model_name, request.model_version)
-            parsed = parse_grpc_request(request, service.manifest, service.settings.limits.max_instances)
-            options, ignored = routing_options(
-                parsed.parameters, headers, service.settings.routing.default_priority, variant
-            )
-            result = await service.classify(parsed.x, options, started)
-            record_result(service, result, options.budget_ms)
+            variant = plane.resolve_model(request.model_name, request.model_version)
+            settings = plane.settings
+            parsed = parse_grpc_request(request, plane.manifest, settings.limits.max_instances)
+            options, ignored = routing_options(parsed.parameters, headers, settings.routing.default_priority, variant)
+            result = await plane.classify(parsed.x, options, started)
             params = response_parameters(result, precision_header(set(result.precisions)), options.budget_ms, ignored)
             tensors = output_tensors(result.probs, result.passes, result.precisions)
-            return encode_grpc_response(
-                request.model_name, parsed, tensors, result.probs, service.manifest.classes, params
-            )
+            return encode_grpc_response(request.model_name, parsed, tensors, result.probs, result.classes, params)
 
-        answer = await guarded(service, started, work, refusal)
+        answer: service_pb2.ModelInferResponse | Refusal = await plane.serve(started, work, lambda r: r)
         if isinstance(answer, Refusal):
-            await context.abort(answer.code, answer.message, trailing_metadata=answer.trailers)
+            await abort(context, answer)
         return answer
 
 
@@ -307,7 +278,7 @@ class GrpcFront:
     server begins its drain, and again, idempotently, when the lifespan ends."""
 
     def __init__(
-        self, service: Any, host: str, port: int, api_key: str, max_request_bytes: int, share_port: bool = False
+        self, plane: DataPlane, host: str, port: int, api_key: str, max_request_bytes: int, share_port: bool = False
     ) -> None:
         self.address = listen_address(host, port)
         limit = max_request_bytes + MESSAGE_SLACK_BYTES  # larger messages: RESOURCE_EXHAUSTED from grpc itself
@@ -320,7 +291,7 @@ class GrpcFront:
             ("grpc.so_reuseport", 1 if share_port else 0),
         ]
         self.server = grpc.aio.server(options=options)
-        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(service, api_key), self.server)
+        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(plane, api_key), self.server)
         self._stopping: Any = None
 
     async def start(self) -> None:

@@ -1,6 +1,6 @@
 """The Open Inference Protocol (KServe v2) codec: pure functions between the protocol's JSON and
-binary tensors and the gateway's types. No I/O here: oip_http.py serves them over HTTP,
-oip_grpc.py over gRPC.
+binary tensors and the gateway's types. No I/O and no service here: fronts/v2_rest.py serves
+them over HTTP, fronts/v2_grpc.py over gRPC; the models by name are the dataplane's.
 
 What a caller sees (the model metadata says the same):
   inputs   images  FP32  [N, 3, H, W]  normalised as the manifest says (what the variants take)
@@ -31,7 +31,7 @@ import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import orjson
@@ -39,7 +39,7 @@ import orjson
 from adaptive_quant.core.images import to_model_input
 from adaptive_quant.core.manifest import Manifest
 from adaptive_quant.core.routing import Priority
-from adaptive_quant.serving.errors import InputError, PayloadTooLarge
+from adaptive_quant.serving.errors import InputError, PayloadTooLarge, ProtocolError
 from adaptive_quant.serving.options import (
     BUDGET_HEADER,
     FLOOR_HEADER,
@@ -50,6 +50,8 @@ from adaptive_quant.serving.options import (
     parse_priority,
 )
 
+if TYPE_CHECKING:
+    from adaptive_quant.serving.service import ClassifyResult
 IMAGES, PIXELS = "images", "pixels"
 LOGITS, PASSES, PRECISION = "logits", "passes", "precision"
 VERSION = "1"  # the one version of every model here
@@ -84,18 +86,6 @@ DTYPES: dict[str, np.dtype] = {
     "FP32": np.dtype("<f4"),
     "FP64": np.dtype("<f8"),
 }
-
-
-class ProtocolError(InputError):
-    """A request the protocol refuses; 400 unless said otherwise (404 unknown model, 413 too big)."""
-
-    def __init__(self, message: str, status: int = 400) -> None:
-        super().__init__(message, status=status)
-
-
-def error_json(message: str) -> bytes:
-    """The protocol's error body: {"error": "<message>"} (what tritonclient reads)."""
-    return orjson.dumps({"error": message})
 
 
 # ------------------------------------------------------------------------------- model description
@@ -277,7 +267,7 @@ def decode_tensor(
     return tensor_from_values(_flatten(data, name), spec, shape, "'data'"), offset
 
 
-# the checks and conversions below are transport-neutral: oip_grpc.py runs the same ones on a
+# the checks and conversions below are transport-neutral: fronts/v2_grpc.py runs the same ones on a
 # ModelInferRequest's tensors, so both fronts refuse a request with the same message
 SHARED_MEMORY_REFUSED = "shared-memory inputs are not supported here; send the data in the request"
 
@@ -535,7 +525,9 @@ def encode_infer_response(
     return b"".join([header, *blobs]), len(header)
 
 
-def response_parameters(result: Any, precision: str, budget_ms: float | None, ignored: list[str]) -> dict[str, Any]:
+def response_parameters(
+    result: ClassifyResult, precision: str, budget_ms: float | None, ignored: list[str]
+) -> dict[str, Any]:
     """An answered request's response parameters (a ClassifyResult's summary), for both fronts."""
     params: dict[str, Any] = {
         "precision": precision,
@@ -554,31 +546,3 @@ def response_parameters(result: Any, precision: str, budget_ms: float | None, ig
 
 def _bytes_blob(values: list[bytes]) -> bytes:
     return b"".join(struct.pack("<I", len(v)) + v for v in values)
-
-
-# ------------------------------------------------------------------------------- models by name
-# `service` is a ClassifierService (typed Any: this module imports nothing that serves)
-
-
-def resolve_model(service: Any, name: str, version: str | None) -> str | None:
-    """The model a caller names → None (the logical model, routed) or the pinned variant key.
-    An unknown name or version is a 404 that lists what exists."""
-    if version not in (None, "", VERSION):
-        raise ProtocolError(f"model {name!r} has no version {version!r}; versions: {VERSION}", status=404)
-    if name == service.manifest.model_name:
-        return None
-    for key in service.keys:
-        if service.manifest.variants[key].triton_name == name:
-            return key
-    raise ProtocolError(f"unknown model {name!r}; models: {', '.join(model_names(service))}", status=404)
-
-
-def model_names(service: Any) -> list[str]:
-    """The logical model first, then each served variant by its Triton name."""
-    return [service.manifest.model_name, *(service.manifest.variants[k].triton_name for k in service.keys)]
-
-
-def model_ready(service: Any, variant: str | None) -> bool:
-    if variant is None:
-        return service.ready()
-    return bool(service.routable()[service.keys.index(variant)])

@@ -1,0 +1,133 @@
+"""One served model version: what a request is routed and answered with, as one object.
+
+`ServedModel` holds the manifest, the variants this gateway routes to (keys, precisions, ranks
+in one column order), the single-stage prior, the router (two-stage follow-ups, or none), the
+latency estimator and the profiles it plans with, the entry policy and the variants' breakers.
+`build_model` makes it whole; nothing is set on it afterwards. The service reads it once per
+request, so a request is served wholly by one version, and a roll-out swaps versions by
+swapping this one reference (`ClassifierService.set_model`).
+
+Single-stage is two-stage with no follow-up: both take an entry pass, and only the entry policy
+(chosen here, once per model) and whether a follow-up stage exists differ (serving/entry.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from adaptive_quant.core.latency import LatencyEstimator
+from adaptive_quant.core.manifest import Manifest
+from adaptive_quant.core.precision import Precision
+from adaptive_quant.core.prior import PriorAccuracy
+from adaptive_quant.serving.backends.base import VariantHealth
+from adaptive_quant.serving.breaker import Breakers
+from adaptive_quant.serving.entry import CheapestEntry, EntryPolicy, PriorRouting
+from adaptive_quant.serving.errors import InputError
+from adaptive_quant.serving.followup import FollowupStage, LoadedRouter
+from adaptive_quant.serving.options import ClassifyOptions
+from adaptive_quant.serving.profiling import ProfileInfo
+from adaptive_quant.serving.settings import ServeSettings
+
+NOT_PROFILED = ProfileInfo("manifest", "not profiled on this host", {})
+
+
+@dataclass(frozen=True, eq=False, slots=True)
+class ServedModel:
+    """One version; every per-variant sequence is in the column order of `keys`."""
+
+    manifest: Manifest
+    keys: list[str]  # (V,) the variants routed to
+    precisions: list[Precision]  # (V,)
+    ranks: np.ndarray  # (V,) int, Precision.rank
+    precision_of: dict[str, Precision]
+    num_classes: int
+    prior: PriorAccuracy  # single-stage routing's p(correct | variant), and /v1/status
+    estimator: LatencyEstimator  # this version's variants' latency now (profile · observed ratio + queueing)
+    profile: ProfileInfo  # which profiles the estimator plans with, and why
+    router: LoadedRouter  # what was loaded (or why nothing was), for the log and /v1/status
+    followup: FollowupStage | None  # None: single-stage, no follow-up after the entry pass
+    entry: EntryPolicy  # how the entry pass picks a variant per sample
+    breakers: Breakers
+
+    def routable(self, health: dict[str, VariantHealth], now: float) -> np.ndarray:
+        """(V,) bool: the backend says healthy and the breaker has not taken it out (monotonic `now`)."""
+        return np.array([health[k].healthy and b.open_until <= now for k, b in zip(self.keys, self.breakers.columns)])
+
+    def check_options(self, options: ClassifyOptions) -> None:
+        """A floor above every precision this model offers, or a pinned variant it does not route
+        to (or below the floor), is the caller's mistake (InputError, 422)."""
+        floor = options.floor
+        if floor is not None and not (self.ranks >= floor.rank).any():
+            offered = ", ".join(sorted({p.value for p in self.precisions}))
+            raise InputError(
+                f"X-Min-Precision {floor.value}: this service offers no variant at or above it (offers {offered})"
+            )
+        v = options.variant
+        if v is None:
+            return
+        if v not in self.precision_of:
+            raise InputError(f"variant {v!r} is not served here (served: {', '.join(self.keys)})")
+        if floor is not None and self.precision_of[v].rank < floor.rank:
+            raise InputError(f"variant {v} is {self.precision_of[v].value}, below the requested floor {floor.value}")
+
+
+def routed_keys(settings: ServeSettings, manifest: Manifest) -> list[str]:
+    """The variants served: pinned to `settings.variants` (benchmarks, a variant taken out by
+    config, an opt-in one such as a pruned INT8 network taken in), else every served variant but
+    the opt-in ones."""
+    return [v.key for v in manifest.routed_variants(settings.variants)]
+
+
+def variant_estimator(settings: ServeSettings, manifest: Manifest) -> LatencyEstimator:
+    """A latency estimator over the routed variants, planning with the manifest's profiles."""
+    return LatencyEstimator(
+        {k: manifest.variants[k].latency for k in routed_keys(settings, manifest)}, settings.latency
+    )
+
+
+def build_model(
+    settings: ServeSettings,
+    manifest: Manifest,
+    router: LoadedRouter,
+    *,
+    estimator: LatencyEstimator | None = None,
+    profile: ProfileInfo = NOT_PROFILED,
+) -> ServedModel:
+    """The whole model version. `estimator`: one already given this host's profiles
+    (profiling.profile_host), else one planning with the manifest's."""
+    keys = routed_keys(settings, manifest)
+    if estimator is None:
+        estimator = variant_estimator(settings, manifest)
+    elif set(estimator.variants) != set(keys):
+        raise ValueError(f"the estimator covers {sorted(estimator.variants)}, the model routes {sorted(keys)}")
+    precisions = [Precision(manifest.variants[k].precision) for k in keys]
+    ranks = np.array([p.rank for p in precisions])
+    prior = PriorAccuracy.from_manifest(manifest)
+    predictor = router.predictor
+    followup = (
+        FollowupStage(predictor, keys, precisions, settings.planner, manifest.plan_accuracies(predictor.plan_names))
+        if predictor is not None
+        else None
+    )
+    entry: EntryPolicy = (
+        PriorRouting(prior.row(keys), settings.routing)
+        if followup is None
+        else CheapestEntry.over(keys, ranks, estimator)
+    )
+    return ServedModel(
+        manifest=manifest,
+        keys=keys,
+        precisions=precisions,
+        ranks=ranks,
+        precision_of=dict(zip(keys, precisions)),
+        num_classes=len(manifest.classes),
+        prior=prior,
+        estimator=estimator,
+        profile=profile,
+        router=router,
+        followup=followup,
+        entry=entry,
+        breakers=Breakers(keys, settings.breaker),
+    )
