@@ -27,7 +27,7 @@ serve: setup                       ## the gateway on the shipped model_repositor
 smoke: setup                       ## the training pipeline on synthetic images, in seconds
 	$(PY) scripts/train.py --config configs/smoke.yaml
 
-train: setup                       ## CIFAR-10 training (needs data/cifar10; ~50 min on 2 cores)
+train: setup                       ## CIFAR-10 training (needs data/cifar10; ~35 min on 2 cores)
 	$(PY) scripts/train.py --config configs/default.yaml
 
 export: setup                      ## runs/default/best.pt → model_repository/

@@ -1,8 +1,10 @@
 """The baseline every gateway performance claim is a ratio against: the plain server a user who
-wants none of adaptive-quant would write. FastAPI, one ONNX Runtime INT8 session with its
-default threads, one call per request, no routing, no batching, no limits.
+wants none of adaptive-quant would write, deployed the way a competent user deploys it: uvicorn
+with one worker process per core, each with one ONNX Runtime INT8 session whose threads share
+the cores out (cores // workers), one call per request, no routing, no batching, no limits.
 
-  python scripts/baseline_server.py --repository model_repository --port 8013
+  python scripts/baseline_server.py --repository model_repository --port 8013   # workers = cores
+  python scripts/baseline_server.py --workers 1 --threads 0 ...   # one process, ORT's default threads
 
 Same API shape as the gateway's POST /v1/classify ({"instances": [{"b64": PNG}]} in,
 "predictions" out), plus the fields the load tester reads (`variant`, `budget_met`,
@@ -16,11 +18,13 @@ import base64
 import io
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+import psutil
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -31,10 +35,24 @@ p.add_argument("--repository", default="model_repository", help="model repositor
 p.add_argument("--variant", default="int8", help="manifest variant key to serve (default: %(default)s)")
 p.add_argument("--host", default="127.0.0.1")
 p.add_argument("--port", type=int, default=8013)
-args = p.parse_args()
+p.add_argument("--workers", type=int, default=0, help="uvicorn worker processes (default 0: one per core)")
+p.add_argument(
+    "--threads",
+    type=int,
+    default=-1,
+    help="ORT intra-op threads per worker (default -1: cores // workers; 0: ORT's own)",
+)
+# uvicorn's workers import this file afresh: they read the parsed arguments from the environment
+ARGS_ENV = "AQ_BASELINE_ARGS"
+args = p.parse_args(json.loads(os.environ[ARGS_ENV]) if ARGS_ENV in os.environ else None)
+cores = len(os.sched_getaffinity(0))
+workers = args.workers or cores
+threads = max(1, cores // workers) if args.threads < 0 else args.threads
 
 manifest = json.loads((Path(args.repository) / "manifest.json").read_text())
-session = ort.InferenceSession(str(Path(args.repository) / manifest["variants"][args.variant]["path"]))
+options = ort.SessionOptions()
+options.intra_op_num_threads = threads  # 0: ORT's default (one per physical core)
+session = ort.InferenceSession(str(Path(args.repository) / manifest["variants"][args.variant]["path"]), options)
 mean = np.array(manifest["mean"], np.float32).reshape(1, 3, 1, 1)
 std = np.array(manifest["std"], np.float32).reshape(1, 3, 1, 1)
 classes = manifest["classes"]
@@ -66,12 +84,33 @@ async def models() -> dict:
 
 @app.get("/v1/status")
 async def status() -> dict:
-    with open(f"/proc/{os.getpid()}/statm") as f:  # resident pages → bytes, for the load tester's RSS line
-        rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    cpu = os.times()  # user + system s of every thread: the load tester's CPU-per-request line
-    process = {"rss_bytes": rss, "cpu_s": cpu.user + cpu.system}
-    return {"backend": "baseline", "variants": [{"key": args.variant}], "process": process}
+    # RSS and CPU s (user + system, every thread) for the load tester's lines: this process, and
+    # with several workers the whole server (uvicorn's parent and every worker), as the gateway reports
+    me = psutil.Process()
+    procs = [me]
+    if workers > 1 and (parent := me.parent()) is not None:
+        procs = [parent, *parent.children()]
+    rss = cpu = 0.0
+    for proc in procs:
+        with proc.oneshot():
+            rss += proc.memory_info().rss
+            t = proc.cpu_times()
+            cpu += t.user + t.system
+    usage = {"rss_bytes": int(rss), "cpu_s": cpu, "processes": len(procs)}
+    return {"backend": "baseline", "variants": [{"key": args.variant}], "process": usage, "gateway": usage}
 
 
 if __name__ == "__main__":
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    if workers == 1:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    else:
+        os.environ[ARGS_ENV] = json.dumps(sys.argv[1:])
+        print(f"baseline: {workers} uvicorn workers x {threads} ORT thread(s) on {cores} core(s)", flush=True)
+        uvicorn.run(
+            "baseline_server:app",
+            app_dir=str(Path(__file__).parent),
+            workers=workers,
+            host=args.host,
+            port=args.port,
+            log_level="warning",
+        )

@@ -34,6 +34,7 @@ import numpy as np
 
 from adaptive_quant.core.manifest import sha256_file
 from adaptive_quant.core.plans import NONE, Pass, Plan, View
+from adaptive_quant.core.stats import sigmoid
 from adaptive_quant.predictor.entry_features import (
     FEATURE_VERSION,
     check_logits,
@@ -163,11 +164,7 @@ class DeferralPredictor:
         features_of_checked(z, out=x[:, : self._n_feat])
         x[:, self._n_feat] = 1.0
         t = self._calibrated_logits(x)
-        np.clip(t, -30.0, 30.0, out=t)  # exp(30) fits float32; σ(±30) is 0/1 to float precision
-        np.negative(t, out=t)
-        np.exp(t, out=t)
-        t += 1.0
-        return np.reciprocal(t, out=t)  # σ(calibrated logit)
+        return sigmoid(t, out=t)  # σ(calibrated logit), in place
 
     def predict(self, entry_logits: np.ndarray) -> np.ndarray:
         """(N, C) entry logits → (N, P) float32 p(final answer right | plan), columns as `plan_names`."""
@@ -201,7 +198,8 @@ class DeferralPredictor:
         x.append(1.0)
         h = self._calibrated_logits(np.array(x, np.float32))
         exp = math.exp
-        # σ of the calibrated logits; exp(700) is the float64 edge
+        # σ of the calibrated logits (core.stats.sigmoid, scalar by scalar: a NumPy call per head would
+        # cost more than the arithmetic on this one-row path); exp(700) is the float64 edge
         s = [1.0 / (1.0 + exp(-v)) if v > -700.0 else 0.0 for v in h.tolist()]
         p = self._n_plans
         e = s[0]

@@ -1,6 +1,6 @@
 """Routing options of a request → typed ClassifyOptions. The REST front reads them from headers
 (X-Latency-Budget-Ms, X-Priority, X-Min-Precision), the Open Inference Protocol front from
-request parameters (oip.py); both validate with the functions here, so a bad value gets the
+request parameters (v2_codec.py); both validate with the functions here, so a bad value gets the
 same explanation, naming the header or parameter it came in."""
 
 from __future__ import annotations

@@ -14,9 +14,8 @@ The model call runs in a thread pool, off the event loop. A request whose caller
 loop itself, as a plain server computes every request, instead of in the pool; and a request
 that finds the model idle and the gateway otherwise quiet (`contended()` false) is computed at
 once, without waiting a loop turn. Handing a small batch to a pool thread and its answer back
-costs two thread wake-ups, and on a virtual machine waking an idle vCPU is expensive: measured
-on 2 vCPUs (Intel Xeon, 2026-12-01), one INT8 batch-1 call took 0.75 ms wall / 0.73 ms CPU
-inline and 2.28 ms wall / 1.66 ms CPU through run_in_executor. Large batches, the ones that
+costs two thread wake-ups, and on a virtual machine waking an idle vCPU is expensive: about 3×
+the wall time of the call itself for an INT8 batch of one (docs/results/). Large batches, the ones that
 form under load, still go to the pool, so the loop keeps reading requests while they compute.
 """
 

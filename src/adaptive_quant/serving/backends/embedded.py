@@ -132,8 +132,7 @@ class EmbeddedBackend(Backend):
         opts.log_severity_level = 3  # errors only; ORT's warnings about casts would flood the log
         if not self.memory_arena:
             # the arena and the per-shape memory plans grow with every new batch size (1..32 per
-            # variant): +55 MB of RSS over the first minutes of load; without them +11 MB, at the
-            # same speed within noise (measured here, int8/fp32 at batch 1 and 32)
+            # variant); without them RSS stays flat at the same speed (docs/results/)
             opts.enable_cpu_mem_arena = False
             opts.enable_mem_pattern = False
         try:

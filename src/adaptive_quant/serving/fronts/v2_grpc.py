@@ -112,7 +112,7 @@ def _parameters(params: Mapping[str, service_pb2.InferParameter]) -> dict[str, A
 
 
 def parse_grpc_request(request: service_pb2.ModelInferRequest, manifest: Manifest, max_instances: int) -> InferRequest:
-    """A ModelInferRequest → the model input and what to answer, by oip.py's checks."""
+    """A ModelInferRequest → the model input and what to answer, by v2_codec.py's checks."""
     if not request.inputs:
         raise ProtocolError(f"'inputs' must be a non-empty list of tensors; accepted inputs: {IMAGES!r} or {PIXELS!r}")
     raw = request.raw_input_contents
