@@ -182,13 +182,13 @@ class FakeTritonClient:
             raise ConnectionRefusedError("connect failed")
         return self.ready_
 
-    async def is_model_ready(self, model):
+    async def is_model_ready(self, model, model_version=""):
         return model in self.configs
 
-    async def get_model_config(self, model, **kwargs):
+    async def get_model_config(self, model, model_version="", **kwargs):
         return {"config": self.configs[model]}
 
-    async def infer(self, model, inputs, outputs=None):
+    async def infer(self, model, inputs, model_version="", outputs=None):
         self.calls.append((model, inputs[0].shape()))
         if self.session is None:
             raise RuntimeError("server error")

@@ -17,7 +17,8 @@ from tritonclient.grpc import model_config_pb2
 
 from adaptive_quant.cli.export import main as export_main
 from adaptive_quant.config import ExportConfig
-from adaptive_quant.core.manifest import load_manifest
+from adaptive_quant.core.manifest import load_manifest, sha256_file
+from adaptive_quant.core.versions import load_version_manifest, read_index
 from adaptive_quant.data import load_dataset
 from adaptive_quant.export.ort_eval import make_session, run_batched
 from adaptive_quant.export.variant import VariantError, add_variant
@@ -144,7 +145,15 @@ def test_the_variant_joins_the_manifest_opt_in_beside_untouched_variants(added) 
     assert v.size_bytes < m.variants["int8"].size_bytes
     for k, old in before.variants.items():  # the repository's own variants, plans and router are kept
         assert m.variants[k].sha256 == old.sha256 and m.variants[k].latency == old.latency
-    assert m.plans == before.plans and m.router == before.router
+    assert m.plans == before.plans
+    # added as version 2, serving: every file of it under <name>/2/ and router/2/, version 1's left as they were
+    assert m.version == 2 and before.version == 1 and v.path == "cifar_resnet_int8_pruned50/2/model.onnx"
+    assert {x.path for x in m.variants.values()} == {f"{x.triton_name}/2/model.onnx" for x in m.variants.values()}
+    assert m.router == {**before.router, "path": "router/2/deferral.npz", "spec_path": "router/2/deferral.json"}
+    for old in before.variants.values():
+        assert sha256_file(r.repository / old.path) == old.sha256  # version 1's file, untouched
+    assert load_version_manifest(r.repository, 1) == before
+    assert read_index(r.repository).serving == 2
     assert [x.key for x in m.routed_variants()] == [x.key for x in before.routed_variants()]
     assert m.training["extra_variants"]["int8_pruned50"]["config"]["model"]["widths"] == PRUNED_WIDTHS
     config = text_format.Parse(

@@ -58,7 +58,9 @@ def test_a_model_swapped_while_requests_are_in_flight_serves_each_request_wholly
                 settings_for(repo), backend, GatewayMetrics(), router_predictor=FakePlanRouter(), manifest=manifest
             )
             model_a = service.model
-            model_b = build_model(settings_for(repo, variants=["fp16"]), manifest, model_a.router)
+            model_b = build_model(
+                settings_for(repo, variants=["fp16"]), manifest, model_a.router, backend=model_a.backend
+            )
             assert model_a.followup is not None and model_b.keys == ["fp16"]
 
             async def request():  # what the dataplane does around classify
@@ -88,7 +90,8 @@ def test_a_model_swapped_while_requests_are_in_flight_serves_each_request_wholly
 
 def test_the_model_is_built_whole_and_cannot_be_changed_afterwards(repo):
     manifest = load_manifest(repo)
-    model = build_model(settings_for(repo), manifest, LoadedRouter(None, "none: single-stage", {}))
+    backend = EmbeddedBackend(repo, manifest)  # not started: building a model runs nothing on it
+    model = build_model(settings_for(repo), manifest, LoadedRouter(None, "none: single-stage", {}), backend=backend)
     assert model.followup is None and model.keys == [v.key for v in manifest.routed_variants([])]
     with pytest.raises(dataclasses.FrozenInstanceError):
         model.keys = ["int8"]  # type: ignore[misc]

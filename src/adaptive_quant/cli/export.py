@@ -7,13 +7,18 @@ against FP32, latency-profiled with ONNX Runtime, and described in manifest.json
   python scripts/export.py --checkpoint runs/default/best.pt --set export.max_accuracy_drop=0.5
 
 Nothing is published unless every served variant passes the gate (--force overrides it); the
-repository is assembled aside and moved into place only when complete.
+repository is assembled aside and published only when complete. Into a fresh folder it becomes
+version 1 (`<name>/1/model.onnx`); into an existing repository it is added as the next version N
+(`<name>/N/model.onnx`, router/N/, manifests/N.json), which serves at once: the earlier versions'
+files are never touched (versions.json records them; to canary a version instead, export into a
+fresh folder and run aq-rollout).
 
 A pruned checkpoint becomes an extra, opt-in INT8 variant of an existing repository, gated against
 that repository's FP32 (limit export.max_pruned_accuracy_drop, 1.5 points) and profiled beside its INT8:
 
   python scripts/export.py --checkpoint runs/prune50/best.pt --repository model_repository --add-variant
-  #   → model_repository/cifar_resnet_int8_pruned50 (the key says the share; --add-variant int8_<tag> names it)
+  #   → model_repository/cifar_resnet_int8_pruned50/N/ in a new version N that also links the serving
+  #     version's files (the key says the share; --add-variant int8_<tag> names it)
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from adaptive_quant.core.manifest import ManifestError
 from adaptive_quant.data import DataError
 from adaptive_quant.export.pipeline import ExportGateError, build_repository
 from adaptive_quant.export.variant import VariantError, VariantResult, add_variant
+from adaptive_quant.export.versions import VersionError
 from adaptive_quant.tracking import name_runs_after
 from adaptive_quant.training.checkpoint import CheckpointError, load_checkpoint
 
@@ -95,12 +101,12 @@ def main(argv: list[str] | None = None) -> int:
             print_added(added)
             return 0
         result = build_repository(args.checkpoint, cfg.export, force=args.force, tracking=not args.no_mlflow)
-    except (ConfigError, DataError, CheckpointError, ManifestError, ExportGateError, VariantError) as exc:
+    except (ConfigError, DataError, CheckpointError, ManifestError, ExportGateError, VariantError, VersionError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     m = result.manifest
     fp32 = m.variants["fp32"]
-    print(f"\nrepository: {result.repository}")
+    print(f"\nrepository: {result.repository}, version {m.version} (serving)")
     print(
         f"{'variant':10}{'served':>7}{'val acc':>9}{'agree':>8}{'size KB':>9}{'×fp32':>7}{'b1 p50 ms':>11}{'b64 img/s':>11}{'×fp32':>7}"
     )
@@ -125,7 +131,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def print_added(r: VariantResult) -> None:
     v, g = r.entry, r.gate
-    print(f"\nrepository: {r.repository}: added {v.triton_name} (opt-in: the gateway routes to it only when named)")
+    version = Path(v.path).parent.name  # <triton_name>/<N>/model.onnx
+    print(
+        f"\nrepository: {r.repository}: added {v.triton_name} in version {version}, serving "
+        "(opt-in: the gateway routes to it only when named)"
+    )
     print(
         f"val acc {g.accuracy:.2%} (FP32 {r.fp32_val_accuracy:.2%}, drop {g.accuracy_drop:.2f} points), "
         f"agreement with FP32 {g.agreement_with_fp32:.2%}, {v.size_bytes / 1e3:.1f} KB"

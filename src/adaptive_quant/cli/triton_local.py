@@ -4,6 +4,11 @@
   python scripts/triton_local.py --model-control-mode none        # Triton loads every model itself
   python scripts/triton_local.py --smoke                          # start, one inference per variant, stop (exit code)
 
+A versioned repository (versions.json) is served the same way: every model's config.pbtxt
+version_policy says which versions Triton holds side by side, and the gateway pins the version
+it serves on every call (explicit mode: it loads a new version, and drops a retired one, through
+Triton's repository API).
+
 Bound to 127.0.0.1. Ports: HTTP 8010 (not 8000: the gateway has it), gRPC 8001 (configs/serve.yaml's
 backend.triton_url), metrics 8002. The production repository (backend "onnxruntime") is first written
 as its Python-backend flavour into <repository>_python (that binary has only the python backend).
@@ -23,7 +28,7 @@ import time
 from pathlib import Path
 
 from adaptive_quant.core.manifest import ManifestError, load_manifest
-from adaptive_quant.export.triton_python import served_model_names, write_python_flavor
+from adaptive_quant.export.triton_python import live_versions, served_model_names, write_python_flavor
 from adaptive_quant.tools.triton_server import (
     LocalTriton,
     TritonNotInstalled,
@@ -39,18 +44,21 @@ def is_python_flavor(repo: Path) -> bool:
 
 
 def smoke(server: LocalTriton, repo: Path) -> None:
-    """One inference of a zero image per served variant, over gRPC."""
+    """One inference of a zero image per served variant of every live version, over gRPC."""
     import numpy as np
     import tritonclient.grpc as grpcclient
 
-    m = load_manifest(repo)
+    from adaptive_quant.core.versions import load_version_manifest
+
     client = grpcclient.InferenceServerClient(server.grpc_url)
-    for v in m.served_variants():
-        x = np.zeros((1, 3, m.image_size, m.image_size), np.float32)
-        inp = grpcclient.InferInput(m.input_name, list(x.shape), "FP32")
-        inp.set_data_from_numpy(x)
-        out = client.infer(v.triton_name, [inp]).as_numpy(m.output_name)
-        print(f"  {v.triton_name}: logits {tuple(out.shape)}")
+    for n in live_versions(repo):
+        m = load_version_manifest(repo, n)
+        for v in m.served_variants():
+            x = np.zeros((1, 3, m.image_size, m.image_size), np.float32)
+            inp = grpcclient.InferInput(m.input_name, list(x.shape), "FP32")
+            inp.set_data_from_numpy(x)
+            out = client.infer(v.triton_name, [inp], model_version=str(n)).as_numpy(m.output_name)
+            print(f"  {v.triton_name} version {n}: logits {tuple(out.shape)}")
     client.close()
 
 
@@ -121,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         server.start(timeout_s=args.ready_timeout)
         print(
             f"tritonserver ready in {time.perf_counter() - t0:.1f} s ({args.model_control_mode} model control, "
-            f"models: {', '.join(names)})"
+            f"models: {', '.join(names)}; versions: {', '.join(str(n) for n in live_versions(repo))})"
         )
         print(f"  HTTP    http://{server.http_url}\n  gRPC    {server.grpc_url}\n  metrics {server.metrics_url}")
         print(f"  log     {server.log_path}")

@@ -2,9 +2,14 @@
 
   python scripts/triton_repo.py --repository model_repository --out model_repository_python
 
-Every served variant becomes <triton_name>/config.pbtxt (backend "python") + 1/model.py (ONNX Runtime)
-+ 1/model.onnx (a hard link to the same file); manifest.json is copied. The production repository
+Every served variant becomes <triton_name>/config.pbtxt (backend "python") + <N>/model.py (ONNX Runtime)
++ <N>/model.onnx (a hard link to the same file); manifest.json is copied. The production repository
 (backend "onnxruntime", for NVIDIA's container) is left as it is.
+
+A versioned repository (versions.json) gets a folder per live version (serving, canary, and any a
+config.pbtxt's version_policy lists), keeps each version_policy, and copies versions.json and
+manifests/. Version folders already in --out with the same bytes are left alone, so re-running it
+beside a running Triton adds the new version without disturbing the ones it serves.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import sys
 from pathlib import Path
 
 from adaptive_quant.core.manifest import ManifestError
-from adaptive_quant.export.triton_python import write_python_flavor
+from adaptive_quant.export.triton_python import live_versions, write_python_flavor
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ManifestError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"python flavour written to {dst}")
+    print(f"python flavour written to {dst} (versions: {', '.join(str(n) for n in live_versions(dst))})")
     return 0
 
 

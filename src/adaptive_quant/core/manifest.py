@@ -107,6 +107,9 @@ class Manifest:
     shift: dict[str, dict[str, float]] = field(default_factory=dict)
     created_at: str = ""
     schema_version: int = SCHEMA_VERSION
+    # the model version this manifest describes (core/versions.py: <triton_name>/<version>/model.onnx);
+    # a manifest written before versions has none and reads as 1, the only version it had
+    version: int = 1
 
     def plan_accuracies(self, plan_names: list[str]) -> list[float] | None:
         """Each plan's accuracy on the validation split when every sample gets it, in `plan_names`'

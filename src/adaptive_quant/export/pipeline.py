@@ -1,8 +1,10 @@
 """Checkpoint → validated, profiled Triton model repository (+ manifest.json, + MLflow registry).
 
-The repository is assembled in a temporary folder beside the target and moved into place only
-when every served variant has passed the gate, so a refused or crashed export leaves the
-previous repository (or nothing) behind, never half of one.
+The repository is assembled in a temporary folder beside the target and published only when
+every served variant has passed the gate, so a refused or crashed export leaves the previous
+repository (or nothing) behind, never half of one. Into a fresh folder it is moved whole, as
+version 1; into an existing repository it is added as the next version, which serves at once
+(export/versions.py: the earlier versions' files are never touched).
 """
 
 from __future__ import annotations
@@ -19,7 +21,14 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from adaptive_quant.config import ExperimentConfig, ExportConfig, config_from_dict
-from adaptive_quant.core.manifest import Manifest, VariantEntry, save_manifest, sha256_file
+from adaptive_quant.core.manifest import (
+    MANIFEST_NAME,
+    Manifest,
+    VariantEntry,
+    load_manifest,
+    save_manifest,
+    sha256_file,
+)
 from adaptive_quant.core.precision import Precision, triton_model_name
 from adaptive_quant.data import CIFAR10_MEAN, CIFAR10_STD, Dataset, load_dataset
 from adaptive_quant.export import onnx_export
@@ -32,6 +41,7 @@ from adaptive_quant.export.ort_eval import (
 )
 from adaptive_quant.export.shift import shift_check
 from adaptive_quant.export.triton_config import TritonModelSpec, render_config
+from adaptive_quant.export.versions import add_serving_version, initialise_versions
 from adaptive_quant.training.augment import to_normalized_tensor
 from adaptive_quant.training.checkpoint import load_checkpoint, restore_converted_model, restore_float_model
 from adaptive_quant.training.engine import predict_logits
@@ -54,6 +64,7 @@ class ExportResult:
 
 
 def model_dir(repo: Path, name: str) -> Path:
+    """Where a fresh (staged) export writes a Triton model's files: version 1."""
     return repo / name / "1"
 
 
@@ -135,7 +146,7 @@ def build_repository(
             from adaptive_quant.export.plans import fit_router
 
             result.manifest = fit_router(work, data.val, e.plans, entry="int8", threads=e.ort_threads).manifest
-        publish_repository(work, target)
+        result.manifest = publish_export(work, target, source=str(checkpoint))
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
@@ -260,6 +271,19 @@ def _validate_profile_describe(
     )
     save_manifest(repo, manifest)
     return ExportResult(repository=repo, manifest=manifest, gates=gates, parity=parity)
+
+
+def publish_export(work: Path, target: Path, source: str) -> Manifest:
+    """Publish the finished export in `work`: into an existing repository as its next version, serving
+    (`work` is removed after); else moved into place as version 1. Returns the published manifest."""
+    if (target / MANIFEST_NAME).is_file():
+        version, manifest = add_serving_version(work, target, source=source)
+        shutil.rmtree(work, ignore_errors=True)
+        log.info("published %s as version %d of %s", source, version, target)
+        return manifest
+    initialise_versions(work, source=source)
+    publish_repository(work, target)
+    return load_manifest(target)
 
 
 def publish_repository(work: Path, target: Path) -> None:

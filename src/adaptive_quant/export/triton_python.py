@@ -6,28 +6,35 @@ file with ONNX Runtime on CPU. Layout written under `dst_repo`:
 
     manifest.json                         copied (unserved baselines dropped: nothing serves them)
     <triton_name>/config.pbtxt            triton_config.render_config(flavor="python")
-    <triton_name>/1/model.py              MODEL_PY below
-    <triton_name>/1/model.onnx            hard link to the source file (a copy across file systems)
-    router/1/deferral.{npz,json}          the two-stage router, linked likewise (the gateway reads it)
+    <triton_name>/<N>/model.py            MODEL_PY below (it runs the model.onnx beside it)
+    <triton_name>/<N>/model.onnx          hard link to the source file (a copy across file systems)
+    router/<N>/deferral.{npz,json}        the two-stage router, linked likewise (the gateway reads it)
+
+N is the repository's one version (1) when it has no versions.json. A versioned repository
+(core/versions.py) gets a folder per live version (serving, canary, and any its version_policy
+lists), each config.pbtxt keeps its `version_policy`, and versions.json + manifests/ come along.
 
 No torch; pure file work, so the export stage and the tests can both call it.
 """
 
 from __future__ import annotations
 
-import json
+import importlib.util
 import logging
 import os
+import py_compile
 import re
 import shutil
 from pathlib import Path
 
-from adaptive_quant.core.manifest import MANIFEST_NAME, load_manifest, save_manifest
-from adaptive_quant.export.triton_config import TritonModelSpec, render_config
+from adaptive_quant.core.manifest import Manifest, load_manifest, save_manifest, sha256_file
+from adaptive_quant.core.versions import INDEX_NAME, load_version_manifest, read_index
+from adaptive_quant.export.triton_config import TritonModelSpec, policy_versions, render_config, with_version_policy
 
 log = logging.getLogger(__name__)
 
 ONNX_FILE = "model.onnx"
+MANIFESTS_DIR = "manifests"  # <repo>/manifests/<N>.json: version N's manifest (core/versions.py)
 
 # The model.py of every variant. It reads the input/output names from the model config Triton
 # hands it, so one file serves any variant. Triton's dynamic batcher gives `execute` a list of
@@ -95,14 +102,45 @@ def _preferred(text: str, max_batch: int) -> tuple[int, ...]:
     return tuple(int(b) for b in m.group(1).replace(",", " ").split())
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
+def _link_or_copy(src: Path, dst: Path, sha256: str | None = None) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
     if dst.exists():
+        if os.path.samefile(src, dst) or (sha256 is not None and sha256_file(dst) == sha256):
+            return  # already these bytes: leave the file (and its mtime, which Triton reads) alone
         dst.unlink()
     try:
         os.link(src, dst)  # same bytes, no extra disk; sha256 in the manifest stays true
     except OSError:  # another file system, or links not allowed
         shutil.copy2(src, dst)
+
+
+def _write_if_changed(path: Path, text: str) -> bool:
+    """Write `text` unless the file holds it already (returns whether it wrote): a rewritten file in
+    a version folder looks like a changed model to Triton, which reloads that version on the next
+    load_model of the model."""
+    if path.is_file() and path.read_text() == text:
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+    return True
+
+
+def write_model_py(version_dir: str | Path) -> Path:
+    """<version_dir>/model.py (MODEL_PY) and its bytecode in __pycache__; returns the model.py path.
+
+    The Python-backend stub imports model.py in an interpreter that ignores PYTHONDONTWRITEBYTECODE:
+    without a valid .pyc it writes __pycache__ into the version folder while Triton loads it, and
+    Triton, finding the folder newer than what it loaded, reloads that version at the next
+    load_model of the model (another version added, one retired). Compiled here, nothing is written.
+    """
+    path = Path(version_dir) / "model.py"
+    wrote = _write_if_changed(path, MODEL_PY)
+    cfile = importlib.util.cache_from_source(str(path))  # the stub is this interpreter's Python version
+    if wrote or not Path(cfile).is_file():
+        py_compile.compile(str(path), cfile=cfile, doraise=True)
+    return path
 
 
 def python_config(
@@ -132,49 +170,71 @@ def python_config(
     return render_config(spec) + params
 
 
-def write_python_flavor(src_repo: str | Path, dst_repo: str | Path, intra_op_threads: int = 1) -> Path:
-    """Write the Python-backend flavour of `src_repo` (a repository made by the export) into `dst_repo`.
-
-    `dst_repo` must not be `src_repo`; existing variant folders in it are replaced. Returns `dst_repo`.
-    """
-    src, dst = Path(src_repo).resolve(), Path(dst_repo).resolve()
-    if src == dst:
-        raise ValueError(f"the python flavour needs its own folder, not the source repository {src}")
-    manifest = load_manifest(src, verify_files=False)
-    dst.mkdir(parents=True, exist_ok=True)
+def _flavoured(manifest: Manifest, src: Path) -> list[str]:
+    """Drop the unserved variants (baselines exist for reports; no Triton model serves them) and
+    note the flavour; returns the dropped keys."""
     dropped = [k for k, v in manifest.variants.items() if not v.served]
-    for key in dropped:  # baselines exist for reports; no Triton model serves them
+    for key in dropped:
         del manifest.variants[key]
+    manifest.training = {**manifest.training, "triton_flavor": "python", "flavor_of": str(src)}
+    return dropped
+
+
+def _write_version(src: Path, dst: Path, manifest: Manifest, version: int, keep_existing: bool) -> None:
+    """<triton_name>/<version>/{model.onnx, model.py} of every variant, and the router's files;
+    the variants' paths are rewritten to where the files now lie (the same bytes, so the same sha256).
+    keep_existing: a version folder already holding these bytes is left as it is (Triton may serve it)."""
     for v in manifest.variants.values():
         onnx_src = src / v.path
         if not onnx_src.is_file():
-            raise FileNotFoundError(f"variant {v.key}: {onnx_src} is missing")
-        model_dir = dst / v.triton_name
-        if model_dir.exists():
-            shutil.rmtree(model_dir)
-        _link_or_copy(onnx_src, model_dir / "1" / ONNX_FILE)
-        (model_dir / "1" / "model.py").write_text(MODEL_PY)
-        src_cfg_path = src / v.triton_name / "config.pbtxt"
-        src_cfg = src_cfg_path.read_text() if src_cfg_path.is_file() else ""
-        (model_dir / "config.pbtxt").write_text(
-            python_config(
-                v.triton_name,
-                src_cfg,
-                manifest.input_name,
-                manifest.output_name,
-                manifest.image_size,
-                len(manifest.classes),
-                intra_op_threads,
-            )
-        )
-        v.path = f"{v.triton_name}/1/{ONNX_FILE}"  # where it now lies (the same bytes, so the same sha256)
+            raise FileNotFoundError(f"variant {v.key} (version {version}): {onnx_src} is missing")
+        folder = dst / v.triton_name / str(version)
+        _link_or_copy(onnx_src, folder / ONNX_FILE, v.sha256 if keep_existing else None)
+        write_model_py(folder)
+        v.path = f"{v.triton_name}/{version}/{ONNX_FILE}"
     if manifest.router:
         # the two-stage router runs in the gateway, not in Triton, but the gateway reads it from the
         # repository it is given: a flavour without it would name missing files and serve single-stage
         for key in ("path", "spec_path"):
             if manifest.router.get(key):
                 _link_or_copy(src / manifest.router[key], dst / manifest.router[key])
-    manifest.training = {**manifest.training, "triton_flavor": "python", "flavor_of": str(src)}
+
+
+def _write_config(src: Path, dst: Path, manifest: Manifest, name: str, threads: int, policy: list[int] | None) -> None:
+    src_cfg_path = src / name / "config.pbtxt"
+    src_cfg = src_cfg_path.read_text() if src_cfg_path.is_file() else ""
+    text = python_config(
+        name,
+        src_cfg,
+        manifest.input_name,
+        manifest.output_name,
+        manifest.image_size,
+        len(manifest.classes),
+        threads,
+    )
+    _write_if_changed(dst / name / "config.pbtxt", with_version_policy(text, policy) if policy else text)
+
+
+def write_python_flavor(src_repo: str | Path, dst_repo: str | Path, intra_op_threads: int = 1) -> Path:
+    """Write the Python-backend flavour of `src_repo` (a repository made by the export) into `dst_repo`.
+
+    `dst_repo` must not be `src_repo`. A repository without versions.json: its variant folders in
+    `dst_repo` are replaced. A versioned one: see `_write_versioned`. Returns `dst_repo`.
+    """
+    src, dst = Path(src_repo).resolve(), Path(dst_repo).resolve()
+    if src == dst:
+        raise ValueError(f"the python flavour needs its own folder, not the source repository {src}")
+    if (src / INDEX_NAME).is_file():
+        return _write_versioned(src, dst, intra_op_threads)
+    manifest = load_manifest(src, verify_files=False)
+    dst.mkdir(parents=True, exist_ok=True)
+    dropped = _flavoured(manifest, src)
+    for v in manifest.variants.values():
+        if (dst / v.triton_name).exists():
+            shutil.rmtree(dst / v.triton_name)
+    _write_version(src, dst, manifest, manifest.version, keep_existing=False)
+    for v in manifest.variants.values():
+        _write_config(src, dst, manifest, v.triton_name, intra_op_threads, None)
     save_manifest(dst, manifest)
     log.info(
         "python flavour of %s written to %s: %s%s",
@@ -186,7 +246,66 @@ def write_python_flavor(src_repo: str | Path, dst_repo: str | Path, intra_op_thr
     return dst
 
 
+def _write_versioned(src: Path, dst: Path, intra_op_threads: int) -> Path:
+    """The flavour of a versioned repository: every live version (versions.json's serving and canary)
+    and every version a config.pbtxt's version_policy lists, each in its own folder; each model's
+    config keeps the source's version_policy (or lists the versions written that have it);
+    manifests/ and versions.json are copied, manifest.json is the serving version's.
+
+    Version folders already holding the same bytes are left untouched, and none is removed: rewriting
+    the flavour beside a running Triton does not disturb the versions it serves.
+    """
+    index = read_index(src)
+    wanted = set(index.live())
+    names = {v.triton_name for n in wanted for v in load_version_manifest(src, n).served_variants()}
+    for name in names:  # a version the policy still keeps loaded (between a promotion's steps)
+        cfg = src / name / "config.pbtxt"
+        listed = policy_versions(cfg.read_text()) if cfg.is_file() else None
+        wanted |= {n for n in listed or [] if n in index.versions}
+    dst.mkdir(parents=True, exist_ok=True)
+    (dst / MANIFESTS_DIR).mkdir(exist_ok=True)
+    has_model: dict[str, set[int]] = {}
+    written: dict[int, Manifest] = {}
+    for n in sorted(wanted):
+        manifest = load_version_manifest(src, n)
+        _flavoured(manifest, src)
+        _write_version(src, dst, manifest, n, keep_existing=True)
+        _write_if_changed(dst / MANIFESTS_DIR / f"{n}.json", manifest.to_json() + "\n")
+        for v in manifest.variants.values():
+            has_model.setdefault(v.triton_name, set()).add(n)
+        written[n] = manifest
+    for name, versions in sorted(has_model.items()):
+        cfg = src / name / "config.pbtxt"
+        policy = (policy_versions(cfg.read_text()) if cfg.is_file() else None) or sorted(versions)
+        latest = written[max(versions)]
+        _write_config(src, dst, latest, name, intra_op_threads, policy)
+    for other in sorted((src / MANIFESTS_DIR).glob("*.json")):  # versions not written: their record
+        if not other.stem.isdigit() or int(other.stem) not in written:
+            _write_if_changed(dst / MANIFESTS_DIR / other.name, other.read_text())
+    save_manifest(dst, written[index.serving])
+    _write_if_changed(dst / INDEX_NAME, (src / INDEX_NAME).read_text())  # last: the index names what is there
+    log.info(
+        "python flavour of %s written to %s: versions %s (serving %s), models %s",
+        src,
+        dst,
+        ", ".join(str(n) for n in sorted(written)),
+        index.serving,
+        ", ".join(f"{name} {sorted(v)}" for name, v in sorted(has_model.items())),
+    )
+    return dst
+
+
+def live_versions(repo: str | Path) -> list[int]:
+    """The versions that take traffic (versions.json's serving and canary; the one version of a
+    repository without versions.json)."""
+    return read_index(repo).live()
+
+
 def served_model_names(repo: str | Path) -> list[str]:
-    """Triton model names of the served variants of a repository (what explicit mode should load)."""
-    data = json.loads((Path(repo) / MANIFEST_NAME).read_text())
-    return [v["triton_name"] for v in data["variants"].values() if v.get("served", True)]
+    """Triton model names of the served variants of the live versions (what explicit mode should load)."""
+    names: list[str] = []
+    for n in live_versions(repo):
+        for v in load_version_manifest(repo, n).served_variants():
+            if v.triton_name not in names:
+                names.append(v.triton_name)
+    return names

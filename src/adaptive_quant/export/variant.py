@@ -9,8 +9,10 @@ sizes. It is marked opt-in in the manifest: a gateway routes to it only when its
 setting names it, so adding one never moves traffic (core.manifest.Manifest.routed_variants).
 The plans and the router are left as they are: they were measured after the INT8 entry pass.
 
-Like build_repository, the new repository is assembled aside (a copy plus the variant) and
-swapped into place only when complete: a refused or failed export leaves the old one untouched.
+Like build_repository, the new version is assembled aside (the serving version's files, hard-linked,
+plus the variant) and added to the repository as its next version, serving, only when complete
+(export/versions.py): the earlier versions' files are never touched, and a refused or failed export
+leaves the repository as it was.
 """
 
 from __future__ import annotations
@@ -39,9 +41,10 @@ from adaptive_quant.core.precision import Precision
 from adaptive_quant.data import Dataset, load_dataset
 from adaptive_quant.export import onnx_export
 from adaptive_quant.export.ort_eval import GateResult, gate_variant, make_session, profile_session, run_batched
-from adaptive_quant.export.pipeline import PTQ_KEY, ExportGateError, model_dir, publish_repository, triton_spec
+from adaptive_quant.export.pipeline import PTQ_KEY, ExportGateError, model_dir, triton_spec
 from adaptive_quant.export.shift import shift_check
 from adaptive_quant.export.triton_config import render_config
+from adaptive_quant.export.versions import add_serving_version, stage_serving_version
 from adaptive_quant.training.augment import to_normalized_tensor
 from adaptive_quant.training.checkpoint import load_checkpoint, restore_converted_model
 from adaptive_quant.training.engine import predict_logits
@@ -149,7 +152,8 @@ def add_variant(
     tname = f"{manifest.model_name}_{key}"
     work = Path(tempfile.mkdtemp(prefix=f".{repo.name}.adding-", dir=repo.parent))
     try:
-        shutil.copytree(repo, work, dirs_exist_ok=True)
+        # the serving version's files, linked (never written to), paths as a fresh export's (version 1)
+        manifest = stage_serving_version(repo, work)
         if key in manifest.variants:
             log.info("replacing variant %s of %s", key, repo)
             shutil.rmtree(work / manifest.variants[key].triton_name, ignore_errors=True)
@@ -243,10 +247,11 @@ def add_variant(
             "added_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         save_manifest(work, manifest)
-        publish_repository(work, repo)
-    except BaseException:
+        version, published = add_serving_version(work, repo, source=str(checkpoint), detail=f"added variant {key}")
+        entry = published.variants[key]  # its path in the repository: <triton_name>/<version>/model.onnx
+        log.info("variant %s added to %s as version %d", key, repo, version)
+    finally:
         shutil.rmtree(work, ignore_errors=True)
-        raise
     result = VariantResult(repo, key, entry, gate, fp32_acc, parity, ratio, int8_profile)
     if e.triton_flavor == "python":
         from adaptive_quant.export.triton_python import write_python_flavor

@@ -1,5 +1,7 @@
 """App factory: `create_app(settings)` → the gateway's ASGI app (fronts/asgi.GatewayApp), whose
-lifespan starts and stops the backend, the service, its dataplane, and the gRPC front
+lifespan starts and stops the backend of the serving version (versions.json's, or the one version
+of a repository without it), the service, its dataplane, the follower of the repository's
+versions (follower.py: canary, promotion, rollback without a restart), and the gRPC front
 (fronts/v2_grpc.py) when server.grpc_port is set.
 
   middleware   request id, API key (middleware.py): every route, the fast ones included
@@ -13,49 +15,29 @@ import gc
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any
 
 from fastapi import FastAPI
 
-from adaptive_quant.core.manifest import load_manifest
+from adaptive_quant.core.manifest import Manifest
 from adaptive_quant.core.memory_policy import MemorySample
 from adaptive_quant.serving.backends import Backend, make_backend
 from adaptive_quant.serving.dataplane import DataPlane
-from adaptive_quant.serving.factory import build_service
+from adaptive_quant.serving.factory import backend_options, build_service, load_version, serving_manifest
+from adaptive_quant.serving.follower import VersionFollower
 from adaptive_quant.serving.followup import RouterPredictor
 from adaptive_quant.serving.fronts import v1_rest, v2_rest
 from adaptive_quant.serving.fronts.asgi import GatewayApp, install_error_handlers
 from adaptive_quant.serving.fronts.v2_grpc import GrpcFront
 from adaptive_quant.serving.metrics import GatewayMetrics
 from adaptive_quant.serving.middleware import ApiKeyMiddleware, RequestIdMiddleware
+from adaptive_quant.serving.model import ServedModel
 from adaptive_quant.serving.schemas import request_schemas
 from adaptive_quant.serving.settings import ServeSettings, SettingsError
 from adaptive_quant.serving.worker_role import WorkerRole
 
 log = logging.getLogger(__name__)
 
-
-def backend_options(settings: ServeSettings, workers: int = 1) -> dict[str, Any]:
-    """The keyword arguments `make_backend` gets for `settings.backend.kind`: the gateway's, and
-    the benchmark's when it times the backend alone (so both run the same batcher settings).
-    `workers`: gateway processes sharing this host's cores (instances: auto is divided among them)."""
-    if settings.backend.kind == "triton":
-        return {
-            "url": settings.backend.triton_url,
-            "protocol": settings.backend.triton_protocol,
-            "model_control": settings.backend.model_control,
-            "health_interval_s": settings.backend.health_interval_s,
-        }
-    return {
-        "max_batch_size": settings.batching.max_batch_size,
-        "max_queue_delay_us": settings.batching.max_queue_delay_us,
-        "instances": settings.backend.resolved_instances(workers),
-        "intra_op_threads": settings.backend.intra_op_threads,
-        "verify_sha256": settings.backend.verify_sha256,
-        "memory_arena": settings.backend.memory_arena,
-        "inline_max_batch": settings.backend.inline_max_batch,
-        "allow_spinning": settings.backend.allow_spinning,
-    }
+__all__ = ["backend_options", "create_app"]  # backend_options: factory.py's, here for its callers
 
 
 def create_app(
@@ -65,11 +47,12 @@ def create_app(
     router_predictor: RouterPredictor | None = None,
     worker: WorkerRole | None = None,
 ) -> GatewayApp:
-    """Build the gateway. The manifest is read now (a missing repository fails here, clearly);
-    the backend (given, or made from settings) is started and closed by the app's lifespan.
+    """Build the gateway. The serving version's manifest is read now (a missing repository fails
+    here, clearly) and again at start-up (a worker started after a roll-out serves what serves
+    then); the backend (given, or made from settings) is started and closed by the app's lifespan.
     `memory_probe` replaces the memory policy's measurement, `router_predictor` the manifest's router (tests).
     `worker`: this app is one of several gateway processes on one port (serving/workers.py)."""
-    manifest = load_manifest(settings.repository)
+    manifest = serving_manifest(settings.repository)
     unknown = sorted(set(settings.variants) - {v.key for v in manifest.served_variants()})
     if unknown:
         raise SettingsError(
@@ -78,12 +61,16 @@ def create_app(
         )
     metrics = GatewayMetrics()
 
+    async def load(version_manifest: Manifest, serving: ServedModel) -> ServedModel:
+        return await load_version(settings, version_manifest, serving, worker, router_predictor)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        man = serving_manifest(settings.repository)  # again: this worker may start after a roll-out
         b = backend
         if b is None:
             opts = backend_options(settings, worker.count if worker else 1)
-            b = make_backend(settings.backend.kind, settings.repository, manifest, **opts)
+            b = make_backend(settings.backend.kind, settings.repository, man, **opts)
         await b.start()
         # router, model, warm-up, this host's profiles (worker 0 measures for all), memory policy
         service = await build_service(
@@ -93,7 +80,7 @@ def create_app(
             worker=worker,
             router_predictor=router_predictor,
             memory_probe=memory_probe,
-            manifest=manifest,
+            manifest=man,
         )
         found = service.model.router  # for the start-up line below
         app.state.service = service
@@ -104,8 +91,9 @@ def create_app(
         gc.freeze()
         health = b.variants()
         log.info(
-            "serving %s with the %s backend; variants: %s; router: %s%s",
-            manifest.model_name,
+            "serving %s version %d with the %s backend; variants: %s; router: %s%s",
+            man.model_name,
+            man.version,
             b.name,
             ", ".join(f"{k}={'ok' if h.healthy else 'UNHEALTHY'}" for k, h in health.items()),
             found.summary,  # one line each; the structured detail is in /v1/status
@@ -113,6 +101,17 @@ def create_app(
         )
         if not b.ready():
             log.error("no variant can serve: /readyz answers 503 and classify requests get 503")
+        # versions.json: a live canary is loaded in the background now; with rollout.follow, every
+        # change is followed (load, switch between requests, unload once idle)
+        follower = VersionFollower(
+            service,
+            service.book,
+            settings.repository,
+            load,
+            settings.rollout.poll_s,
+            settings.server.drain_timeout_s,
+        )
+        follower.start(settings.rollout.follow)
         grpc_front = None
         if settings.server.grpc_port:
             grpc_front = GrpcFront(
@@ -134,7 +133,11 @@ def create_app(
             app.state.service = app.state.dataplane = None
             if service.memory_controller is not None:
                 await service.memory_controller.close()
-            await b.close()
+            await service.mirrors.close()
+            await follower.close()  # every version it loaded but the serving one
+            await service.versions.serving.backend.close()
+            if b is not service.versions.serving.backend:  # idempotent: it may be closed already
+                await b.close()
 
     app = GatewayApp(
         title="adaptive-quant gateway",

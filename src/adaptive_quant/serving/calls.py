@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from adaptive_quant.serving.backends.base import Backend
 from adaptive_quant.serving.metrics import GatewayMetrics
 
 if TYPE_CHECKING:
@@ -21,8 +20,9 @@ if TYPE_CHECKING:
 
 
 class VariantCalls:
-    def __init__(self, backend: Backend, metrics: GatewayMetrics) -> None:
-        self.backend = backend
+    """Calls a variant of a model version on that version's own backend (`model.backend`)."""
+
+    def __init__(self, metrics: GatewayMetrics) -> None:
         self.metrics = metrics
 
     async def infer(self, model: ServedModel, key: str, x: np.ndarray, timeout_ms: float) -> np.ndarray:
@@ -43,7 +43,7 @@ class VariantCalls:
             # asyncio.timeout, not wait_for: no extra task and loop turn per call, and an inline
             # batch (batcher.py) then completes without leaving this task
             async with asyncio.timeout(timeout_ms / 1e3):
-                logits = await self.backend.infer(key, x)
+                logits = await model.backend.infer(key, x)
             if logits.shape != (n, model.num_classes):
                 raise ValueError(f"backend returned logits of shape {logits.shape} for {n} samples")
             observed = (time.perf_counter() - t) * 1e3

@@ -34,7 +34,6 @@ import numpy as np
 
 from adaptive_quant.core.latency import LatencyEstimator
 from adaptive_quant.core.routing import NoVariantAllowed, RoutingConfig, route_batch
-from adaptive_quant.serving.backends.base import Backend
 from adaptive_quant.serving.calls import VariantCalls
 from adaptive_quant.serving.errors import ServiceUnavailable
 from adaptive_quant.serving.metrics import GatewayMetrics
@@ -143,12 +142,9 @@ class CheapestEntry:
 
 
 class EntryPass:
-    """Runs the entry pass of every request of one service (any model version)."""
+    """Runs the entry pass of every request of one service (any model version, on its own backend)."""
 
-    def __init__(
-        self, backend: Backend, metrics: GatewayMetrics, calls: VariantCalls, deadline: DeadlineSettings
-    ) -> None:
-        self.backend = backend
+    def __init__(self, metrics: GatewayMetrics, calls: VariantCalls, deadline: DeadlineSettings) -> None:
         self.metrics = metrics
         self.calls = calls
         self.deadline = deadline
@@ -161,7 +157,7 @@ class EntryPass:
         floor_ok = model.ranks >= (options.floor.rank if options.floor else -1)
         allowed = (
             floor_ok
-            & model.routable(self.backend.variants(), time.monotonic())
+            & model.routable(model.backend.variants(), time.monotonic())
             & np.array([k not in tried for k in model.keys])
         )
         if options.variant is not None:  # pinned: that variant or nothing (no fallback)
@@ -226,7 +222,7 @@ class EntryPass:
         """Why no variant at or above the floor can be routed to: each one's health or breaker, grouped."""
         if not floor_ok.any():
             return "no variant at or above the precision floor"
-        health, now, reasons = self.backend.variants(), time.monotonic(), {}
+        health, now, reasons = model.backend.variants(), time.monotonic(), {}
         for key, ok in zip(model.keys, floor_ok):
             if not ok:
                 continue

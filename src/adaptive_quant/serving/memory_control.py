@@ -83,7 +83,7 @@ class MemoryController:
         probe: Callable[[], MemorySample] | None = None,  # tests inject a fake measurement
         triton_metrics_url: str = "",
     ) -> None:
-        self.backend = backend
+        self._backend = backend
         self.metrics = metrics
         self.config = config
         self.probe = probe or (lambda: measure(triton_metrics_url))
@@ -104,6 +104,11 @@ class MemoryController:
             registry=metrics.registry,
             multiprocess_mode="livemax",  # several workers: only worker 0 runs the policy (workers.py)
         )
+
+    @property
+    def backend(self) -> Backend:
+        """The serving version's backend (a roll-out changes it), or the one given before start()."""
+        return self._model().backend if self._model is not None else self._backend
 
     # ------------------------------------------------------------------ lifecycle
 

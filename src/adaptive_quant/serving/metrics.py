@@ -25,6 +25,9 @@ DECISION_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 1e-2)
 
 # cancelled: cut by the drain timeout at shutdown (or the task was cancelled otherwise)
 OUTCOMES = ("ok", "client_error", "unavailable", "error", "cancelled")
+# a model version's state in one worker (aq_model_version_workers; serving/versions.py)
+VERSION_STATES = ("loading", "serving", "canary", "failed")
+MIRROR_RESULTS = ("agree", "disagree", "failed")
 
 
 class GatewayMetrics:
@@ -95,6 +98,33 @@ class GatewayMetrics:
             ["reason"],
             registry=r,
         )
+        # model versions (the roll-out contract, section 4): `version` is the number as a string
+        self.version_requests = Counter(
+            "aq_version_requests",
+            "Classify requests by the model version that served them and outcome (as aq_requests)",
+            ["version", "outcome"],
+            registry=r,
+        )
+        self.version_budget = Counter(
+            "aq_version_budget",
+            "Requests with a latency budget, by the model version that served them and whether it was met",
+            ["version", "result"],
+            registry=r,
+        )
+        self.mirror_comparisons = Counter(
+            "aq_mirror_comparisons",
+            "Samples of the serving version's requests mirrored onto the canary `version`: top-1 of the same "
+            "variant's entry logits agree, disagree, or the mirrored call failed",
+            ["version", "result"],
+            registry=r,
+        )
+        self.version_workers = Gauge(
+            "aq_model_version_workers",
+            "Gateway workers holding the model version in the state (loading, serving, canary, failed)",
+            ["version", "state"],
+            registry=r,
+            multiprocess_mode="livesum",  # 0/1 per worker, summed over the live ones
+        )
         for reason in ("cut", "failed"):
             self.followup_passes_lost.labels(reason)
         for outcome in OUTCOMES:  # export zeros from the start, so dashboards see every series
@@ -105,6 +135,17 @@ class GatewayMetrics:
     def declare_plans(self, plans: list[str]) -> None:
         for name in plans:
             self.followups.labels(name)
+
+    def declare_version(self, version: str) -> None:
+        """Zeros for a version's series from the moment it can serve, so a scrape sees every one."""
+        for outcome in OUTCOMES:
+            self.version_requests.labels(version, outcome)
+        for result in ("met", "missed"):
+            self.version_budget.labels(version, result)
+
+    def declare_mirrors(self, version: str) -> None:
+        for result in MIRROR_RESULTS:
+            self.mirror_comparisons.labels(version, result)
 
     def declare_variants(self, keys: list[str]) -> None:
         for k in keys:

@@ -1,11 +1,12 @@
 """One served model version: what a request is routed and answered with, as one object.
 
-`ServedModel` holds the manifest, the variants this gateway routes to (keys, precisions, ranks
-in one column order), the single-stage prior, the router (two-stage follow-ups, or none), the
-latency estimator and the profiles it plans with, the entry policy and the variants' breakers.
-`build_model` makes it whole; nothing is set on it afterwards. The service reads it once per
-request, so a request is served wholly by one version, and a roll-out swaps versions by
-swapping this one reference (`ClassifierService.set_model`).
+`ServedModel` holds the version number, the backend its variants run on, the manifest, the
+variants this gateway routes to (keys, precisions, ranks in one column order), the single-stage
+prior, the router (two-stage follow-ups, or none), the latency estimator and the profiles it
+plans with, the entry policy and the variants' breakers. `build_model` makes it whole; nothing
+is set on it afterwards but its `usage` counters. A request reads the version set once
+(serving/versions.py) and is served wholly by the one version it picked, so two versions serve
+side by side, each on its own backend, and a roll-out swaps versions by swapping one reference.
 
 Single-stage is two-stage with no follow-up: both take an entry pass, and only the entry policy
 (chosen here, once per model) and whether a follow-up stage exists differ (serving/entry.py).
@@ -13,7 +14,7 @@ Single-stage is two-stage with no follow-up: both take an entry pass, and only t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -21,7 +22,7 @@ from adaptive_quant.core.latency import LatencyEstimator
 from adaptive_quant.core.manifest import Manifest
 from adaptive_quant.core.precision import Precision
 from adaptive_quant.core.prior import PriorAccuracy
-from adaptive_quant.serving.backends.base import VariantHealth
+from adaptive_quant.serving.backends.base import Backend, VariantHealth
 from adaptive_quant.serving.breaker import Breakers
 from adaptive_quant.serving.entry import CheapestEntry, EntryPolicy, PriorRouting
 from adaptive_quant.serving.errors import InputError
@@ -33,10 +34,24 @@ from adaptive_quant.serving.settings import ServeSettings
 NOT_PROFILED = ProfileInfo("manifest", "not profiled on this host", {})
 
 
+@dataclass(eq=False, slots=True)
+class Usage:
+    """What runs on one version now (this process): a version no longer live is unloaded once
+    `busy()` is false (serving/follower.py)."""
+
+    in_flight: int = 0  # requests that picked this version and have not been answered yet
+    mirrors: int = 0  # mirrored calls of the serving version's requests running on it (mirror.py)
+
+    def busy(self) -> bool:
+        return self.in_flight > 0 or self.mirrors > 0
+
+
 @dataclass(frozen=True, eq=False, slots=True)
 class ServedModel:
     """One version; every per-variant sequence is in the column order of `keys`."""
 
+    version: int  # the repository's version number (versions.json; 1 in a repository without versions)
+    backend: Backend  # this version's variants, started; closed when the version is unloaded
     manifest: Manifest
     keys: list[str]  # (V,) the variants routed to
     precisions: list[Precision]  # (V,)
@@ -50,6 +65,12 @@ class ServedModel:
     followup: FollowupStage | None  # None: single-stage, no follow-up after the entry pass
     entry: EntryPolicy  # how the entry pass picks a variant per sample
     breakers: Breakers
+    usage: Usage = field(default_factory=Usage)  # the one mutable member: counters, not state of the model
+
+    @property
+    def label(self) -> str:
+        """The version as Prometheus labels and v2 answers carry it ("2")."""
+        return str(self.version)
 
     def routable(self, health: dict[str, VariantHealth], now: float) -> np.ndarray:
         """(V,) bool: the backend says healthy and the breaker has not taken it out (monotonic `now`)."""
@@ -92,11 +113,13 @@ def build_model(
     manifest: Manifest,
     router: LoadedRouter,
     *,
+    backend: Backend,
+    version: int = 1,
     estimator: LatencyEstimator | None = None,
     profile: ProfileInfo = NOT_PROFILED,
 ) -> ServedModel:
-    """The whole model version. `estimator`: one already given this host's profiles
-    (profiling.profile_host), else one planning with the manifest's."""
+    """The whole model version on its started `backend`. `estimator`: one already given this
+    host's profiles (profiling.profile_host), else one planning with the manifest's."""
     keys = routed_keys(settings, manifest)
     if estimator is None:
         estimator = variant_estimator(settings, manifest)
@@ -117,6 +140,8 @@ def build_model(
         else CheapestEntry.over(keys, ranks, estimator)
     )
     return ServedModel(
+        version=version,
+        backend=backend,
         manifest=manifest,
         keys=keys,
         precisions=precisions,

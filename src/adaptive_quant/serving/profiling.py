@@ -28,7 +28,7 @@ from pydantic import Field
 
 from adaptive_quant.core.host import describe_host, host_differences
 from adaptive_quant.core.latency import LatencyEstimator
-from adaptive_quant.core.manifest import LatencyPoint, LatencyProfile, Manifest
+from adaptive_quant.core.manifest import LatencyPoint, LatencyProfile, Manifest, batch_key_at_or_above
 from adaptive_quant.core.settings import Section
 from adaptive_quant.core.stats import percentiles
 from adaptive_quant.serving.backends.base import Backend
@@ -216,3 +216,67 @@ def _ort_version() -> str:
         return onnxruntime.__version__
     except ImportError:  # a Triton-only gateway: the server's runtime is not ours to name
         return "unknown"
+
+
+def scaled_profiles(
+    manifest: Manifest,
+    keys: list[str],
+    estimator: LatencyEstimator,
+    base_manifest: Manifest,
+    base: ProfileInfo,
+) -> ProfileInfo:
+    """The profiles of a version loaded while another serves, handed to `estimator`, without
+    timing anything: timing under live load would time the load (and slow it). This host's
+    figures for the new version are its manifest's, scaled per variant key and batch size by
+    what this host measured for the serving version against the serving version's manifest
+    (`base`, `base_manifest`): the same networks on the same host keep their ratio. A key the
+    serving version lacks takes the median ratio of the others. When the serving version plans
+    with its manifest's profiles (nothing measured here), so does the new one."""
+    if not base.measured:
+        reason = "loaded while serving: its manifest's profiles, as the serving version plans with its own"
+        first = next((manifest.variants[k].latency for k in keys if manifest.variants[k].latency), None)
+        return ProfileInfo("manifest", reason, first.host if first else {})
+    ratios: dict[str, dict[str, tuple[float, float]]] = {}  # key → batch → (p50, p95) host/manifest
+    for key, measured in base.measured.items():
+        old = base_manifest.variants.get(key)
+        if old is None or old.latency is None or not old.latency.batches:
+            continue
+        ratios[key] = {
+            b: (
+                p.p50_ms / max(old.latency.at(int(b)).p50_ms, 1e-9),
+                p.p95_ms / max(old.latency.at(int(b)).p95_ms, 1e-9),
+            )
+            for b, p in measured.batches.items()
+        }
+    overall = [r for per in ratios.values() for r in per.values()]
+    fallback = (
+        (float(np.median([r[0] for r in overall])), float(np.median([r[1] for r in overall])))
+        if overall
+        else (1.0, 1.0)
+    )
+    host = next(iter(base.measured.values())).host
+    scaled: dict[str, LatencyProfile] = {}
+    before = {k: estimator.service_ms(k, 1) for k in keys}
+    for key in keys:
+        profile = manifest.variants[key].latency
+        if profile is None or not profile.batches:
+            continue
+        per = ratios.get(key)
+        points = {}
+        for b, p in profile.batches.items():
+            r50, r95 = per[batch_key_at_or_above(per, int(b))] if per else fallback
+            points[b] = LatencyPoint(p50_ms=p.p50_ms * r50, p95_ms=p.p95_ms * r95, throughput=p.throughput / r50)
+        scaled[key] = LatencyProfile(host=host, batches=points)
+    estimator.set_profiles(scaled)
+    reason = (
+        "loaded while serving: its manifest's profiles scaled by the serving version's host/manifest ratio "
+        "per variant and batch size (not timed under live load)"
+    )
+    return ProfileInfo(
+        "scaled from the serving version's",
+        reason,
+        host,
+        0.0,
+        {k: {"manifest": round(before[k], 4), "used": round(estimator.service_ms(k, 1), 4)} for k in keys},
+        scaled,
+    )

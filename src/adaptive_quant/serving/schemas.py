@@ -124,8 +124,20 @@ class SingleStageStatus(BaseModel):
     unmeasured: list[str] = Field(..., description="variants without a validation accuracy (ranked by precision)")
 
 
+class VersionStatus(BaseModel):
+    version: int
+    state: str = Field(..., description="loading | serving | canary | retired | failed, in this worker")
+    since: str = Field(..., description="UTC time it entered the state")
+    requests: int = Field(..., description="requests it served in this worker")
+    in_flight: int = Field(..., description="requests and mirrored calls on it now")
+    detail: str = Field(..., description="why it failed or was retired")
+
+
 class StatusResponse(BaseModel):
     model: str
+    version: int = Field(..., description="the model version serving (the canary's share aside)")
+    versions: list[VersionStatus] = Field(..., description="every model version this worker holds or held")
+    canary: dict[str, Any] | None = Field(None, description="the canary: its shares and mirrored comparisons")
     backend: str
     ready: bool
     single_stage: SingleStageStatus

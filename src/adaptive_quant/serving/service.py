@@ -7,8 +7,11 @@ A request is an entry pass, then zero or more follow-up passes, then one combine
      entry logits, the planner picks a plan per sample within the remaining budget (priced
      higher under load), the passes run batched and are cut at the deadline; the answer
      averages the passes that ran. A model without a router (single-stage) plans none.
-The model (model.py) is read once per request (`self.model`), so a request is served wholly by
-one version while `set_model` swaps versions for the requests that start after it.
+A request picks its model version once (versions.VersionSet.pick: the serving version, or the
+canary with its share) and is served wholly by it, on that version's own backend, while
+`set_versions` (the roll-out's follower) or `set_model` swaps versions for the requests that
+start after it. A request served by the serving version may be mirrored onto the canary
+(mirror.py) after its entry pass, in the background.
 """
 
 from __future__ import annotations
@@ -27,9 +30,11 @@ from adaptive_quant.serving.entry import EntryPass, RequestState
 from adaptive_quant.serving.followup import highest_precision
 from adaptive_quant.serving.memory_control import MemoryController
 from adaptive_quant.serving.metrics import GatewayMetrics
+from adaptive_quant.serving.mirror import Mirrors
 from adaptive_quant.serving.model import ServedModel
 from adaptive_quant.serving.options import ClassifyOptions
 from adaptive_quant.serving.settings import ServeSettings
+from adaptive_quant.serving.versions import VersionBook, VersionSet
 from adaptive_quant.serving.worker_role import WorkerRole
 
 
@@ -40,6 +45,7 @@ class ClassifyResult:
     passes: list[list[str]]  # (N,) the passes that answered each sample, entry first ("int8", "int8:hflip")
     precisions: list[str]  # (N,) the highest precision among each sample's passes
     classes: list[str]  # (C,) class names of the model version that answered: the columns of probs
+    version: int  # the model version that answered (X-Model-Version, v2 model_version)
     budget_met: bool
     server_time_ms: float
     routing_time_ms: float
@@ -49,12 +55,11 @@ class ClassifyResult:
 
 
 class ClassifierService:
-    """Serves requests with the current model version on one backend; built by factory.build_service."""
+    """Serves requests with the live model versions, each on its own backend; built by factory.build_service."""
 
     def __init__(
         self,
         settings: ServeSettings,
-        backend: Backend,
         metrics: GatewayMetrics,
         model: ServedModel,
         *,
@@ -62,24 +67,53 @@ class ClassifierService:
         memory_controller: MemoryController | None = None,
     ) -> None:
         self.settings = settings
-        self.backend = backend
         self.metrics = metrics
         self.worker = worker  # one of several gateway processes (serving/workers.py), or None
         self.memory_controller = memory_controller  # the memory policy (memory.enabled, worker 0), or None
         self.started_at = time.monotonic()
         self.in_flight = 0  # requests in flight; the dataplane counts them
-        # an idle backend may compute on the event loop only while this is the one request in flight
-        backend.set_contention_probe(lambda: self.in_flight > 1)
-        self._calls = VariantCalls(backend, metrics)
-        self._entry = EntryPass(backend, metrics, self._calls, settings.deadline)
+        self._calls = VariantCalls(metrics)
+        self._entry = EntryPass(metrics, self._calls, settings.deadline)
+        self.mirrors = Mirrors(
+            metrics, self._calls, settings.rollout.mirror_max_in_flight, settings.deadline.no_budget_timeout_ms
+        )
+        self.versions = VersionSet(model)
+        self.book = VersionBook(metrics)  # every version this worker held (/v1/status "versions")
         self.set_model(model)
 
     def set_model(self, model: ServedModel) -> None:
-        """Serve the requests that start from now on with `model`; those in flight finish on theirs."""
+        """Serve the requests that start from now on with `model` alone; those in flight finish on theirs."""
+        self.set_versions(VersionSet(model))
+
+    def set_versions(self, versions: VersionSet) -> None:
+        """Serve the requests that start from now on with `versions` (one reference swap, between
+        requests); those in flight finish on the version they picked."""
+        for model in versions.live():
+            self._declare(model)
+        self.versions = versions
+
+    def _declare(self, model: ServedModel) -> None:
         self.metrics.declare_variants(model.keys)
+        self.metrics.declare_version(model.label)
         if model.followup is not None:
             self.metrics.declare_plans([p.name for p in model.followup.plans[1:]])
-        self.model = model
+        # an idle backend may compute on the event loop only while this is the one request in
+        # flight; a mirror counts as another (it must not hold the loop while requests arrive)
+        model.backend.set_contention_probe(lambda: self.in_flight > 1 or self.mirrors.in_flight > 0)
+
+    @property
+    def model(self) -> ServedModel:
+        """The serving version (status, probes, the memory policy); a request picks with `pick`."""
+        return self.versions.serving
+
+    @property
+    def backend(self) -> Backend:
+        """The serving version's backend."""
+        return self.versions.serving.backend
+
+    def pick(self) -> ServedModel:
+        """The version a request is served by: the canary with its share, else the serving one."""
+        return self.versions.pick()
 
     @property
     def manifest(self) -> Manifest:
@@ -106,10 +140,25 @@ class ClassifierService:
 
     # ------------------------------------------------------------------ classify
 
-    async def classify(self, x: np.ndarray, options: ClassifyOptions, started: float) -> ClassifyResult:
-        """x (N, 3, H, W) float32, the model input; `started` perf_counter() s at arrival."""
-        model = self.model  # once: every pass of this request runs on this version
-        model.check_options(options)
+    async def classify(
+        self, x: np.ndarray, options: ClassifyOptions, started: float, model: ServedModel | None = None
+    ) -> ClassifyResult:
+        """x (N, 3, H, W) float32, the model input; `started` perf_counter() s at arrival.
+        `model`: the version the caller picked (the dataplane, which counts it in flight); None:
+        picked and counted here."""
+        if model is None:
+            model = self.pick()
+            model.usage.in_flight += 1
+            try:
+                return await self._classify(x, options, started, model)
+            finally:
+                model.usage.in_flight -= 1
+        return await self._classify(x, options, started, model)
+
+    async def _classify(
+        self, x: np.ndarray, options: ClassifyOptions, started: float, model: ServedModel
+    ) -> ClassifyResult:
+        model.check_options(options)  # every pass of this request runs on this version
         n = x.shape[0]
         state = RequestState(
             model=model,
@@ -121,6 +170,9 @@ class ClassifierService:
             decision_met=np.ones(n, dtype=bool),
         )
         await self._entry.serve(state, np.arange(n), frozenset())
+        versions = self.versions
+        if versions.canary is not None:
+            self.mirrors.maybe_mirror(versions, model, x, state.logits, state.answered_by)
         variants = [model.keys[j] for j in state.answered_by]
         passes = [[k] for k in variants]
         probs = softmax(state.logits)
@@ -138,6 +190,7 @@ class ClassifierService:
             passes=passes,
             precisions=[highest_precision(p, model.precision_of).value for p in passes],
             classes=model.manifest.classes,
+            version=model.version,
             budget_met=met,
             server_time_ms=server_ms,
             routing_time_ms=state.routing_s * 1e3,
@@ -153,7 +206,7 @@ class ClassifierService:
         model, options = state.model, state.options
         stage = model.followup
         assert stage is not None
-        routable = dict(zip(model.keys, model.routable(self.backend.variants(), time.monotonic()).tolist()))
+        routable = dict(zip(model.keys, model.routable(model.backend.variants(), time.monotonic()).tolist()))
         dl = self.settings.deadline
         reserve_ms = max(dl.followup_reserve_ms, dl.followup_reserve_share * (options.budget_ms or 0.0))
         deadline = None if options.budget_ms is None else state.started + (options.budget_ms - reserve_ms) / 1e3

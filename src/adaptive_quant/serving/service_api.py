@@ -18,6 +18,7 @@ if TYPE_CHECKING:  # annotations only: the service module imports the model and 
     from adaptive_quant.serving.options import ClassifyOptions
     from adaptive_quant.serving.service import ClassifyResult
     from adaptive_quant.serving.settings import ServeSettings
+    from adaptive_quant.serving.versions import VersionSet
     from adaptive_quant.serving.worker_role import WorkerRole
 
 
@@ -25,16 +26,25 @@ class ServiceAPI(Protocol):
     """The members of `ClassifierService` the serving layer above it uses (the serving contract)."""
 
     settings: ServeSettings
-    backend: Backend
     metrics: GatewayMetrics
     worker: WorkerRole | None
     in_flight: int  # requests in flight; the dataplane counts them, the backend's contention probe reads them
     started_at: float  # time.monotonic() s
     memory_controller: Any  # a MemoryController when memory.enabled, else None
+    versions: VersionSet  # the live model versions; swapped whole by a roll-out
+
+    @property
+    def backend(self) -> Backend:
+        """The serving version's backend."""
+        ...
 
     @property
     def model(self) -> ServedModel:
-        """The model version serving now; read once per request."""
+        """The serving version."""
+        ...
+
+    def pick(self) -> ServedModel:
+        """The version one request is served by (the canary with its share); read once per request."""
         ...
 
     @property
@@ -57,6 +67,9 @@ class ServiceAPI(Protocol):
         """Raises InputError (422) for options this service cannot honour."""
         ...
 
-    async def classify(self, x: np.ndarray, options: ClassifyOptions, started: float) -> ClassifyResult:
-        """x (N, 3, H, W) float32, the model input; `started` perf_counter() s at arrival."""
+    async def classify(
+        self, x: np.ndarray, options: ClassifyOptions, started: float, model: ServedModel | None = None
+    ) -> ClassifyResult:
+        """x (N, 3, H, W) float32, the model input; `started` perf_counter() s at arrival;
+        `model`: the version picked for it (None: picked here)."""
         ...

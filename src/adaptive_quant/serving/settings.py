@@ -211,6 +211,20 @@ class BreakerSettings(Section):
     cooldown_s: float = Field(5.0, ge=0)  # ...for this many seconds, after which it is tried again
 
 
+class RolloutSettings(Section):
+    config_key: ClassVar[str] = "rollout"
+
+    # follow the repository's versions.json while serving (serving/follower.py): load a version
+    # that becomes serving or canary in the background, switch between requests, unload the old
+    # one once idle. false: the index is read once, at start-up
+    follow: bool = True
+    # s between stat()s of versions.json; a roll-out reaches every worker within this (+ the load)
+    poll_s: float = Field(1.0, gt=0, le=60)
+    # mirrored calls (the canary run on a sample of the serving version's requests) in flight per
+    # worker at most; a mirror beyond it is skipped, never queued: mirrors never delay an answer
+    mirror_max_in_flight: int = Field(2, ge=0)
+
+
 def _comma_list(value: Any) -> Any:
     """'int8,fp32' (an env var or --set) → ['int8', 'fp32']; a list stays a list."""
     if isinstance(value, str):
@@ -237,6 +251,7 @@ class ServeSettings(SettingsRoot):
     deadline: DeadlineSettings = Field(default_factory=DeadlineSettings)
     breaker: BreakerSettings = Field(default_factory=BreakerSettings)
     memory: MemoryPolicyConfig = Field(default_factory=MemoryPolicyConfig)
+    rollout: RolloutSettings = Field(default_factory=RolloutSettings)  # follow versions.json while serving
 
     @field_validator("latency")
     @classmethod

@@ -53,6 +53,11 @@ def status_body(service: ClassifierService) -> dict[str, Any]:
     worker = service.worker
     return {
         "model": model.manifest.model_name,
+        "version": model.version,  # the serving version
+        # every version this worker holds or held: state (loading, serving, canary, retired,
+        # failed), since when, requests served here, in flight now (requests + mirrors), why
+        "versions": service.book.to_json(),
+        "canary": _canary(service),
         "backend": service.backend.name,
         "ready": service.ready(),
         # what routes a request when no router does (none in the repository, or planner.enabled false)
@@ -96,6 +101,24 @@ def status_body(service: ClassifierService) -> dict[str, Any]:
         "model_control": getattr(service.backend, "model_control", "none"),
         "memory": service.memory_controller.snapshot() if service.memory_controller else {"enabled": False},
         "profile": model.profile.to_json(),
+    }
+
+
+def _canary(service: ClassifierService) -> dict[str, Any] | None:
+    """The canary this worker serves now, its shares and its mirrored comparisons here."""
+    versions = service.versions
+    if versions.canary is None:
+        return None
+    m, label = service.metrics, versions.canary.label
+    return {
+        "version": versions.canary.version,
+        "share": versions.share,
+        "mirror_share": versions.mirror_share,
+        "mirrors_in_flight": service.mirrors.in_flight,
+        "mirror_comparisons": {
+            r: int(m.value("aq_mirror_comparisons_total", version=label, result=r))
+            for r in ("agree", "disagree", "failed")
+        },
     }
 
 

@@ -54,7 +54,7 @@ if TYPE_CHECKING:
     from adaptive_quant.serving.service import ClassifyResult
 IMAGES, PIXELS = "images", "pixels"
 LOGITS, PASSES, PRECISION = "logits", "passes", "precision"
-VERSION = "1"  # the one version of every model here
+VERSION = "1"  # a repository's version without versions.json
 SERVER_NAME, PLATFORM = "adaptive-quant", "adaptive_quant"  # what server and model metadata say
 try:
     SERVER_VERSION = metadata.version(SERVER_NAME)
@@ -111,15 +111,15 @@ def output_specs(manifest: Manifest) -> tuple[TensorSpec, ...]:
     )
 
 
-def model_metadata(manifest: Manifest, name: str, platform: str) -> dict[str, Any]:
-    """GET /v2/models/{name}: the protocol's model metadata."""
+def model_metadata(manifest: Manifest, name: str, platform: str, versions: list[str] | None = None) -> dict[str, Any]:
+    """GET /v2/models/{name}: the protocol's model metadata; `versions`: the live model versions."""
 
     def spec(t: TensorSpec) -> dict[str, Any]:
         return {"name": t.name, "datatype": t.datatype, "shape": list(t.shape)}
 
     return {
         "name": name,
-        "versions": [VERSION],
+        "versions": versions or [str(manifest.version)],
         "platform": platform,
         "inputs": [spec(t) for t in input_specs(manifest)],
         "outputs": [spec(t) for t in output_specs(manifest)],
@@ -501,9 +501,10 @@ def encode_infer_response(
     probs: np.ndarray,
     classes: list[str],
     parameters: Mapping[str, Any],
+    model_version: str = VERSION,
 ) -> tuple[bytes, int | None]:
     """The response body, and the JSON header's length when binary outputs follow it (the value
-    of Inference-Header-Content-Length), else None."""
+    of Inference-Header-Content-Length), else None. `model_version`: the version that answered."""
     outputs, blobs = [], []
     for want, datatype, shape, values in answer_tensors(request.outputs, tensors, probs, classes):
         entry: dict[str, Any] = {"name": want.name, "datatype": datatype, "shape": shape}
@@ -514,7 +515,7 @@ def encode_infer_response(
         else:
             entry["data"] = [v.decode() for v in values] if datatype == "BYTES" else values.reshape(-1).tolist()
         outputs.append(entry)
-    head: dict[str, Any] = {"model_name": model_name, "model_version": VERSION}
+    head: dict[str, Any] = {"model_name": model_name, "model_version": model_version}
     if request.id is not None:
         head["id"] = request.id
     head["parameters"] = dict(parameters)

@@ -25,7 +25,13 @@ class VariantHealth:
 
 
 class Backend(ABC):
-    """Serves the manifest's variants. Lifecycle: `await start()` → infer* → `await close()`."""
+    """Serves one model version's variants (its manifest).
+
+    Lifecycle: `await start()` → infer* → [`await retire()`] → `await close()`. `retire()` is
+    called once the version is no longer live (dropped from versions.json's serving/canary) and
+    nothing is in flight on it here, before `close()`; a backend whose server holds the version
+    (Triton) lets it go there, the others have nothing to do.
+    """
 
     name: str = "abstract"
 
@@ -36,6 +42,10 @@ class Backend(ABC):
     @abstractmethod
     async def start(self) -> None:
         """Load or connect; a variant that cannot serve is marked unhealthy, not fatal."""
+
+    async def retire(self) -> None:  # noqa: B027 - optional hook, a no-op unless a server holds the version
+        """This version no longer takes traffic: release what a shared server keeps for it.
+        Default: nothing (an embedded backend's close() releases everything)."""
 
     @abstractmethod
     async def close(self) -> None:

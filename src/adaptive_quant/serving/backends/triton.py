@@ -1,7 +1,11 @@
 """Triton backend: the same traffic, sent to a Triton Inference Server through tritonclient's aio clients.
 
+One backend serves one model version (its manifest's `version`): every readiness, config and
+inference call pins `model_version`, because Triton may hold several versions of a model side
+by side (config.pbtxt's `version_policy` lists the serving and canary ones).
+
 Following Triton's client examples, readiness and every model's config are checked at
-start-up: a variant whose model is not ready, or whose config disagrees with the manifest
+start-up: a variant whose model version is not ready, or whose config disagrees with the manifest
 (input/output names, FP32, dims), is reported unhealthy and left out. Triton does the
 batching (`dynamic_batching` in config.pbtxt); requests larger than a model's
 `max_batch_size` are split here.
@@ -14,6 +18,15 @@ back-off; Triton back → the variants are checked again and serve. With
 owns which variants are loaded: `load_variant` / `unload_variant` go through Triton's
 repository API, and the monitor loads every variant that should be loaded but is not (after
 a Triton restart, say), at most once per `load_retry_s`.
+
+Versions under explicit control: `start()` loads a version that is not ready with
+`load_model(name)`; Triton re-reads config.pbtxt and loads the versions its policy lists that it
+does not hold, while those it holds keep serving. Several gateway workers start the same version:
+each checks the pinned version's readiness first and waits for a load another one has under way
+(Triton's repository index says LOADING) instead of asking again. `retire()`, once the policy no
+longer lists this version, waits until no worker has used it for `retire_quiet_s`, then calls
+`load_model(name)` again: Triton applies the policy and unloads the version after its in-flight
+requests.
 """
 
 from __future__ import annotations
@@ -38,7 +51,7 @@ MODEL_CONTROL = ("none", "explicit")
 
 @dataclass
 class ModelState:
-    """Whether a variant's Triton model is loaded, and why (for /v1/status)."""
+    """Whether a variant's Triton model (this backend's version of it) is loaded, and why (for /v1/status)."""
 
     wanted: bool = True  # the gateway wants it loaded (False after a deliberate unload)
     loaded: bool = False  # last seen ready on the server
@@ -79,6 +92,25 @@ def check_model_config(raw: dict[str, Any], manifest: Manifest) -> tuple[str | N
     return None, max_batch
 
 
+def index_state(raw: Any, model: str, version: str) -> str | None:
+    """State of one model version ("READY", "LOADING", "UNAVAILABLE", ...) in Triton's repository
+    index as either client returns it (gRPC as_json: {"models": [...]}; HTTP: a list); None if absent."""
+    entries = raw.get("models", []) if isinstance(raw, dict) else raw
+    for e in entries or []:
+        if e.get("name") == model and str(e.get("version", "")) == version:
+            return str(e.get("state", "")) or None
+    return None
+
+
+def version_activity(raw: Any, version: str) -> tuple[str, str] | None:
+    """(inference_count, last_inference) of one version in Triton's inference statistics, as strings
+    (gRPC JSON gives int64 as strings, HTTP as ints): it changes whenever any client used the version."""
+    for st in (raw or {}).get("model_stats", []):
+        if str(st.get("version", "")) == version:
+            return str(st.get("inference_count", "")), str(st.get("last_inference", ""))
+    return None
+
+
 class TritonBackend(Backend):
     name = "triton"
 
@@ -93,6 +125,17 @@ class TritonBackend(Backend):
         probe_timeout_s: float = 2.0,  # s a health or config call may take before Triton counts as down
         load_timeout_s: float = 120.0,  # s a model load may take (a big ONNX model on a busy GPU)
         load_retry_s: float = 30.0,  # s before a failed automatic load is tried again
+        # retire(): s without an inference on this version by any client (other gateway workers may
+        # still be switching: they follow versions.json every rollout.poll_s) before Triton drops it,
+        # and the longest retire() waits for that quiet before it drops the version anyway
+        retire_quiet_s: float = 2.0,
+        retire_timeout_s: float = 60.0,
+        # the variant keys this backend serves (None: every served variant of the manifest); a
+        # version loaded while another serves takes only those the gateway routes to
+        variants: list[str] | None = None,
+        # load (and check) the models at once; False: one after another, for a version loaded under
+        # live traffic, whose Python-backend stubs would otherwise start together and take every core
+        parallel_loads: bool = True,
         **_ignored: Any,  # embedded-only knobs (batching) are Triton's business here
     ) -> None:
         if model_control not in MODEL_CONTROL:
@@ -105,17 +148,24 @@ class TritonBackend(Backend):
         self.probe_timeout_s = probe_timeout_s
         self.load_timeout_s = load_timeout_s
         self.load_retry_s = load_retry_s
+        self.retire_quiet_s = retire_quiet_s
+        self.retire_timeout_s = retire_timeout_s
+        self.version = int(getattr(manifest, "version", 1))  # a manifest written before versions: 1
+        self.model_version = str(self.version)  # pinned on every call (tritonclient takes it as a string)
         self._module = _client_module(protocol) if client_factory is None else None
         self._factory = client_factory or (lambda u: self._module.InferenceServerClient(url=u))
         self._client: Any = None
-        self._health = {v.key: VariantHealth(v.key, False, "not started") for v in manifest.served_variants()}
-        self._model_name = {v.key: v.triton_name for v in manifest.served_variants()}
+        served = [v for v in manifest.served_variants() if variants is None or v.key in variants]
+        self._health = {v.key: VariantHealth(v.key, False, "not started") for v in served}
+        self._model_name = {v.key: v.triton_name for v in served}
+        self.parallel_loads = parallel_loads
         self._max_batch: dict[str, int] = {}
         self._states = {k: ModelState() for k in self._health}
         self._server_up = False
         self._monitor: asyncio.Task | None = None
         self._lock = asyncio.Lock()  # one refresh / load / unload at a time
-        self._retired: list[Any] = []  # replaced clients, closed later (in-flight calls may still use them)
+        self._old_clients: list[Any] = []  # replaced clients, closed later (in-flight calls may still use them)
+        self._retiring = False  # retire() ran: the version is leaving Triton, the monitor loads nothing
 
     @property
     def supports_model_control(self) -> bool:
@@ -133,6 +183,8 @@ class TritonBackend(Backend):
     async def refresh(self, log_all: bool = False) -> None:
         """Check the server, then every variant that is not known to be serving (all of them on `log_all`)."""
         async with self._lock:
+            if self._retiring:
+                return
             if self._client is None:
                 self._client = self._factory(self.url)
             try:
@@ -146,34 +198,45 @@ class TritonBackend(Backend):
                 log.info("Triton at %s answers (server ready: %s)", self.url, server_ready)
             self._server_up = True
             # not ready (e.g. strict readiness while a model loads) is not down: each model's own
-            # readiness decides whether its variant serves
-            for key, model in self._model_name.items():
-                state = self._states[key]
-                if not log_all and self._health[key].healthy:
-                    continue
-                if self.supports_model_control and not state.wanted:
-                    continue  # deliberately unloaded: stays out until load_variant
-                health = await self._check_model(key, model)
-                if (
-                    not health.healthy
-                    and self.supports_model_control
-                    and state.wanted
-                    and time.monotonic() - state.last_load_attempt >= self.load_retry_s
-                ):
-                    health = await self._load(key, "loaded by the gateway: it should be loaded and was not")
-                if health.healthy and not state.loaded:
-                    self._set_state(key, True, "ready on the server")
-                elif not health.healthy:
-                    self._set_state(key, False, health.detail)
-                if health != self._health[key] or log_all:
-                    log.log(
-                        logging.INFO if health.healthy else logging.WARNING,
-                        "Triton model %s (variant %s): %s",
-                        model,
-                        key,
-                        health.detail,
-                    )
-                self._health[key] = health
+            # readiness decides whether its variant serves. Models are checked (and loaded) at the
+            # same time: Triton loads them in parallel, so a new version is ready sooner
+            keys = [
+                k
+                for k in self._model_name
+                if (log_all or not self._health[k].healthy)
+                and not (self.supports_model_control and not self._states[k].wanted)  # deliberately unloaded
+            ]
+            if self.parallel_loads:
+                await asyncio.gather(*(self._refresh_one(k, log_all) for k in keys))
+            else:
+                for k in keys:
+                    await self._refresh_one(k, log_all)
+
+    async def _refresh_one(self, key: str, log_all: bool) -> None:
+        """Check one variant's model version; load it when it should be loaded and is not. Caller holds the lock."""
+        model, state = self._model_name[key], self._states[key]
+        health = await self._check_model(key, model)
+        if (
+            not health.healthy
+            and self.supports_model_control
+            and state.wanted
+            and time.monotonic() - state.last_load_attempt >= self.load_retry_s
+        ):
+            health = await self._load(key, "loaded by the gateway: it should be loaded and was not")
+        if health.healthy and not state.loaded:
+            self._set_state(key, True, f"version {self.version} ready on the server")
+        elif not health.healthy:
+            self._set_state(key, False, health.detail)
+        if health != self._health[key] or log_all:
+            log.log(
+                logging.INFO if health.healthy else logging.WARNING,
+                "Triton model %s version %s (variant %s): %s",
+                model,
+                self.version,
+                key,
+                health.detail,
+            )
+        self._health[key] = health
 
     def _server_down(self, reason: str, log_all: bool) -> None:
         if self._server_up or log_all:
@@ -185,16 +248,16 @@ class TritonBackend(Backend):
                 self._set_state(k, False, "Triton is unreachable")
         # a fresh client next time: gRPC's channel would otherwise retry on its own back-off (up to minutes)
         if self._client is not None:
-            self._retire(self._client)
+            self._drop_client(self._client)
             self._client = None
 
-    def _retire(self, client: Any) -> None:
-        self._retired.append(client)
+    def _drop_client(self, client: Any) -> None:
+        self._old_clients.append(client)
 
         async def close_later() -> None:
             await asyncio.sleep(10.0)  # s; calls still running on it have failed or finished by then
-            if client in self._retired:
-                self._retired.remove(client)
+            if client in self._old_clients:
+                self._old_clients.remove(client)
                 try:
                     await client.close()
                 except Exception:  # noqa: BLE001 - closing a dead channel may complain
@@ -218,17 +281,52 @@ class TritonBackend(Backend):
                 log.exception("Triton health check failed")
 
     async def _load(self, key: str, reason: str) -> VariantHealth:
-        """Load through the repository API, then check; caller holds the lock."""
+        """Make this version of the variant's model ready through the repository API; caller holds the lock.
+
+        load_model is not free even when nothing changed (Triton re-reads the model folder, and reloads
+        a version whose files it finds newer), and other gateway workers start the same version: so
+        the pinned version's readiness is checked first, and a load already under way is waited for.
+        """
         model = self._model_name[key]
         self._states[key].last_load_attempt = time.monotonic()
-        try:
-            await self._call(self._client.load_model(model), self.load_timeout_s)
-        except Exception as exc:
-            return VariantHealth(key, False, f"Triton could not load {model!r}: {type(exc).__name__}: {exc}")
-        health = await self._check_model(key, model)
+        # the checks of a load may take its time: while models load, a small host answers slowly
+        health = await self._check_model(key, model, self.load_timeout_s)
+        if not health.healthy and await self._index_state(model) == "LOADING":
+            health = await self._wait_loading(key, model)
+        if not health.healthy:
+            try:  # Triton re-reads config.pbtxt: versions its policy lists load, those it holds keep serving
+                await self._call(self._client.load_model(model), self.load_timeout_s)
+            except Exception as exc:
+                return VariantHealth(
+                    key, False, f"Triton could not load {model!r} (version {self.version}): {type(exc).__name__}: {exc}"
+                )
+            health = await self._check_model(key, model, self.load_timeout_s)
+            if not health.healthy:
+                health = VariantHealth(key, False, f"{health.detail} after load_model (is it in its version_policy?)")
         if health.healthy:
             self._set_state(key, True, reason)
-            log.info("Triton model %s (variant %s) loaded: %s", model, key, reason)
+            log.info("Triton model %s version %s (variant %s) loaded: %s", model, self.version, key, reason)
+        return health
+
+    async def _index_state(self, model: str) -> str | None:
+        """This version's state in Triton's repository index; None when the index cannot be read."""
+        kwargs = {"as_json": True} if self.protocol == "grpc" else {}
+        try:
+            raw = await self._call(self._client.get_model_repository_index(**kwargs), self.load_timeout_s)
+        except Exception:  # noqa: BLE001 - the index only saves a redundant load
+            return None
+        return index_state(raw, model, self.model_version)
+
+    async def _wait_loading(self, key: str, model: str) -> VariantHealth:
+        """Another client's load of this version is under way: wait for it (up to load_timeout_s)."""
+        log.info("Triton model %s version %s is loading (another worker's load): waiting", model, self.version)
+        deadline = time.monotonic() + self.load_timeout_s
+        health = await self._check_model(key, model, self.load_timeout_s)
+        while not health.healthy and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)  # s between readiness checks
+            health = await self._check_model(key, model, self.load_timeout_s)
+            if not health.healthy and await self._index_state(model) != "LOADING":
+                break  # that load ended without this version: load it ourselves
         return health
 
     async def load_variant(self, key: str, reason: str = "loaded on request") -> VariantHealth:
@@ -270,24 +368,114 @@ class TritonBackend(Backend):
                 "(and Triton started with --model-control-mode=explicit)"
             )
 
+    async def retire(self) -> None:
+        """This version left the version policy: let Triton drop it (explicit model control; else a no-op).
+
+        Routing to it stops at once. Then, once no client has used the version for retire_quiet_s
+        (Triton's inference statistics; at most retire_timeout_s), `load_model(name)` makes Triton
+        re-read config.pbtxt, whose policy no longer lists the version: Triton unloads it after its
+        in-flight requests, and the versions the policy lists keep serving. A version already gone
+        (another worker retired it) costs one readiness call per model.
+        """
+        self._retiring = True
+        for key in self._health:
+            self._health[key] = VariantHealth(key, False, f"version {self.version} retired")
+            self._set_state(key, False, f"version {self.version} retired")
+        if not self.supports_model_control or self._client is None:
+            return
+        models = sorted(set(self._model_name.values()))
+        await self._wait_quiet(models)
+        async with self._lock:
+            client = self._client
+            if client is None:
+                return
+            for model in models:
+                try:
+                    ready = client.is_model_ready(model, model_version=self.model_version)
+                    if not await self._call(ready, self.load_timeout_s):
+                        continue  # already dropped (another worker's retire) or never loaded
+                    await self._call(client.load_model(model), self.load_timeout_s)
+                    ready = client.is_model_ready(model, model_version=self.model_version)
+                    still = await self._call(ready, self.load_timeout_s)
+                except Exception as exc:  # noqa: BLE001 - Triton down: it holds nothing then
+                    log.warning("Triton model %s version %s not retired: %s", model, self.version, exc)
+                    continue
+                if still:
+                    log.warning(
+                        "Triton model %s version %s is still loaded after load_model: "
+                        "its config.pbtxt version_policy still lists it",
+                        model,
+                        self.version,
+                    )
+                else:
+                    log.info(
+                        "Triton model %s version %s retired (unloaded after its in-flight requests)",
+                        model,
+                        self.version,
+                    )
+
+    async def _wait_quiet(self, models: list[str]) -> None:
+        """Until no client has run this version of `models` for retire_quiet_s (or retire_timeout_s passed)."""
+        if self.retire_quiet_s <= 0:
+            return
+        kwargs = {"as_json": True} if self.protocol == "grpc" else {}
+        start = last_change = time.monotonic()
+        last: list[Any] | None = None
+        while True:
+            try:
+                seen = [
+                    version_activity(
+                        await self._call(
+                            self._client.get_inference_statistics(model, model_version=self.model_version, **kwargs)
+                        ),
+                        self.model_version,
+                    )
+                    for model in models
+                ]
+            except Exception:  # noqa: BLE001 - no statistics (Triton down, version gone): nothing to drain
+                return
+            now = time.monotonic()
+            if seen != last:
+                last, last_change = seen, now
+            elif now - last_change >= self.retire_quiet_s:
+                return
+            if now - start >= self.retire_timeout_s:
+                log.warning(
+                    "version %s was still used %.0f s after it was retired; dropping it from Triton anyway",
+                    self.version,
+                    now - start,
+                )
+                return
+            await asyncio.sleep(min(0.25, self.retire_quiet_s / 4))  # s between statistics reads
+
     def model_states(self) -> dict[str, dict[str, Any]]:
-        """Per variant: loaded (bool), wanted (bool), reason, since (unix time s)."""
+        """Per variant: version (the pinned one), loaded (bool), wanted (bool), reason, since (unix time s)."""
         return {
-            k: {"loaded": s.loaded, "wanted": s.wanted, "reason": s.reason, "since": round(s.since, 3)}
+            k: {
+                "version": self.version,
+                "loaded": s.loaded,
+                "wanted": s.wanted,
+                "reason": s.reason,
+                "since": round(s.since, 3),
+            }
             for k, s in self._states.items()
         }
 
-    async def _check_model(self, key: str, model: str) -> VariantHealth:
+    async def _check_model(self, key: str, model: str, timeout_s: float | None = None) -> VariantHealth:
+        """Ready and configured as the manifest says? Each call may take `timeout_s` (probe_timeout_s)."""
+        what = f"Triton model {model!r} version {self.version}"
         try:
-            if not await self._call(self._client.is_model_ready(model)):
-                return VariantHealth(key, False, f"Triton model {model!r} is not ready")
+            ready = self._client.is_model_ready(model, model_version=self.model_version)
+            if not await self._call(ready, timeout_s):
+                return VariantHealth(key, False, f"{what} is not ready")
             kwargs = {"as_json": True} if self.protocol == "grpc" else {}  # gRPC returns protobuf otherwise
-            raw = await self._call(self._client.get_model_config(model, **kwargs))
+            config = self._client.get_model_config(model, model_version=self.model_version, **kwargs)
+            raw = await self._call(config, timeout_s)
         except Exception as exc:
-            return VariantHealth(key, False, f"Triton model {model!r}: {type(exc).__name__}: {exc}")
+            return VariantHealth(key, False, f"{what}: {type(exc).__name__}: {exc}")
         problem, max_batch = check_model_config(raw, self.manifest)
         if problem is not None:
-            return VariantHealth(key, False, f"Triton model {model!r}: {problem}")
+            return VariantHealth(key, False, f"{what}: {problem}")
         self._max_batch[key] = max_batch
         return VariantHealth(key, True, "ok")
 
@@ -299,8 +487,8 @@ class TritonBackend(Backend):
             except (asyncio.CancelledError, Exception):  # noqa: BLE001 - it was told to stop
                 pass
             self._monitor = None
-        clients = [c for c in (self._client, *self._retired) if c is not None]
-        self._client, self._retired = None, []
+        clients = [c for c in (self._client, *self._old_clients) if c is not None]
+        self._client, self._old_clients = None, []
         for c in clients:
             try:
                 await c.close()
@@ -328,12 +516,14 @@ class TritonBackend(Backend):
         inp.set_data_from_numpy(x)
         out = module.InferRequestedOutput(self.manifest.output_name)
         try:
-            result = await client.infer(model, [inp], outputs=[out])
+            result = await client.infer(model, [inp], model_version=self.model_version, outputs=[out])
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # InferenceServerException, connection errors
-            raise BackendError(f"Triton model {model!r} failed: {exc}") from exc
+            raise BackendError(f"Triton model {model!r} version {self.version} failed: {exc}") from exc
         logits = result.as_numpy(self.manifest.output_name)
         if logits is None:
-            raise BackendError(f"Triton model {model!r} returned no {self.manifest.output_name!r}")
+            raise BackendError(
+                f"Triton model {model!r} version {self.version} returned no {self.manifest.output_name!r}"
+            )
         return logits

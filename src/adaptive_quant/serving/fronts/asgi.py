@@ -95,14 +95,16 @@ def body_reader(scope: Scope, receive: Receive) -> ReadBody:
     return read
 
 
-def answer_headers(precision: str, budget_met: bool, started: float) -> Headers:
-    """X-Precision, X-Budget-Met and X-Server-Time-Ms (ms since `started`, encoding the answer
-    included): every HTTP front's answer carries them."""
+def answer_headers(precision: str, budget_met: bool, started: float, version: int) -> Headers:
+    """X-Precision, X-Budget-Met, X-Server-Time-Ms (ms since `started`, encoding the answer
+    included) and X-Model-Version (the model version that answered): every HTTP front's answer
+    carries them."""
     server_ms = (time.perf_counter() - started) * 1e3
     return [
         (b"x-precision", precision.encode()),
         (b"x-budget-met", b"true" if budget_met else b"false"),
         (b"x-server-time-ms", f"{server_ms:.3f}".encode()),
+        (b"x-model-version", str(version).encode()),
     ]
 
 

@@ -3,7 +3,7 @@
 POST /v1/classify is a fast route (fronts/asgi.py): raw ASGI, orjson, no pydantic. It parses the
 routing headers (options.py) and the JSON images (decode.py), hands the model input to the
 dataplane, and encodes the answer (the contract in schemas.ClassifyResponse) with X-Precision,
-X-Budget-Met and X-Server-Time-Ms. Refusals are the error table's, in the /v1 shape
+X-Budget-Met, X-Server-Time-Ms and X-Model-Version (the model version that answered). Refusals are the error table's, in the /v1 shape
 {"error": {"type", "message"}}.
 """
 
@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
 from adaptive_quant.core.images import to_model_input
-from adaptive_quant.serving.dataplane import DataPlane, precision_header
+from adaptive_quant.serving.dataplane import DataPlane, Ticket, precision_header
 from adaptive_quant.serving.decode import decode_instances, parse_json
 from adaptive_quant.serving.errors import STARTING_MESSAGE, Refusal, ServiceUnavailable
 from adaptive_quant.serving.fronts.asgi import (
@@ -61,23 +61,26 @@ async def classify(scope: Scope, receive: Receive, send: Send) -> None:
     headers = request_headers(scope)
     read_body = body_reader(scope, receive)
 
-    async def work() -> Answer:
-        return await classify_request(plane, headers, read_body, started)
+    async def work(ticket: Ticket) -> Answer:
+        return await classify_request(plane, headers, read_body, started, ticket)
 
     await send_answer(send, await plane.serve(started, work, v1_error))
 
 
-async def classify_request(plane: DataPlane, headers: dict[str, str], read_body: ReadBody, started: float) -> Answer:
-    """Options, body, decode, route + infer (the dataplane), the answer. `headers`: lower-case
-    names → values; `started`: perf_counter() s at arrival."""
+async def classify_request(
+    plane: DataPlane, headers: dict[str, str], read_body: ReadBody, started: float, ticket: Ticket | None = None
+) -> Answer:
+    """Options, body, decode, route + infer (the dataplane), the answer, by the ticket's model
+    version (None: the service picks one). `headers`: lower-case names → values; `started`:
+    perf_counter() s at arrival."""
     settings = plane.settings
     options = parse_options(headers, settings.routing.default_priority)
     limits = settings.limits
     body = await read_body(limits.max_request_bytes)
-    manifest = plane.manifest
+    manifest = plane.manifest if ticket is None else ticket.model.manifest
     images = decode_instances(parse_json(body), limits.max_instances, manifest.image_size)
     x = to_model_input(images, manifest.mean, manifest.std)  # (N, 3, H, W)
-    result = await plane.classify(x, options, started)
+    result = await plane.classify(x, options, started, ticket)
     return encode_answer(result, options.budget_ms, started)
 
 
@@ -111,7 +114,7 @@ def encode_answer(result: ClassifyResult, budget_ms: float | None, started: floa
         "followups_lost": result.followups_lost,  # follow-up passes cut at the deadline or failed
     }
     out = orjson.dumps(body)
-    return 200, [JSON, *answer_headers(precision, result.budget_met, started)], out
+    return 200, [JSON, *answer_headers(precision, result.budget_met, started, result.version)], out
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {

@@ -37,7 +37,7 @@ from google.protobuf import json_format
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
 from adaptive_quant.serving.auth import key_problem, presented_key
-from adaptive_quant.serving.dataplane import DataPlane, precision_header
+from adaptive_quant.serving.dataplane import DataPlane, Ticket, precision_header
 from adaptive_quant.serving.errors import GRPC_KEY_HOW, InputError, Refusal, Unauthorized, refusal
 from adaptive_quant.serving.v2_codec import (
     IMAGES,
@@ -158,9 +158,11 @@ def encode_grpc_response(
     probs: np.ndarray,
     classes: list[str],
     parameters: Mapping[str, Any],
+    model_version: str = VERSION,
 ) -> service_pb2.ModelInferResponse:
-    """The answer as Triton sends it: output descriptions, their bytes in raw_output_contents."""
-    response = service_pb2.ModelInferResponse(model_name=model_name, model_version=VERSION, id=request.id or "")
+    """The answer as Triton sends it: output descriptions, their bytes in raw_output_contents;
+    `model_version`: the version that answered."""
+    response = service_pb2.ModelInferResponse(model_name=model_name, model_version=model_version, id=request.id or "")
     for key, value in parameters.items():
         set_parameter(response.parameters[key], value)
     for want, datatype, shape, values in answer_tensors(request.outputs, tensors, probs, classes):
@@ -217,7 +219,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         await self._model(context, "ModelMetadata", request.name, request.version)
-        meta = model_metadata(self.plane.manifest, request.name, PLATFORM)
+        meta = model_metadata(self.plane.manifest, request.name, PLATFORM, self.plane.versions())
         return json_format.ParseDict(meta, service_pb2.ModelMetadataResponse())
 
     async def ModelConfig(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -233,15 +235,17 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         # gRPC metadata in place of the REST headers (lower-case names, as gRPC sends them)
         headers = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
 
-        async def work() -> service_pb2.ModelInferResponse:
-            variant = plane.resolve_model(request.model_name, request.model_version)
+        async def work(ticket: Ticket) -> service_pb2.ModelInferResponse:
+            variant = plane.resolve_model(request.model_name, request.model_version, ticket)
             settings = plane.settings
-            parsed = parse_grpc_request(request, plane.manifest, settings.limits.max_instances)
+            parsed = parse_grpc_request(request, ticket.model.manifest, settings.limits.max_instances)
             options, ignored = routing_options(parsed.parameters, headers, settings.routing.default_priority, variant)
-            result = await plane.classify(parsed.x, options, started)
+            result = await plane.classify(parsed.x, options, started, ticket)
             params = response_parameters(result, precision_header(set(result.precisions)), options.budget_ms, ignored)
             tensors = output_tensors(result.probs, result.passes, result.precisions)
-            return encode_grpc_response(request.model_name, parsed, tensors, result.probs, result.classes, params)
+            return encode_grpc_response(
+                request.model_name, parsed, tensors, result.probs, result.classes, params, str(result.version)
+            )
 
         answer: service_pb2.ModelInferResponse | Refusal = await plane.serve(started, work, lambda r: r)
         if isinstance(answer, Refusal):

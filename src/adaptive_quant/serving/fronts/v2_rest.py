@@ -30,7 +30,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from adaptive_quant.serving.dataplane import DataPlane, precision_header
+from adaptive_quant.serving.dataplane import DataPlane, Ticket, precision_header
 from adaptive_quant.serving.errors import STARTING_MESSAGE, PayloadTooLarge, ProtocolError, Refusal, ServiceUnavailable
 from adaptive_quant.serving.fronts.asgi import (
     JSON,
@@ -81,26 +81,33 @@ async def infer(scope: Scope, receive: Receive, send: Send) -> None:
     headers = request_headers(scope)
     read_body = body_reader(scope, receive)
 
-    async def work() -> Answer:
-        return await infer_request(plane, params["model"], params.get("version"), headers, read_body, started)
+    async def work(ticket: Ticket) -> Answer:
+        return await infer_request(plane, ticket, params["model"], params.get("version"), headers, read_body, started)
 
     await send_answer(send, await plane.serve(started, work, v2_error))
 
 
 async def infer_request(
-    plane: DataPlane, name: str, version: str | None, headers: Mapping[str, str], read_body: ReadBody, started: float
+    plane: DataPlane,
+    ticket: Ticket,
+    name: str,
+    version: str | None,
+    headers: Mapping[str, str],
+    read_body: ReadBody,
+    started: float,
 ) -> Answer:
-    """One v2 infer request: the model named, the body (inflated, parsed), the options, the
-    dataplane's answer, encoded. `headers` maps lower-case names to values."""
-    variant = plane.resolve_model(name, version)
+    """One v2 infer request, served by the ticket's model version: the model named, the body
+    (inflated, parsed), the options, the dataplane's answer, encoded. `headers` maps lower-case
+    names to values."""
+    variant = plane.resolve_model(name, version, ticket)
     settings = plane.settings
     limit = settings.limits.max_tensor_request_bytes
     body = _decompress(await read_body(limit), headers.get("content-encoding"), limit)
     request = parse_infer_request(
-        body, headers.get("inference-header-content-length"), plane.manifest, settings.limits.max_instances
+        body, headers.get("inference-header-content-length"), ticket.model.manifest, settings.limits.max_instances
     )
     options, ignored = routing_options(request.parameters, headers, settings.routing.default_priority, variant)
-    result = await plane.classify(request.x, options, started)
+    result = await plane.classify(request.x, options, started, ticket)
     precision = precision_header(set(result.precisions))
     params = response_parameters(result, precision, options.budget_ms, ignored)
     body, header_length = encode_infer_response(
@@ -110,6 +117,7 @@ async def infer_request(
         result.probs,
         result.classes,
         params,
+        str(result.version),
     )
     out = [BINARY if header_length is not None else JSON]
     if header_length is not None:
@@ -118,7 +126,7 @@ async def infer_request(
     if enc is not None:
         body = gzip.compress(body, 1) if enc == "gzip" else zlib.compress(body, 1)
         out.append((b"content-encoding", enc.encode()))
-    return 200, out + answer_headers(precision, result.budget_met, started), body
+    return 200, out + answer_headers(precision, result.budget_met, started, result.version), body
 
 
 def _decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
@@ -185,7 +193,7 @@ async def server_metadata() -> Response:
 
 def _metadata(plane: DataPlane, model: str, version: str | None) -> Response:
     plane.resolve_model(model, version)
-    return _json(model_metadata(plane.manifest, model, PLATFORM))
+    return _json(model_metadata(plane.manifest, model, PLATFORM, plane.versions()))
 
 
 def _ready(plane: DataPlane, model: str, version: str | None) -> Response:
