@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 
+from adaptive_quant.core.host import cpu_model
 from adaptive_quant.core.v1_wire import CLASSIFY_PATH, request_body
 from adaptive_quant.tools.loadtest.fronts import load_images
 from adaptive_quant.tools.loadtest.wire import WireError, WirePool
@@ -327,9 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         if triton is not None:
             triton.stop()
     result["settings"] = vars(args)
-    result["cpu"] = next(
-        (ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?"
-    )
+    result["cpu"] = cpu_model()
     result["cores"] = os.cpu_count()
     (out / "result.json").write_text(json.dumps(result, indent=2))
     print(json.dumps({k: v for k, v in result.items() if k != "versions_by_10s"}, indent=2))
