@@ -13,6 +13,7 @@ from adaptive_quant.core.corruptions import CORRUPTIONS, corrupt
 from adaptive_quant.core.manifest import load_manifest
 from adaptive_quant.core.planner import PlannerConfig
 from adaptive_quant.core.routing import Priority
+from adaptive_quant.core.versions import load_version_manifest, read_index
 from adaptive_quant.data import make_synthetic
 from adaptive_quant.evaluation.policies import router_choice, router_points
 from adaptive_quant.evaluation.render import write_two_stage
@@ -135,6 +136,9 @@ def test_aq_fit_router_and_aq_evaluate_on_a_repository(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "int8:hflip" in out and "fix AUROC" in out
     assert [p.name for p in load_manifest(repo).plans] == ["int8:hflip"]
+    # the refit is the next version; version 1 (maybe serving in a gateway now) is left as it was
+    assert "version 2" in out and read_index(repo).serving == 2
+    assert load_version_manifest(repo, 1).plans == [] and (repo / "manifests" / "2.json").is_file()
     args = ["--repository", str(repo), "--out", str(tmp_path / "r"), "--limit", "40", "--no-mlflow", "--no-shift"]
     fast = ["--latency-iters", "5", "--throughput-seconds", "0.05", "--threads", "1", "--no-progress"]
     assert evaluate_cli.main([*args, *fast, "--config", "configs/smoke.yaml"]) == 0

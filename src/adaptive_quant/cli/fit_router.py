@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         val = load_dataset(cfg.data, cfg.seed).val
         if args.cross_validate:
             return _cross_validate(args, val)
-        fit = fit_router(args.repository, val, cfg.export.plans, entry=args.entry, threads=args.threads)
+        fit = _refit_as_new_version(args, val, cfg.export.plans, fit_router)
     except (ConfigError, DataError, ManifestError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -90,6 +90,29 @@ def main(argv: list[str] | None = None) -> int:
         )
     print(f"\nwritten: {args.repository}/{m.router['path']} and manifest.json (plans, router)")
     return 0
+
+
+def _refit_as_new_version(args: argparse.Namespace, val: Split, plans: list[str], fit_router):  # noqa: ANN001, ANN202
+    """The router is refitted into a copy of the serving version, which then becomes the next
+    version: a version's files are never written over (a gateway may be serving them; they are
+    hard-linked across versions), and a running gateway follows the new version by itself."""
+    import tempfile
+    from pathlib import Path
+
+    from adaptive_quant.export.versions import add_serving_version, stage_serving_version
+
+    repo = Path(args.repository)
+    with tempfile.TemporaryDirectory(prefix=".refit-", dir=repo.parent) as tmp:
+        work = Path(tmp) / "staged"
+        staged = stage_serving_version(repo, work)
+        for key in ("path", "spec_path"):  # hard links of the serving version's router: never written through
+            if staged.router and staged.router.get(key):
+                (work / staged.router[key]).unlink()
+        fit = fit_router(work, val, plans, entry=args.entry, threads=args.threads)
+        version, manifest = add_serving_version(work, repo, source="aq-fit-router", detail="router refitted")
+    fit.manifest = manifest
+    print(f"version {version} of {repo} serves with the refitted router")
+    return fit
 
 
 def _cross_validate(args: argparse.Namespace, val: Split) -> int:
