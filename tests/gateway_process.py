@@ -1,10 +1,11 @@
-"""Helpers for tests that run the gateway as a real process: a free port, and waiting until
-the process answers (or failing with its output when it exits first)."""
+"""Helpers for tests that run the gateway as a real process: a free port, waiting until the process
+answers (or failing with its output when it exits first), a client that keeps sending, and stopping."""
 
 from __future__ import annotations
 
 import socket
 import subprocess
+import threading
 import time
 
 import httpx
@@ -31,3 +32,44 @@ def wait_ready(proc: subprocess.Popen, url: str, timeout_s: float = 90, path: st
             pass
         assert time.monotonic() < deadline, f"{url} did not become ready"
         time.sleep(0.1)
+
+
+class Traffic:
+    """Classify requests with a budget from a thread, one after another, until the `with` block
+    ends: (status, X-Model-Version) of each, (0, None) when no answer came."""
+
+    def __init__(self, url: str, body: dict, budget_ms: float = 1000, pause_s: float = 0.005) -> None:
+        self.url, self.body, self.budget_ms, self.pause_s = url, body, budget_ms, pause_s
+        self.stop = threading.Event()
+        self.seen: list[tuple[int, str | None]] = []
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with httpx.Client(base_url=self.url, timeout=10) as client:
+            while not self.stop.is_set():
+                try:
+                    r = client.post(
+                        "/v1/classify", json=self.body, headers={"X-Latency-Budget-Ms": f"{self.budget_ms:g}"}
+                    )
+                except httpx.HTTPError:
+                    self.seen.append((0, None))  # no answer at all: the assertion on statuses says so
+                    continue
+                self.seen.append((r.status_code, r.headers.get("X-Model-Version")))
+                time.sleep(self.pause_s)
+
+    def __enter__(self) -> Traffic:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(15)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within 40 s."""
+    proc.terminate()
+    try:
+        proc.wait(40)
+    finally:
+        proc.kill()

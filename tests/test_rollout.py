@@ -18,7 +18,6 @@ from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import httpx
 import numpy as np
 import onnx
 import pytest
@@ -29,7 +28,7 @@ from adaptive_quant.cli import rollout
 from adaptive_quant.core.manifest import load_manifest, save_manifest, sha256_file
 from adaptive_quant.core.versions import VersionState, read_index
 from adaptive_quant.export.rollout_checks import check_staged
-from gateway_process import free_port, wait_ready
+from gateway_process import Traffic, free_port, stop, wait_ready
 from gateway_repo import b64_instance, build_repo, images
 
 
@@ -342,35 +341,6 @@ def test_the_champion_alias_follows_promotion_and_rollback(tmp_path, serving, mo
 # ---- the real gateway: 2 workers following versions.json, under load --------------------------
 
 
-class Traffic:
-    """A closed loop of classify requests with a budget, in a thread: status and X-Model-Version of each."""
-
-    def __init__(self, url: str) -> None:
-        self.url, self.stop = url, threading.Event()
-        self.seen: list[tuple[int, str | None]] = []
-        self.body = {"instances": [b64_instance(images(1, seed=3)[0])]}
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        with httpx.Client(base_url=self.url, timeout=10) as client:
-            while not self.stop.is_set():
-                try:
-                    r = client.post("/v1/classify", json=self.body, headers={"X-Latency-Budget-Ms": "1000"})
-                except httpx.HTTPError:
-                    self.seen.append((0, None))  # no answer at all: the assertion on statuses says so
-                    continue
-                self.seen.append((r.status_code, r.headers.get("X-Model-Version")))
-                time.sleep(0.005)
-
-    def __enter__(self) -> Traffic:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        self.thread.join(15)
-
-
 def test_over_a_real_gateway_a_copy_is_promoted_and_a_permuted_one_rolled_back(tmp_path, serving):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -385,7 +355,7 @@ def test_over_a_real_gateway_a_copy_is_promoted_and_a_permuted_one_rolled_back(t
     args += ["--min-requests", "10", "--min-mirrored", "10", "--no-mlflow"]
     try:
         wait_ready(proc, url)
-        with Traffic(url) as traffic:
+        with Traffic(url, {"instances": [b64_instance(images(1, seed=3)[0])]}) as traffic:
             time.sleep(1)
             assert rollout.main([str(staged_copy(tmp_path, "good")), "--repository", str(serving), *args]) == 0
             time.sleep(1.5)  # every worker switches within rollout.poll_s
@@ -401,8 +371,4 @@ def test_over_a_real_gateway_a_copy_is_promoted_and_a_permuted_one_rolled_back(t
         assert index.serving == 2 and index.versions[3].state == VersionState.FAILED
         assert "agreement" in index.versions[3].detail
     finally:
-        proc.terminate()
-        try:
-            proc.wait(40)
-        finally:
-            proc.kill()
+        stop(proc)

@@ -325,11 +325,7 @@ def test_two_workers_follow_a_promotion_without_a_failed_request(tmp_path):
         assert metric_sum(url, "aq_model_version_workers", version="1", state="serving") == 0
         assert metric_sum(url, "aq_mirror_comparisons_total", version="2", result="disagree") == 0
     finally:
-        proc.terminate()
-        try:
-            proc.wait(40)
-        finally:
-            proc.kill()
+        stop(proc)
 
 
 def metric_sum(url: str, name: str, **labels: str) -> float:

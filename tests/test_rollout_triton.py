@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 pytest.importorskip("pytriton", reason="needs nvidia-pytriton (pinned in requirements.txt)")
@@ -27,37 +25,8 @@ from adaptive_quant.export.triton_python import served_model_names, write_python
 from adaptive_quant.tools.staged_copy import make_staged_copy  # noqa: E402
 from adaptive_quant.tools.triton_server import LocalTriton, TritonServerConfig  # noqa: E402
 from adaptive_quant.tools.triton_server import free_port as triton_port  # noqa: E402
-from gateway_process import free_port, wait_ready  # noqa: E402
+from gateway_process import Traffic, free_port, stop, wait_ready  # noqa: E402
 from gateway_repo import b64_instance, build_repo, images  # noqa: E402
-
-
-class Traffic:
-    """Classify requests with a budget from a thread, one after another: (status, X-Model-Version) each."""
-
-    def __init__(self, url: str) -> None:
-        self.url, self.stop = url, threading.Event()
-        self.seen: list[tuple[int, str | None]] = []
-        self.body = {"instances": [b64_instance(images(1, seed=5)[0])]}
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        with httpx.Client(base_url=self.url, timeout=10) as client:
-            while not self.stop.is_set():
-                try:
-                    r = client.post("/v1/classify", json=self.body, headers={"X-Latency-Budget-Ms": "2000"})
-                except httpx.HTTPError:
-                    self.seen.append((0, None))
-                    continue
-                self.seen.append((r.status_code, r.headers.get("X-Model-Version")))
-                time.sleep(0.01)
-
-    def __enter__(self) -> Traffic:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.thread.join(15)
 
 
 def ready_versions(client: grpcclient.InferenceServerClient, model: str) -> set[str]:
@@ -92,7 +61,7 @@ def test_promote_then_roll_back_on_triton_with_two_gateway_workers(tmp_path: Pat
     args += ["--min-requests", "10", "--min-mirrored", "10", "--no-mlflow"]
     try:
         wait_ready(proc, url, timeout_s=120)
-        with Traffic(url) as traffic:
+        with Traffic(url, {"instances": [b64_instance(images(1, seed=5)[0])]}, budget_ms=2000, pause_s=0.01) as traffic:
             time.sleep(1)
             assert rollout.main([str(tmp_path / "staged_good"), "--repository", str(serving), *args]) == 0
             time.sleep(1.5)  # every worker switches within rollout.poll_s
@@ -113,9 +82,7 @@ def test_promote_then_roll_back_on_triton_with_two_gateway_workers(tmp_path: Pat
             time.sleep(0.5)
         assert ready_versions(client, "tiny_int8") == {"2"}  # versions 1 (retired) and 3 (failed) unloaded
     finally:
-        proc.terminate()
         try:
-            proc.wait(40)
+            stop(proc)
         finally:
-            proc.kill()
             triton.stop()
