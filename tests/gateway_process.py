@@ -66,7 +66,7 @@ class Traffic:
         self.thread.join(15)
 
 
-def stop(proc: subprocess.Popen) -> None:
+def stop_process(proc: subprocess.Popen) -> None:
     """SIGTERM, then SIGKILL if it has not exited within 40 s."""
     proc.terminate()
     try:

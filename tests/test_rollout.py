@@ -28,7 +28,7 @@ from adaptive_quant.cli import rollout
 from adaptive_quant.core.manifest import load_manifest, save_manifest, sha256_file
 from adaptive_quant.core.versions import VersionState, read_index
 from adaptive_quant.export.rollout_checks import check_staged
-from gateway_process import Traffic, free_port, stop, wait_ready
+from gateway_process import Traffic, free_port, stop_process, wait_ready
 from gateway_repo import b64_instance, build_repo, images
 
 
@@ -371,4 +371,4 @@ def test_over_a_real_gateway_a_copy_is_promoted_and_a_permuted_one_rolled_back(t
         assert index.serving == 2 and index.versions[3].state == VersionState.FAILED
         assert "agreement" in index.versions[3].detail
     finally:
-        stop(proc)
+        stop_process(proc)

@@ -24,7 +24,7 @@ from adaptive_quant.core.versions import index_lock, promoted, read_index, utc_n
 from adaptive_quant.export.versions import add_serving_version, add_version
 from adaptive_quant.serving.app import create_app
 from adaptive_quant.serving.settings import load_settings
-from gateway_process import free_port, wait_ready
+from gateway_process import free_port, stop_process, wait_ready
 from gateway_repo import b64_instance, build_repo, images
 from http_server import serve_in_thread
 from prometheus_scrape import metric
@@ -325,7 +325,7 @@ def test_two_workers_follow_a_promotion_without_a_failed_request(tmp_path):
         assert metric_sum(url, "aq_model_version_workers", version="1", state="serving") == 0
         assert metric_sum(url, "aq_mirror_comparisons_total", version="2", result="disagree") == 0
     finally:
-        stop(proc)
+        stop_process(proc)
 
 
 def metric_sum(url: str, name: str, **labels: str) -> float:

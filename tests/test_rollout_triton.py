@@ -25,7 +25,7 @@ from adaptive_quant.export.triton_python import served_model_names, write_python
 from adaptive_quant.tools.staged_copy import make_staged_copy  # noqa: E402
 from adaptive_quant.tools.triton_server import LocalTriton, TritonServerConfig  # noqa: E402
 from adaptive_quant.tools.triton_server import free_port as triton_port  # noqa: E402
-from gateway_process import Traffic, free_port, stop, wait_ready  # noqa: E402
+from gateway_process import Traffic, free_port, stop_process, wait_ready  # noqa: E402
 from gateway_repo import b64_instance, build_repo, images  # noqa: E402
 
 
@@ -83,6 +83,6 @@ def test_promote_then_roll_back_on_triton_with_two_gateway_workers(tmp_path: Pat
         assert ready_versions(client, "tiny_int8") == {"2"}  # versions 1 (retired) and 3 (failed) unloaded
     finally:
         try:
-            stop(proc)
+            stop_process(proc)
         finally:
             triton.stop()
