@@ -245,6 +245,10 @@ def test_write_index_is_atomic_and_the_stamp_moves(serving) -> None:
     write_index(serving, with_canary(staged, 2, 0.1, 0.2, NOW))
     assert index_stamp(serving) != stamp
     assert read_index(serving).canary.share == 0.1
+    # the same bytes written again (same size, maybe the same timestamp tick): still a new stamp
+    before = index_stamp(serving)
+    write_index(serving, read_index(serving))
+    assert index_stamp(serving) != before
     assert [p.name for p in serving.iterdir() if p.name.endswith(".tmp")] == []
 
 

@@ -223,13 +223,15 @@ def index_lock(repo: str | Path) -> Iterator[None]:
         os.close(fd)  # closing releases the lock
 
 
-def index_stamp(repo: str | Path) -> tuple[int, int] | None:
-    """(st_mtime_ns, st_size) of versions.json, None when there is none: cheap to poll for a change."""
+def index_stamp(repo: str | Path) -> tuple[int, int, int] | None:
+    """(st_ino, st_mtime_ns, st_size) of versions.json, None when there is none: cheap to poll for a
+    change. The inode changes with every write (write_index replaces the file), so two writes within
+    one timestamp tick that leave the same size are still told apart."""
     try:
         st = os.stat(Path(repo) / INDEX_NAME)
     except FileNotFoundError:
         return None
-    return (st.st_mtime_ns, st.st_size)
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
 
 
 def load_version_manifest(repo: str | Path, version: int) -> Manifest:

@@ -1,7 +1,7 @@
 """The follower: every gateway worker follows the repository's versions.json without a restart.
 
 One asyncio task per worker (started by the app's lifespan):
-  1. stat versions.json every rollout.poll_s (core.versions.index_stamp: mtime and size, cheap);
+  1. stat versions.json every rollout.poll_s (core.versions.index_stamp: inode, mtime and size, cheap);
   2. on a change, read the index; a version that became live (serving or canary) and is not held
      here is loaded in the background, on its own backend (factory.load_version: start, checks,
      warm-up, profiles scaled from the serving version's, nothing timed under live load), while
@@ -60,7 +60,7 @@ class VersionFollower:
         self.loaded: dict[int, ServedModel] = {m.version: m for m in service.versions.live()}
         serving = service.versions.serving
         book.set_state(serving.version, SERVING, model=serving)
-        self._stamp: tuple[int, int] | None | str = "unread"
+        self._stamp: tuple[int, int, int] | None | str = "unread"
         self._task: asyncio.Task | None = None
         self._drains: set[asyncio.Task] = set()
 
