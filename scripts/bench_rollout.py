@@ -42,17 +42,10 @@ from adaptive_quant.core.v1_wire import CLASSIFY_PATH, request_body
 from adaptive_quant.tools.loadtest.fronts import load_images
 from adaptive_quant.tools.loadtest.wire import WireError, WirePool
 from adaptive_quant.tools.staged_copy import make_staged_copy
+from adaptive_quant.tools.triton_server import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def tree_rss(pid: int) -> int:
@@ -277,14 +270,7 @@ def main(argv: list[str] | None = None) -> int:
             from adaptive_quant.export.triton_python import served_model_names
             from adaptive_quant.tools.triton_server import LocalTriton, TritonServerConfig
 
-            cfg = TritonServerConfig(
-                serving,
-                http_port=free_port(),
-                grpc_port=free_port(),
-                metrics_port=free_port(),
-                model_control="explicit",
-                load_models=served_model_names(serving),
-            )
+            cfg = TritonServerConfig.explicit(serving, served_model_names(serving))
             triton = LocalTriton(cfg, workdir=out / "triton").start(timeout_s=120)
             cmd += ["--triton-url", triton.grpc_url, "--set", "backend.model_control=explicit"]
         log = (out / "gateway.log").open("w")

@@ -24,7 +24,6 @@ from adaptive_quant.core.versions import VersionState, read_index  # noqa: E402
 from adaptive_quant.export.triton_python import served_model_names, write_python_flavor  # noqa: E402
 from adaptive_quant.tools.staged_copy import make_staged_copy  # noqa: E402
 from adaptive_quant.tools.triton_server import LocalTriton, TritonServerConfig  # noqa: E402
-from adaptive_quant.tools.triton_server import free_port as triton_port  # noqa: E402
 from gateway_process import Traffic, free_port, stop_process, wait_ready  # noqa: E402
 from gateway_repo import b64_instance, build_repo, images  # noqa: E402
 
@@ -41,15 +40,7 @@ def test_promote_then_roll_back_on_triton_with_two_gateway_workers(tmp_path: Pat
         good.variants["int8"].sha256
         != make_staged_copy(source, tmp_path / "staged_wrong", permute_seed=1).variants["int8"].sha256
     )
-    cfg = TritonServerConfig(
-        serving,
-        http_port=triton_port(),
-        grpc_port=triton_port(),
-        metrics_port=triton_port(),
-        model_control="explicit",
-        load_models=served_model_names(serving),
-        exit_timeout_s=1,
-    )
+    cfg = TritonServerConfig.explicit(serving, served_model_names(serving), exit_timeout_s=1)
     triton = LocalTriton(cfg, workdir=tmp_path / "triton").start(timeout_s=90)
     port = free_port()
     url = f"http://127.0.0.1:{port}"

@@ -29,7 +29,7 @@ from adaptive_quant.serving.app import create_app  # noqa: E402
 from adaptive_quant.serving.backends.embedded import EmbeddedBackend  # noqa: E402
 from adaptive_quant.serving.backends.triton import TritonBackend  # noqa: E402
 from adaptive_quant.serving.settings import load_settings  # noqa: E402
-from adaptive_quant.tools.triton_server import LocalTriton, TritonServerConfig, free_port  # noqa: E402
+from adaptive_quant.tools.triton_server import LocalTriton, TritonServerConfig  # noqa: E402
 from gateway_repo import b64_instance, build_repo, images  # noqa: E402
 from http_server import serve_in_thread  # tests/http_server.py
 
@@ -48,15 +48,7 @@ def pyrepo(repo, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def triton(pyrepo, tmp_path_factory):
-    cfg = TritonServerConfig(
-        pyrepo,
-        http_port=free_port(),
-        grpc_port=free_port(),
-        metrics_port=free_port(),
-        model_control="explicit",
-        load_models=served_model_names(pyrepo),
-        exit_timeout_s=1,
-    )
+    cfg = TritonServerConfig.explicit(pyrepo, served_model_names(pyrepo), exit_timeout_s=1)
     server = LocalTriton(cfg, workdir=tmp_path_factory.mktemp("triton"))
     server.start(timeout_s=60)
     yield server

@@ -27,7 +27,7 @@ from adaptive_quant.export.triton_config import policy_versions  # noqa: E402
 from adaptive_quant.export.triton_python import served_model_names, write_python_flavor  # noqa: E402
 from adaptive_quant.export.versions import add_version, set_version_policy  # noqa: E402
 from adaptive_quant.serving.backends.triton import TritonBackend  # noqa: E402
-from adaptive_quant.tools.triton_server import LocalTriton, TritonServerConfig, free_port  # noqa: E402
+from adaptive_quant.tools.triton_server import LocalTriton, TritonServerConfig  # noqa: E402
 from gateway_repo import build_repo  # noqa: E402
 
 KEYS = ("fp32", "fp16", "int8")
@@ -59,15 +59,7 @@ def pyrepo(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def triton(pyrepo, tmp_path_factory):
-    cfg = TritonServerConfig(
-        pyrepo,
-        http_port=free_port(),
-        grpc_port=free_port(),
-        metrics_port=free_port(),
-        model_control="explicit",
-        load_models=served_model_names(pyrepo),
-        exit_timeout_s=1,
-    )
+    cfg = TritonServerConfig.explicit(pyrepo, served_model_names(pyrepo), exit_timeout_s=1)
     server = LocalTriton(cfg, workdir=tmp_path_factory.mktemp("triton"))
     server.start(timeout_s=60)
     yield server

@@ -102,7 +102,10 @@ def _preferred(text: str, max_batch: int) -> tuple[int, ...]:
     return tuple(int(b) for b in m.group(1).replace(",", " ").split())
 
 
-def _link_or_copy(src: Path, dst: Path, sha256: str | None = None) -> None:
+def link_or_copy(src: Path, dst: Path, sha256: str | None = None) -> None:
+    """`dst` holds `src`'s bytes: a hard link (no extra disk; the manifest's sha256 stays true), or a
+    copy across file systems. A `dst` that holds them already is left alone (and its mtime, which
+    Triton reads)."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     if dst.exists():
         if os.path.samefile(src, dst) or (sha256 is not None and sha256_file(dst) == sha256):
@@ -189,7 +192,7 @@ def _write_version(src: Path, dst: Path, manifest: Manifest, version: int, keep_
         if not onnx_src.is_file():
             raise FileNotFoundError(f"variant {v.key} (version {version}): {onnx_src} is missing")
         folder = dst / v.triton_name / str(version)
-        _link_or_copy(onnx_src, folder / ONNX_FILE, v.sha256 if keep_existing else None)
+        link_or_copy(onnx_src, folder / ONNX_FILE, v.sha256 if keep_existing else None)
         write_model_py(folder)
         v.path = f"{v.triton_name}/{version}/{ONNX_FILE}"
     if manifest.router:
@@ -197,7 +200,7 @@ def _write_version(src: Path, dst: Path, manifest: Manifest, version: int, keep_
         # repository it is given: a flavour without it would name missing files and serve single-stage
         for key in ("path", "spec_path"):
             if manifest.router.get(key):
-                _link_or_copy(src / manifest.router[key], dst / manifest.router[key])
+                link_or_copy(src / manifest.router[key], dst / manifest.router[key])
 
 
 def _write_config(src: Path, dst: Path, manifest: Manifest, name: str, threads: int, policy: list[int] | None) -> None:

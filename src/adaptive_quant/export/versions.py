@@ -51,7 +51,7 @@ from adaptive_quant.core.versions import (
     write_text_atomic,
 )
 from adaptive_quant.export.triton_config import with_version_policy
-from adaptive_quant.export.triton_python import python_config, write_model_py
+from adaptive_quant.export.triton_python import link_or_copy, python_config, write_model_py
 
 log = logging.getLogger(__name__)
 
@@ -349,21 +349,13 @@ def stage_serving_version(serving: str | Path, work: str | Path) -> Manifest:
     staged = _rewritten(manifest, 1)
     for k, v in manifest.variants.items():
         dst = work / staged.variants[k].path
-        _link_or_copy(serving / v.path, dst)
+        link_or_copy(serving / v.path, dst)
         cfg = serving / v.triton_name / CONFIG_NAME
         if cfg.is_file() and not (work / v.triton_name / CONFIG_NAME).exists():
             shutil.copyfile(cfg, work / v.triton_name / CONFIG_NAME)
     if manifest.router:
         for key in ROUTER_FILES:
             if manifest.router.get(key):
-                _link_or_copy(serving / manifest.router[key], work / staged.router[key])
+                link_or_copy(serving / manifest.router[key], work / staged.router[key])
     save_manifest(work, staged)
     return staged
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copyfile(src, dst)

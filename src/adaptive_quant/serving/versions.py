@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
+from adaptive_quant.core.versions import utc_now
 from adaptive_quant.serving.metrics import OUTCOMES, GatewayMetrics
 from adaptive_quant.serving.model import ServedModel
 
@@ -57,10 +57,6 @@ class VersionRecord:
     since: str  # UTC ISO time it entered the state
     detail: str = ""
     model: ServedModel | None = None  # loaded (or being drained); None once unloaded or never loaded
-
-
-def utc_now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 @dataclass

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +23,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from adaptive_quant.core.manifest import Manifest, load_manifest, save_manifest, sha256_file
+from adaptive_quant.core.versions import utc_now
 
 ONNX_FILE = "model.onnx"
 
@@ -63,9 +63,7 @@ def make_staged_copy(src: str | Path, dst: str | Path, *, permute_seed: int | No
         model = onnx.load(str(src / v.path))
         if perm is not None:
             model = permute_outputs(model, manifest.output_name, perm)
-        model.doc_string = (
-            f"staged copy of {src.name}/{v.path} ({what}) at {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}"
-        )
+        model.doc_string = f"staged copy of {src.name}/{v.path} ({what}) at {utc_now()}"
         folder = dst / v.triton_name / "1"
         folder.mkdir(parents=True)
         path = folder / ONNX_FILE
@@ -84,7 +82,7 @@ def make_staged_copy(src: str | Path, dst: str | Path, *, permute_seed: int | No
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(src / router[field], target)
                 router[field] = str(target.relative_to(dst))
-    updates = {"variants": variants, "router": router, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    updates = {"variants": variants, "router": router, "created_at": utc_now()}
     if any(f.name == "version" for f in dataclasses.fields(manifest)):
         updates["version"] = 1  # a staged repository is one fresh version; the roll-out numbers it
     staged = dataclasses.replace(manifest, **updates)

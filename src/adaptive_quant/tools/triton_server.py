@@ -124,6 +124,20 @@ class TritonServerConfig:
     log_verbose: int = 0
     extra_args: list[str] = field(default_factory=list)
 
+    @classmethod
+    def explicit(cls, repository: Path, load_models: list[str], exit_timeout_s: int = 5) -> TritonServerConfig:
+        """Explicit model control (the gateway loads and unloads), `load_models` loaded at start,
+        on three free loopback ports: how the tests and the benchmarks run it."""
+        return cls(
+            Path(repository),
+            http_port=free_port(),
+            grpc_port=free_port(),
+            metrics_port=free_port(),
+            model_control="explicit",
+            load_models=list(load_models),
+            exit_timeout_s=exit_timeout_s,
+        )
+
     def __post_init__(self) -> None:
         if self.model_control not in MODEL_CONTROL_MODES:
             raise ValueError(f"model_control must be one of {MODEL_CONTROL_MODES}, got {self.model_control!r}")
