@@ -208,6 +208,10 @@ class TrainConfig(_Section):
     threads: int = Field(0, ge=0)  # torch intra-op threads; 0 = all cores
     eval_batch_size: int = 1000
     max_steps_per_epoch: int = Field(0, ge=0)  # 0 = full epochs; >0 caps steps (smoke runs, quick checks)
+    # seed of the initial weights, the data order and the augmentations; None = the experiment's
+    # seed. The experiment's seed alone draws the validation split, so two networks trained with
+    # one experiment seed and different train seeds share their validation images.
+    seed: int | None = None
 
 
 class QATConfig(_Section):

@@ -301,6 +301,8 @@ def run_training(cfg: ExperimentConfig, float_checkpoint: str | Path | None = No
 
     data = load_dataset(cfg.data, cfg.seed)
     log.info("data: %d train, %d val, %d test images", len(data.train), len(data.val), len(data.test))
+    if cfg.train.seed is not None:  # the split is drawn; weights, order and augmentations use their own seed
+        gen = seed_everything(cfg.train.seed)
     with start_run(cfg.tracking, kind="train") as tracker:
         tracker.log_params(flatten(config_to_dict(cfg)))
         tracker.set_tags({"git_commit": commit, "phase": "train", "data.source": cfg.data.source})
