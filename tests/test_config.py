@@ -51,7 +51,7 @@ def test_unknown_key_is_refused_with_its_name_and_the_known_ones(tmp_path: Path)
     assert str(e.value) == (
         "unknown config key 'train.epocs'; known here: batch_size, bf16, bn_lr_scale, bn_weight_decay, channels_last, "
         "epochs, eval_batch_size, label_smoothing, lookahead_steps, lr, lr_end_factor, lr_start_factor, "
-        "max_steps_per_epoch, momentum, threads, warmup_fraction, weight_decay, whiten_bias_epochs"
+        "max_steps_per_epoch, momentum, seed, threads, warmup_fraction, weight_decay, whiten_bias_epochs"
     )
 
 

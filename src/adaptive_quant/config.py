@@ -304,6 +304,11 @@ with warnings.catch_warnings():
         # the most accurate plan
         router: bool = True
         plans: list[str] = Field(default_factory=lambda: ["int8:hflip", "fp32", "fp32:hflip", "int8:hflip+fp32:hflip"])
+        # the cheap entry's router (`aq-fit-router --speed-entry KEY`, e.g. int8_pruned25): follow-ups of
+        # the samples that entered on it. A plan over a variant the repository lacks is left out, so
+        # configs/default.yaml can name a second network's (`aq-export --add-network`, e.g. "twin_int8"):
+        # one that errs differently recovers more of the cheap entry's loss than the INT8 it was cut from
+        speed_plans: list[str] = Field(default_factory=lambda: ["int8", "int8+int8:hflip"])
 
         @field_validator("profile_batch_sizes")
         @classmethod

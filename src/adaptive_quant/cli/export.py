@@ -19,6 +19,15 @@ that repository's FP32 (limit export.max_pruned_accuracy_drop, 1.5 points) and p
   python scripts/export.py --checkpoint runs/prune50/best.pt --repository model_repository --add-variant
   #   → model_repository/cifar_resnet_int8_pruned50/N/ in a new version N that also links the serving
   #     version's files (the key says the share; --add-variant int8_<tag> names it)
+
+A second network (another model name, trained with the same experiment seed, so validated on the same
+images) joins an existing repository as follow-up variants: its FP32 and INT8, gated against its own
+FP32 (export.max_accuracy_drop), profiled beside the repository's INT8, never the entry pass:
+
+  python scripts/export.py --checkpoint runs/twin/best.pt --repository model_repository --add-network
+  #   → cifar_twin_fp32/N/, cifar_twin_int8/N/ as variants twin_fp32, twin_int8 of a new version N
+  #     (the key is the model name after its first '_'; --add-network KEY names it). Plans and router
+  #     stay as they were: aq-fit-router --plans ... adds plans across networks.
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ from adaptive_quant.config import (
 )
 from adaptive_quant.core.manifest import ManifestError
 from adaptive_quant.data import DataError
+from adaptive_quant.export.network import NetworkResult, add_network
 from adaptive_quant.export.pipeline import ExportGateError, build_repository
 from adaptive_quant.export.variant import VariantError, VariantResult, add_variant
 from adaptive_quant.export.versions import VersionError
@@ -69,6 +79,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="add the checkpoint's converted INT8 network to the existing --repository as variant KEY "
         "(default int8_pruned<share>, from prune.amount) instead of building a repository; opt-in for the gateway",
     )
+    p.add_argument(
+        "--add-network",
+        nargs="?",
+        const="",
+        metavar="KEY",
+        help="add the checkpoint's FP32 and INT8 (another network, same data and seed) to the existing "
+        "--repository as follow-up variants KEY_fp32, KEY_int8 (default KEY: the model name after its first '_', "
+        "cifar_twin → twin); served as second opinions, never the entry pass",
+    )
     p.add_argument("--force", action="store_true", help="publish even if a variant fails the accuracy gate")
     p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow or register models")
     p.add_argument("--log-level", default="INFO", choices=LOG_LEVELS)
@@ -87,6 +106,21 @@ def main(argv: list[str] | None = None) -> int:
         if args.triton_flavor:
             data["export"] = {**data.get("export", {}), "triton_flavor": args.triton_flavor}
         cfg = config_from_dict(data)
+        if args.add_variant is not None and args.add_network is not None:
+            raise VariantError("--add-variant and --add-network add different things: give one of them")
+        if args.add_network is not None:
+            if not args.repository:
+                raise VariantError("--add-network needs --repository: the existing repository to add the network to")
+            network = add_network(
+                args.checkpoint,
+                args.repository,
+                args.add_network or None,
+                cfg.export,
+                force=args.force,
+                tracking=not args.no_mlflow,
+            )
+            print_network(network)
+            return 0
         if args.add_variant is not None:
             if not args.repository:
                 raise VariantError("--add-variant needs --repository: the existing repository to add the variant to")
@@ -150,6 +184,29 @@ def print_added(r: VariantResult) -> None:
     print(
         f"ORT vs torch: max|Δ| {p['max_abs_diff_vs_torch']:.3f}, top-1 agreement {p['top1_agreement_vs_torch']:.2%}, "
         f"accuracy ORT {g.accuracy:.2%} vs torch {p['torch_accuracy']:.2%}"
+    )
+
+
+def print_network(r: NetworkResult) -> None:
+    int8 = r.entries[f"{r.key}_int8"]
+    print(
+        f"\nrepository: {r.repository}: added network {r.model_name} in version {r.version}, serving "
+        "(follow-ups only: never the entry pass; plans and router unchanged, aq-fit-router --plans adds them)"
+    )
+    print(f"{'variant':12}{'val acc':>9}{'drop':>7}{'agree with its FP32':>21}{'size KB':>9}")
+    for k, v in r.entries.items():
+        g = r.gates[k]
+        print(
+            f"{k:12}{g.accuracy:>9.2%}{g.accuracy_drop:>7.2f}{g.agreement_with_fp32:>21.2%}{v.size_bytes / 1e3:>9.1f}"
+        )
+    print(f"its INT8 agrees with the repository's INT8 on {r.agreement_with_int8:.2%} of the validation split")
+    print(f"{'batch':>6}" + "".join(f"{k + ' × INT8':>20}" for k in r.entries) + f"{'INT8 p50 ms':>13}")
+    for b, point in r.int8_latency.batches.items():
+        print(f"{b:>6}" + "".join(f"{r.time_vs_int8[k][b]:>20.2f}" for k in r.entries) + f"{point.p50_ms:>13.3f}")
+    p = r.parity
+    print(
+        f"ORT vs torch (INT8): max|Δ| {p['max_abs_diff_vs_torch']:.3f}, top-1 agreement "
+        f"{p['top1_agreement_vs_torch']:.2%}, accuracy ORT {r.gates[int8.key].accuracy:.2%} vs torch {p['torch_accuracy']:.2%}"
     )
 
 

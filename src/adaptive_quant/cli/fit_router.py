@@ -10,6 +10,15 @@ with the plans' validation accuracy and extra cost in manifest.json. The export 
 the end of every export; this command refits an existing repository (e.g. after a new split or
 plan set). The test split is never read: `aq-evaluate` measures the result there.
 
+  aq-fit-router --speed-entry int8_pruned25                      # the cheap entry's router (export.speed_plans)
+  aq-fit-router --speed-entry int8_pruned25 --set 'export.plans=[int8,twin_int8]'
+
+--speed-entry KEY fits a second router, after the cheaper variant KEY (e.g. the opt-in pruned INT8):
+the gateway enters on KEY for `X-Priority: speed` requests (and when the normal entry no longer fits
+the budget) and escalates KEY's uncertain samples by its plans, which are export.speed_plans unless
+--set export.plans=[...] names them. The main router and its plans stay as they are. Either way the
+result is published as the repository's next version (a running gateway follows it).
+
   aq-fit-router --cross-validate 5                               # study the shipped router, write nothing
 
 --cross-validate K refits the router K times on the validation split, each time without one fold,
@@ -38,6 +47,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repository", default="model_repository", help="model repository to read and extend")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--entry", default="int8", help="the entry variant the plans follow (default: %(default)s)")
+    p.add_argument(
+        "--speed-entry",
+        default=None,
+        metavar="KEY",
+        help="fit the cheap entry's router after variant KEY (e.g. int8_pruned25) instead of the main one; "
+        "plans: export.speed_plans, or --set export.plans=[...]",
+    )
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0 = all cores)")
     p.add_argument(
         "--cross-validate",
@@ -69,26 +85,34 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--cross-validate takes K ≥ 2 folds (or 0 for off); got {args.cross_validate}")
         val = load_dataset(cfg.data, cfg.seed).val
         if args.cross_validate:
+            if args.speed_entry:
+                raise ValueError("--cross-validate studies the main router; it takes no --speed-entry")
             return _cross_validate(args, val)
-        fit = _refit_as_new_version(args, val, cfg.export.plans, fit_router)
+        plans = cfg.export.plans
+        if args.speed_entry:
+            # the speed router's own plans unless the command line names plans explicitly
+            named = any(o.split("=", 1)[0].strip() == "export.plans" for o in args.overrides)
+            plans = cfg.export.plans if named else cfg.export.speed_plans
+        fit = _refit_as_new_version(args, val, plans, fit_router)
     except (ConfigError, DataError, ManifestError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     r, m = fit.report, fit.manifest
+    entry = args.speed_entry or args.entry
+    role = "speed router" if args.speed_entry else "router"
     print(
-        f"\nrouter: {r.parameters} parameters, fitted on {r.n_fit} + calibrated on {r.n_calibration} validation images"
+        f"\n{role}: {r.parameters} parameters, fitted on {r.n_fit} + calibrated on {r.n_calibration} validation images"
     )
     print(f"{'plan':28}{'val acc':>9}{'ECE':>8}{'fix AUROC':>11}{'confidence':>12}")
-    print(
-        f"{'none (' + args.entry + ' alone)':28}{fit.outcomes[:, 0].mean():>9.2%}{r.plans['none'].ece_calibrated:>8.3f}"
-    )
-    for entry in m.plans:
-        g = r.gain.get(entry.name)
+    print(f"{'none (' + entry + ' alone)':28}{fit.outcomes[:, 0].mean():>9.2%}{r.plans['none'].ece_calibrated:>8.3f}")
+    for plan in [e for e in m.plans if e.entry == entry]:
+        g = r.gain.get(plan.name)
         print(
-            f"{entry.name:28}{entry.val_accuracy:>9.2%}{r.plans[entry.name].ece_calibrated:>8.3f}"
+            f"{plan.name:28}{plan.val_accuracy:>9.2%}{r.plans[plan.name].ece_calibrated:>8.3f}"
             f"{g.auroc_learned_gain:>11.3f}{g.auroc_confidence:>12.3f}"
         )
-    print(f"\nwritten: {args.repository}/{m.router['path']} and manifest.json (plans, router)")
+    written = m.speed_router if args.speed_entry else m.router
+    print(f"\nwritten: {args.repository}/{written['path']} and manifest.json (plans, {role})")
     return 0
 
 
@@ -102,14 +126,23 @@ def _refit_as_new_version(args: argparse.Namespace, val: Split, plans: list[str]
     from adaptive_quant.export.versions import add_serving_version, stage_serving_version
 
     repo = Path(args.repository)
+    speed = args.speed_entry is not None
     with tempfile.TemporaryDirectory(prefix=".refit-", dir=repo.parent) as tmp:
         work = Path(tmp) / "staged"
         staged = stage_serving_version(repo, work)
-        for key in ("path", "spec_path"):  # hard links of the serving version's router: never written through
-            if staged.router and staged.router.get(key):
-                (work / staged.router[key]).unlink()
-        fit = fit_router(work, val, plans, entry=args.entry, threads=args.threads)
-        version, manifest = add_serving_version(work, repo, source="aq-fit-router", detail="router refitted")
+        # hard links of the serving version's router (the one refitted): never written through; the
+        # other router's files stay linked, unchanged
+        refitted = staged.speed_router if speed else staged.router
+        for key in ("path", "spec_path"):
+            if refitted and refitted.get(key):
+                (work / refitted[key]).unlink()
+        if speed:
+            fit = fit_router(work, val, plans, entry=args.speed_entry, threads=args.threads, role="speed")
+            detail = f"speed router fitted after {args.speed_entry}"
+        else:
+            fit = fit_router(work, val, plans, entry=args.entry, threads=args.threads)
+            detail = "router refitted"
+        version, manifest = add_serving_version(work, repo, source="aq-fit-router", detail=detail)
     fit.manifest = manifest
     print(f"version {version} of {repo} serves with the refitted router")
     return fit

@@ -65,6 +65,13 @@ class VariantEntry:
     # routed to only when the gateway's `variants` setting names it, so adding one never moves
     # traffic by surprise (the cheapest variant of the lowest precision takes every entry pass)
     opt_in: bool = False
+    # the network it belongs to, by its Triton name prefix ("cifar_twin"); "" = the repository's own
+    # (Manifest.model_name). A second network's variants (`aq-export --add-network`) are loaded
+    # like any served variant but run only as follow-up passes, never as the entry pass: the
+    # router reads the entry network's outputs, and a plan such as "twin_int8" is a second opinion
+    # asked only where the first network is unsure (Manifest.networks describes each network)
+    network: str = ""
+    followup_only: bool = False
     val_accuracy: float | None = None  # share, on the validation split
     agreement_with_fp32: float | None = None  # share of validation samples with FP32's top-1
     max_abs_logit_diff: float | None = None  # vs FP32, on the validation split
@@ -110,14 +117,32 @@ class Manifest:
     # the model version this manifest describes (core/versions.py: <triton_name>/<version>/model.onnx);
     # a manifest written before versions has none and reads as 1, the only version it had
     version: int = 1
+    # the second networks whose variants this repository serves as follow-ups, by Triton name prefix:
+    # {"cifar_twin": {"key": "twin", "mlflow_run_id", "git_commit", "checkpoint", "config", "metrics",
+    # "val_accuracy": {variant key: share}, "gate", "added_at"}}; the repository's own network is
+    # `training`. Empty in a repository of one network.
+    networks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # the cheap entry's router (`aq-fit-router --speed-entry KEY`): the same shape as `router`, its
+    # "entry" a cheaper variant than the main router's (a pruned INT8). Fitted on that variant's own
+    # outputs, so a request that enters on it (X-Priority: speed, or a budget the normal entry no
+    # longer fits) plans its follow-ups with it; its plans are in `plans` with entry=<that key>.
+    # None in a repository without one (and in every manifest written before it)
+    speed_router: dict[str, Any] | None = None
 
-    def plan_accuracies(self, plan_names: list[str]) -> list[float] | None:
-        """Each plan's accuracy on the validation split when every sample gets it, in `plan_names`'
-        order ("none": the entry pass alone), as the exporter measured them; None when one is
-        missing (a repository written before the plans carried it). Names as the router spells
-        them (core.plans.Plan.name): 'int8:hflip', 'fp32', 'int8:hflip+fp32:hflip'."""
-        measured: dict[str, float | None] = {e.name: e.val_accuracy for e in self.plans}
-        measured["none"] = (self.router or {}).get("val_entry_accuracy")
+    def plan_accuracies(self, plan_names: list[str], entry: str | None = None) -> list[float] | None:
+        """Each plan's accuracy on the validation split when every sample gets it after `entry`
+        (None: the main router's entry), in `plan_names`' order ("none": the entry pass alone), as
+        the exporter measured them; None when one is missing (a repository written before the
+        plans carried it). Names as the router spells them (core.plans.Plan.name): 'int8:hflip',
+        'fp32', 'int8:hflip+fp32:hflip'. A plan name may appear once per entry (main and speed)."""
+        router = self.router or {}
+        if entry is not None and self.speed_router and entry == self.speed_router.get("entry"):
+            router = self.speed_router
+        entry = entry if entry is not None else router.get("entry")
+        # a manifest whose router names no entry (hand-made, or older) has one set of plans: all of them
+        plans = [e for e in self.plans if entry is None or e.entry == entry]
+        measured: dict[str, float | None] = {e.name: e.val_accuracy for e in plans}
+        measured["none"] = router.get("val_entry_accuracy")
         values = [measured.get(name) for name in plan_names]
         if any(v is None for v in values):
             return None
@@ -128,10 +153,16 @@ class Manifest:
 
     def routed_variants(self, pinned: list[str] | None = None) -> list[VariantEntry]:
         """The served variants a gateway routes to: those named in `pinned` (its `variants`
-        setting) when given, else every served variant that is not opt-in."""
+        setting) when given, else every served variant that is not opt-in, and the speed
+        router's entry even when it is opt-in (fitting a speed router after it is the opt-in)."""
         if pinned:
             return [v for v in self.served_variants() if v.key in pinned]
-        return [v for v in self.served_variants() if not v.opt_in]
+        cheap = self.speed_entry()
+        return [v for v in self.served_variants() if not v.opt_in or v.key == cheap]
+
+    def speed_entry(self) -> str | None:
+        """The cheap entry variant's key (the speed router's entry), or None without a speed router."""
+        return (self.speed_router or {}).get("entry")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=False)

@@ -72,6 +72,12 @@ class PlannerConfig(Section):
     # flip fits. It applies in full on an idle server and shrinks to nothing at a load of one
     # full batch in flight. 0 turns the rule off
     quality_tie: float = Field(0.02, ge=0.0, le=1.0)
+    # the least priority the follow-ups of a sample that entered on the cheap entry (the speed router's,
+    # e.g. a pruned INT8) are planned with, whatever the request asked: a speed request entering there
+    # is planned `balanced`. The cheap entry is already the saving (0.64x INT8's time); escalating its
+    # uncertain 10-15 % is what keeps the answer at INT8's accuracy, and `speed` would shed that
+    # escalation. A request asking more (quality) keeps its own. `speed` here: no floor
+    cheap_entry_priority: Priority = Field(Priority.BALANCED, strict=False)  # "balanced" → Priority.BALANCED
 
 
 @dataclass(frozen=True)

@@ -247,12 +247,34 @@ def render_two_stage(report: TwoStageReport) -> str:
     lines += ["", "## Strategies (test split, no budget)", ""]
     lines += points_table(report.points, COMPUTE_COLUMNS)
     lines += ["", "## Learned router against the confidence rule and random escalation, at equal rate", ""]
-    lines += ["| router | rate | router | confidence rule | random |", "|---|---:|---:|---:|---:|"]
     lines += [
-        f"| {r['router']} | {100 * r['rate']:.1f}% | {100 * r['router_acc']:.2f}% | {100 * r['confidence_acc']:.2f}% "
-        f"| {100 * r['random_acc']:.2f}% |"
+        "| router | rate | rule and random escalate to | router | confidence rule | random |",
+        "|---|---:|---|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {r['router']} | {100 * r['rate']:.1f}% | {r.get('plan', '–')} | {100 * r['router_acc']:.2f}% "
+        f"| {100 * r['confidence_acc']:.2f}% | {100 * r['random_acc']:.2f}% |"
         for r in report.equal_rate
     ]
+    if report.cheap_entry:
+        main = report.cheap_entry[0]["main_entry"]
+        lines += ["", "## Cheap entry (`X-Priority: speed`), test split, no budget", ""]
+        lines += [
+            f"Compute in {main} passes; {main} alone answers {100 * report.cheap_entry[0]['main_entry_acc']:.2f}%.",
+            "",
+            f"| route | accuracy | vs {main} alone | compute | escalated | confidence rule / random, same rate and plan |",
+            "|---|---:|---:|---:|---:|---|",
+        ]
+        for r in report.cheap_entry:
+            rule = (
+                f"{100 * r['confidence_acc']:.2f}% / {100 * r['random_acc']:.2f}% → {r['rule_plan']}"
+                if "confidence_acc" in r
+                else "–"
+            )
+            lines.append(
+                f"| {r['label']} | {100 * r['accuracy']:.2f}% | {r['points_vs_main_entry']:+.2f} | "
+                f"{r['compute']:.2f}× | {100 * r['escalated']:.1f}% | {rule} |"
+            )
     lines += ["", "## AUROC for “the follow-up turns a wrong answer right” (test split)", ""]
     lines += ["| plan | fixes | breaks | learned gain | confidence rule |", "|---|---:|---:|---:|---:|"]
     lines += [

@@ -60,13 +60,19 @@ class TwoStageReport:
     auroc: dict[str, dict[str, float]]  # plan → "follow-up turns a wrong answer right": learned vs confidence
     budgets: list[dict[str, Any]]  # per budget: router accuracy, best fixed choice that fits
     shift: list[dict[str, Any]] = field(default_factory=list)  # per corruption of the validation split
+    # the cheap entry (X-Priority: speed) with its own router, against the main entry alone: rows of
+    # _cheap_entry; empty without a speed router
+    cheap_entry: list[dict[str, Any]] = field(default_factory=list)
     targets: dict[str, Any] = field(default_factory=dict)
     verdict: str = ""
 
 
-def record_split(repo: Path, split: Split, manifest, router: DeferralPredictor, pass_ms, threads: int) -> Recorded:
-    """Run the entry pass, every pass of the router's plans and every served variant on `split`."""
-    entry = manifest.router["entry"]
+def record_split(
+    repo: Path, split: Split, manifest, router: DeferralPredictor, pass_ms, threads: int, entry: str | None = None
+) -> Recorded:
+    """Run the entry pass (default: the main router's), every pass of the router's plans and every
+    served variant on `split`."""
+    entry = entry or manifest.router["entry"]
     plans = [Plan.parse(p) for p in router.plan_names]
     needed = {Pass(entry)} | {p for plan in plans for p in plan.passes}
     needed |= {Pass(v.key, View.IDENTITY) for v in manifest.served_variants()}
@@ -102,22 +108,36 @@ def evaluate_two_stage(
     plan_routes = [rec.route(j) for j in range(len(rec.plans))]
     alone = fixed_points(o, served, label="{key}")  # every served variant alone, one pass
     with_plan = fixed_points(o, plan_routes, label="{key}")  # [0] is the entry alone, as in `alone`
-    conf, up = rec.confidence(), rec.route(rec.plan_index(flip))
-    points = alone + with_plan[1:] + cascade_points(o, conf, rec.entry, up, THRESHOLDS, label=f"{flip} t={{t:g}}")
+    conf = rec.confidence()
+    # the confidence rule and random escalation send the same samples to one plan: the entry's own
+    # flip, and the plan the default router escalates to most (with a second network, usually that
+    # network's passes), so each is compared with the router on the plan it relies on
+    chosen = router_choice(rec, pred, Priority.BALANCED, planner, None, prior)
+    used = np.bincount(chosen, minlength=len(rec.plans))[1:]
+    compare = [flip] + ([rec.plans[1 + int(used.argmax())].name] if used.any() else [])
+    compare = list(dict.fromkeys(compare))  # the flip may be the router's favourite too
+    points = alone + with_plan[1:]
+    for plan in compare:
+        up = rec.route(rec.plan_index(plan))
+        points += cascade_points(o, conf, rec.entry, up, THRESHOLDS, label=f"{plan} t={{t:g}}")
     points += router_points(rec, pred, list(Priority), list(PRICES), planner, prior=prior, outcomes=o)
     points.append(oracle_point(o, plan_routes, label="any plan"))
     routed = [p for p in points if p.strategy == ADAPTIVE]
     default = next(p for p in routed if p.label == f"balanced price={planner.followup_price:g}")
     equal_rate = []
     for p in routed:
-        if p.label.startswith("balanced") and 0 < p.escalated < 1:
-            at = f"{flip} @{p.escalated:.1%}"
+        if not (p.label.startswith("balanced") and 0 < p.escalated < 1):
+            continue
+        for plan in compare:
+            up = rec.route(rec.plan_index(plan))
+            at = f"{plan} @{p.escalated:.1%}"
             rule = confidence_at_rate(o, conf, rec.entry, up, p.escalated, label=at)
             rnd = random_escalation(o, rec.entry, up, p.escalated, label=at, seed=seed)
             points.append(rnd)
             equal_rate.append(
                 {
                     "router": p.label,
+                    "plan": plan,
                     "rate": p.escalated,
                     "router_acc": p.accuracy,
                     "router_compute": p.compute,
@@ -129,6 +149,7 @@ def evaluate_two_stage(
     auroc = {p.name: followup_auroc(rec, pred, p.name) for p in rec.plans[1:]}
     budgets = _budget_sweep(rec, pred, planner, served, prior, seed)
     shift = _shift(repo, val, manifest, router, pass_ms, threads, seed, planner, served) if val is not None else []
+    cheap = _cheap_entry(repo, test, manifest, rec, pass_ms, threads, planner, seed)
     best_fixed = max(alone, key=lambda p: p.accuracy)
     best_plan = max(with_plan, key=lambda p: p.accuracy)
     quality = next(p for p in routed if p.label == "quality")
@@ -165,6 +186,7 @@ def evaluate_two_stage(
         auroc=auroc,
         budgets=budgets,
         shift=shift,
+        cheap_entry=cheap,
         targets=targets,
     )
     facts = FollowupFacts(
@@ -249,3 +271,70 @@ def _shift(repo, val, manifest, router, pass_ms, threads, seed, planner, served)
             "two-stage under %s: adaptive %.2f%% vs best fixed %.2f%%", name, 100 * point.accuracy, 100 * fixed[best]
         )
     return out
+
+
+def _cheap_entry(
+    repo: Path,
+    test: Split,
+    manifest,
+    main: Recorded,
+    pass_ms: dict[str, float],
+    threads: int,
+    planner: PlannerConfig,
+    seed: int,
+) -> list[dict[str, Any]]:
+    """The speed router's routes on `test`: its entry alone, then its entry with the follow-ups its
+    router plans (balanced, at each price: the gateway plans the cheap entry's follow-ups balanced,
+    planner.cheap_entry_priority), and the confidence rule and random escalation to its most used
+    plan at the same rate. Compute in the MAIN entry's passes (1.0 = INT8 alone), so a row below
+    1.0 is cheaper than the plain INT8 server's work; `main_entry_acc` is that INT8 alone."""
+    sr = manifest.speed_router
+    if not sr:
+        return []
+    router = DeferralPredictor.load((repo / sr["path"]).parent, sha256=sr.get("sha256"))
+    rec = record_split(repo, test, manifest, router, pass_ms, threads, entry=sr["entry"])
+    pred = router.predict(rec.entry_logits)
+    prior = manifest.plan_accuracies(router.plan_names, entry=sr["entry"])
+    scale = pass_ms[sr["entry"]] / pass_ms[main.entry]  # cheap entry passes → main entry passes
+    ok, cost = rec.correct(), rec.extra_cost()
+    o = rec.outcomes()
+    main_acc = float((main.probs[main.entry].argmax(1) == main.labels).mean())
+    rows = [{"label": f"{rec.entry} alone", "accuracy": float(ok[:, 0].mean()), "compute": scale, "escalated": 0.0}]
+    conf = rec.confidence()
+    for price in PRICES:
+        cfg = planner.model_copy(update={"followup_price": price})
+        index = router_choice(rec, pred, Priority.BALANCED, cfg, None, prior)
+        rate = float((index > 0).mean())
+        row = {
+            "label": f"{rec.entry} + router, balanced price={price:g}",
+            "accuracy": float(ok[np.arange(len(index)), index].mean()),
+            "compute": float(scale * (1.0 + cost[index]).mean()),
+            "escalated": rate,
+        }
+        if 0 < rate < 1:
+            plan = rec.plans[1 + int(np.bincount(index, minlength=len(rec.plans))[1:].argmax())].name
+            up = rec.route(rec.plan_index(plan))
+            row["rule_plan"] = plan
+            row["confidence_acc"] = confidence_at_rate(o, conf, rec.entry, up, rate, label=plan).accuracy
+            row["random_acc"] = random_escalation(o, rec.entry, up, rate, label=plan, seed=seed).accuracy
+        rows.append(row)
+    for r in rows:
+        r["main_entry"] = main.entry
+        r["main_entry_acc"] = main_acc
+        r["points_vs_main_entry"] = 100 * (r["accuracy"] - main_acc)
+    log.info(
+        "cheap entry %s: alone %.2f%% at %.2f× %s's compute; with its router (default price) %s",
+        rec.entry,
+        100 * rows[0]["accuracy"],
+        scale,
+        main.entry,
+        next(
+            (
+                f"{100 * r['accuracy']:.2f}% at {r['compute']:.2f}×"
+                for r in rows
+                if r["label"].endswith(f"price={planner.followup_price:g}")
+            ),
+            "–",
+        ),
+    )
+    return rows

@@ -8,6 +8,10 @@ Given a model repository whose variants are exported and profiled:
   4. write it to <repository>/router/1/, and the plans (validation accuracy, extra ms per batch size
      from the variants' latency profiles) and the router entry into manifest.json
 
+A repository has a main router (after INT8, `manifest.router`) and may have a speed router
+(role "speed": after a cheaper entry such as a pruned INT8, in router/1/speed/, `manifest.speed_router`).
+Fitting one leaves the other and its plans as they are: each plan records the entry it follows.
+
 Never the test split: the evaluation measures the result on it. Used by the export pipeline and by
 `aq-fit-router`, which refits the router of an existing repository.
 """
@@ -32,6 +36,8 @@ from adaptive_quant.predictor.fit_deferral import DeferralFitConfig, DeferralFit
 log = logging.getLogger(__name__)
 
 ROUTER_DIR = "router/1"  # inside the repository; not a Triton model (the gateway runs it in-process)
+SPEED_ROUTER_DIR = f"{ROUTER_DIR}/speed"  # the cheap entry's router, inside the main one's version folder
+ROLES = ("main", "speed")
 
 
 @dataclass
@@ -74,15 +80,41 @@ def fit_router(
     entry: str = "int8",
     threads: int = 0,
     fit_config: DeferralFitConfig | None = None,
+    role: str = "main",
 ) -> RouterFit:
-    """Measure `plans` after `entry` on the validation split, fit the router, update the repository."""
+    """Measure `plans` after `entry` on the validation split, fit the router, update the repository.
+
+    role "main": the router every request uses after the normal entry (manifest.router, router/1/).
+    role "speed": the cheap entry's router (manifest.speed_router, router/1/speed/), fitted after a
+    cheaper variant than the main router's entry; the main router and its plans stay as they are."""
     repo = Path(repo)
     manifest = load_manifest(repo)
+    if role not in ROLES:
+        raise ValueError(f"router role {role!r}: one of {', '.join(ROLES)}")
     if entry not in manifest.variants:
         raise ValueError(f"entry variant {entry!r} is not in the repository (has {sorted(manifest.variants)})")
+    other = manifest.speed_router if role == "main" else manifest.router
+    if other and other.get("entry") == entry:
+        raise ValueError(
+            f"the {'speed' if role == 'main' else 'main'} router already follows {entry!r}: the cheap entry "
+            "must be another variant than the main router's (aq-fit-router --speed-entry KEY)"
+        )
     parsed = [Plan.parse(p) for p in plans]
     if any(not p.passes for p in parsed):
         raise ValueError(f"'{NONE}' is always a plan; list only follow-ups, got {list(plans)}")
+    # a plan over a variant this repository lacks (a second network not added yet, a pruned INT8 of
+    # another repository) is left out with a line, so one plan list (export.plans) serves a
+    # repository of one network at export and of two after `aq-export --add-network`
+    lacking = [p for p in parsed if not p.variants <= set(manifest.variants)]
+    for p in lacking:
+        log.info(
+            "plan %s left out: the repository has no %s", p.name, ", ".join(sorted(p.variants - set(manifest.variants)))
+        )
+    parsed = [p for p in parsed if p not in lacking]
+    if not parsed:
+        raise ValueError(
+            f"none of the plans {list(plans)} runs on this repository's variants {sorted(manifest.variants)}"
+        )
     entry_pass = Pass(entry, View.IDENTITY)
     needed = {entry_pass} | {p for plan in parsed for p in plan.passes}
     log.info("router: running %s on %d validation images", ", ".join(sorted(p.name for p in needed)), len(val.labels))
@@ -93,9 +125,13 @@ def fit_router(
     )
     names = [NONE] + [p.name for p in parsed]
     predictor, report = fit_deferral(logits[entry_pass], outcomes, names, fit_config)
-    folder = repo / ROUTER_DIR
-    spec = predictor.save(folder, extra={"entry": entry, "fitted_on": f"validation split, {len(val.labels)} images"})
-    manifest.plans = [
+    router_dir = ROUTER_DIR if role == "main" else SPEED_ROUTER_DIR
+    extra = {"entry": entry, "role": role, "fitted_on": f"validation split, {len(val.labels)} images"}
+    spec = predictor.save(repo / router_dir, extra=extra)
+    # the other router's plans stay: each router's plans are those whose entry is its own
+    kept_entry = (manifest.speed_router if role == "main" else manifest.router) or {}
+    kept = [e for e in manifest.plans if kept_entry and e.entry == kept_entry.get("entry")]
+    fitted = [
         PlanEntry(
             name=plan.name,
             passes=[p.name for p in plan.passes],
@@ -105,12 +141,13 @@ def fit_router(
         )
         for j, plan in enumerate(parsed)
     ]
+    manifest.plans = fitted + kept if role == "main" else kept + fitted
     gain = {k: v.__dict__ for k, v in report.gain.items()}
-    manifest.router = {
+    described = {
         "kind": "deferral_mlp",
         "entry": entry,
-        "path": f"{ROUTER_DIR}/{WEIGHTS_FILE}",
-        "spec_path": f"{ROUTER_DIR}/{SPEC_FILE}",
+        "path": f"{router_dir}/{WEIGHTS_FILE}",
+        "spec_path": f"{router_dir}/{SPEC_FILE}",
         "sha256": spec["sha256"],
         "plans": names,
         "features": list(predictor.feature_names),
@@ -122,11 +159,16 @@ def fit_router(
         },
         "ece": {k: v.ece_calibrated for k, v in report.plans.items()},
     }
+    if role == "main":
+        manifest.router = described
+    else:
+        manifest.speed_router = described
     save_manifest(repo, manifest)
     log.info(
-        "router: %d plans after %s; validation accuracy if applied to every sample: %s",
+        "%s router: %d plans after %s; validation accuracy if applied to every sample: %s",
+        role,
         len(parsed),
         entry,
-        ", ".join(f"{e.name} {e.val_accuracy:.2%}" for e in manifest.plans),
+        ", ".join(f"{e.name} {e.val_accuracy:.2%}" for e in fitted),
     )
     return RouterFit(manifest=manifest, report=report, outcomes=outcomes)

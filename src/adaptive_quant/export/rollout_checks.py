@@ -5,7 +5,8 @@ line; any line refuses the roll-out (exit 2) before anything is added to the ser
 - its manifest loads; every served variant's file (and the router's weights) exists and matches its sha256;
 - the export gates, re-checked from the figures its manifest recorded: finite outputs, and each served
   variant's validation accuracy within export.max_accuracy_drop points of its FP32
-  (export.max_pruned_accuracy_drop for an opt-in extra variant, as `aq-export --add-variant` gates it);
+  (export.max_pruned_accuracy_drop for an opt-in extra variant, as `aq-export --add-variant` gates it;
+  a second network's variants against that network's own FP32, as `aq-export --add-network` gates them);
 - every served variant loads in ONNX Runtime and answers seeded probe images with (N, classes) finite
   logits: a network that fails to load or warm up, or outputs NaN, never takes traffic;
 - its classes, image size and input/output names are the serving version's (callers and the gateway's
@@ -52,7 +53,7 @@ class CheckReport:
 
 
 def check_files(repo: Path, manifest: Manifest) -> list[str]:
-    """Every served variant's file, and the router's weights, exist and match their sha256."""
+    """Every served variant's file, and both routers' weights (main and speed), exist and match their sha256."""
     out = []
     for v in manifest.served_variants():
         f = repo / v.path
@@ -60,20 +61,25 @@ def check_files(repo: Path, manifest: Manifest) -> list[str]:
             out.append(f"variant {v.key}: {f} is missing")
         elif (actual := sha256_file(f)) != v.sha256:
             out.append(f"variant {v.key}: {f} has sha256 {actual[:12]}…, the manifest says {v.sha256[:12]}…")
-    router = manifest.router or {}
-    if router.get("path"):
+    for what, router in (("router", manifest.router or {}), ("speed router", manifest.speed_router or {})):
+        if not router.get("path"):
+            continue
         f = repo / router["path"]
         if not f.is_file():
-            out.append(f"router: {f} is missing")
+            out.append(f"{what}: {f} is missing")
         elif router.get("sha256") and sha256_file(f) != router["sha256"]:
-            out.append(f"router: {f} does not match its sha256 in the manifest")
+            out.append(f"{what}: {f} does not match its sha256 in the manifest")
         if router.get("spec_path") and not (repo / router["spec_path"]).is_file():
-            out.append(f"router: {repo / router['spec_path']} is missing")
+            out.append(f"{what}: {repo / router['spec_path']} is missing")
     return out
 
 
 def check_gates(manifest: Manifest, cfg: ExportConfig) -> list[str]:
-    """The export gate on the figures the manifest recorded (validation accuracy against FP32)."""
+    """The export gate on the figures the manifest recorded (validation accuracy against FP32).
+
+    A second network's variant (`network` set, `aq-export --add-network`) is measured against its own
+    network's FP32, with export.max_accuracy_drop, as it was gated when it was added.
+    """
     out = []
     reference = manifest.variants.get(REFERENCE_KEY)
     if reference is None or reference.val_accuracy is None:
@@ -86,14 +92,26 @@ def check_gates(manifest: Manifest, cfg: ExportConfig) -> list[str]:
             out.append(f"variant {v.key}: its recorded logit difference from FP32 is {v.max_abs_logit_diff}")
         limit, key = (
             (cfg.max_pruned_accuracy_drop, "max_pruned_accuracy_drop")
-            if v.opt_in
+            if v.opt_in and not v.network
             else (cfg.max_accuracy_drop, "max_accuracy_drop")
         )
-        drop = 100.0 * (reference.val_accuracy - v.val_accuracy)  # points
+        ref = reference
+        if v.network:
+            ref = next(
+                (x for x in manifest.variants.values() if x.network == v.network and x.precision == REFERENCE_KEY),
+                None,
+            )
+            if ref is None or ref.val_accuracy is None:
+                out.append(
+                    f"variant {v.key}: network {v.network} has no {REFERENCE_KEY} variant with a recorded "
+                    "validation accuracy; the export gate cannot be re-checked"
+                )
+                continue
+        drop = 100.0 * (ref.val_accuracy - v.val_accuracy)  # points
         if drop > limit + FIGURE_TOLERANCE:
             out.append(
                 f"variant {v.key}: validation accuracy {v.val_accuracy:.2%} is {drop:.2f} points below "
-                f"{REFERENCE_KEY}'s {reference.val_accuracy:.2%} (export.{key} {limit:g} points)"
+                f"{ref.key}'s {ref.val_accuracy:.2%} (export.{key} {limit:g} points)"
             )
     return out
 

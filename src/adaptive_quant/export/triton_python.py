@@ -8,7 +8,7 @@ file with ONNX Runtime on CPU. Layout written under `dst_repo`:
     <triton_name>/config.pbtxt            triton_config.render_config(flavor="python")
     <triton_name>/<N>/model.py            MODEL_PY below (it runs the model.onnx beside it)
     <triton_name>/<N>/model.onnx          hard link to the source file (a copy across file systems)
-    router/<N>/deferral.{npz,json}        the two-stage router, linked likewise (the gateway reads it)
+    router/<N>/deferral.{npz,json}        the two-stage router (and router/<N>/speed/, the cheap entry's), linked likewise
 
 N is the repository's one version (1) when it has no versions.json. A versioned repository
 (core/versions.py) gets a folder per live version (serving, canary, and any its version_policy
@@ -195,12 +195,13 @@ def _write_version(src: Path, dst: Path, manifest: Manifest, version: int, keep_
         link_or_copy(onnx_src, folder / ONNX_FILE, v.sha256 if keep_existing else None)
         write_model_py(folder)
         v.path = f"{v.triton_name}/{version}/{ONNX_FILE}"
-    if manifest.router:
-        # the two-stage router runs in the gateway, not in Triton, but the gateway reads it from the
-        # repository it is given: a flavour without it would name missing files and serve single-stage
+    # the two-stage routers (the main one, and the cheap entry's) run in the gateway, not in Triton, but
+    # the gateway reads them from the repository it is given: a flavour without them would name
+    # missing files and serve single-stage (or without the cheap entry)
+    for router in (manifest.router, manifest.speed_router):
         for key in ("path", "spec_path"):
-            if manifest.router.get(key):
-                link_or_copy(src / manifest.router[key], dst / manifest.router[key])
+            if router and router.get(key):
+                link_or_copy(src / router[key], dst / router[key])
 
 
 def _write_config(src: Path, dst: Path, manifest: Manifest, name: str, threads: int, policy: list[int] | None) -> None:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnxruntime as ort
 
 from adaptive_quant.config import ExperimentConfig, ExportConfig, config_from_dict
 from adaptive_quant.core.manifest import (
@@ -91,14 +92,30 @@ def check_variant_key(key: str) -> str:
     return key
 
 
-def _check_compatible(cfg: ExperimentConfig, payload: dict[str, Any], manifest: Manifest, repo: Path) -> None:
-    """Same model family, input, classes and seed as the repository; it must have FP32 and INT8."""
-    missing = {Precision.FP32.value, Precision.INT8.value} - set(manifest.variants)
+def check_compatible(
+    cfg: ExperimentConfig,
+    payload: dict[str, Any],
+    manifest: Manifest,
+    repo: Path,
+    same_network: bool = True,
+    needs: tuple[str, ...] = (Precision.FP32.value, Precision.INT8.value),
+) -> None:
+    """Same input, classes and seed as the repository, and the variants `needs` to gate and time against.
+
+    same_network: the repository's model family (an added variant); False: another network
+    (`aq-export --add-network`), whose model name must then differ from the repository's.
+    """
+    missing = set(needs) - set(manifest.variants)
     if missing:
         raise VariantError(f"{repo} has no {sorted(missing)} variant to gate and time the new one against")
     problems = []
-    if cfg.model.name != manifest.model_name:
+    if same_network and cfg.model.name != manifest.model_name:
         problems.append(f"model {cfg.model.name!r}, the repository's is {manifest.model_name!r}")
+    if not same_network and cfg.model.name == manifest.model_name:
+        problems.append(
+            f"model {cfg.model.name!r} is the repository's own network: a new version of it is a plain "
+            "aq-export --checkpoint CKPT --repository REPO (--add-network takes a network of another model name)"
+        )
     if cfg.data.image_size != manifest.image_size:
         problems.append(f"image size {cfg.data.image_size}, the repository's is {manifest.image_size}")
     classes = payload.get("classes")
@@ -109,6 +126,60 @@ def _check_compatible(cfg: ExperimentConfig, payload: dict[str, Any], manifest: 
         problems.append(f"seed {cfg.seed}, the repository's run used {seed} (another validation split)")
     if problems:
         raise VariantError(f"the checkpoint does not fit {repo}: " + "; ".join(problems))
+
+
+def fp32_reference(
+    repo: Path, manifest: Manifest, val_x: np.ndarray, labels: np.ndarray, threads: int
+) -> tuple[np.ndarray, float]:
+    """(logits (N, classes), accuracy) of the repository's FP32 on the validation split; refuses
+    another split (the recomputed accuracy must be the manifest's)."""
+    logits = run_batched(make_session(str(repo / manifest.variants["fp32"].path), threads), val_x)
+    acc = float((logits.argmax(1) == labels).mean())
+    recorded = manifest.variants["fp32"].val_accuracy
+    if recorded is not None and abs(acc - recorded) > 1e-9:  # 1 sample of 5,000 is 2e-4
+        raise VariantError(
+            f"{repo}'s FP32 scores {acc:.4%} on this validation split but {recorded:.4%} in its manifest: "
+            "the checkpoint's data section (data.source, data.val_size, seed) draws another split"
+        )
+    return logits, acc
+
+
+def parity_vs_torch(logits: np.ndarray, torch_logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """ORT against the torch network it came from, on the validation split."""
+    return {
+        "max_abs_diff_vs_torch": float(np.abs(logits - torch_logits).max()),
+        "mean_abs_diff_vs_torch": float(np.abs(logits - torch_logits).mean()),
+        "top1_agreement_vs_torch": float((logits.argmax(1) == torch_logits.argmax(1)).mean()),
+        "torch_accuracy": float((torch_logits.argmax(1) == labels).mean()),
+    }
+
+
+def profile_beside_int8(
+    sessions: dict[str, ort.InferenceSession], work: Path, manifest: Manifest, e: ExportConfig, sample: np.ndarray
+) -> tuple[dict[str, LatencyProfile], LatencyProfile, dict[str, dict[str, float]]]:
+    """Profile each session at the repository INT8's batch sizes, with that INT8 timed again beside them.
+
+    Returns (profile per key, the INT8's profile, per key str(batch) → p50 over the INT8's p50):
+    a ratio from one run on one host, whatever host the manifest's figures came from.
+    """
+    int8 = manifest.variants[Precision.INT8.value]
+    batches = sorted(int(b) for b in int8.latency.batches) if int8.latency else e.profile_batch_sizes
+    log.info("profiling %s beside %s at batch sizes %s", sorted(sessions), int8.key, batches)
+    int8_session = make_session(str(work / int8.path), e.ort_threads)
+    int8_profile = profile_session(int8_session, sample, batches, e.profile_seconds, threads=e.ort_threads)
+    profiles, ratios = {}, {}
+    for key, session in sessions.items():
+        profiles[key] = p = profile_session(session, sample, batches, e.profile_seconds, threads=e.ort_threads)
+        ratios[key] = {b: p.batches[b].p50_ms / int8_profile.batches[b].p50_ms for b in p.batches}
+    return profiles, int8_profile, ratios
+
+
+def write_flavor(e: ExportConfig, repo: Path) -> None:
+    """The python-backend flavour beside the repository, when export.triton_flavor asks for it."""
+    if e.triton_flavor == "python":
+        from adaptive_quant.export.triton_python import write_python_flavor
+
+        write_python_flavor(repo, repo.with_name(f"{repo.name}_python"))
 
 
 def add_variant(
@@ -134,20 +205,13 @@ def add_variant(
     repo = Path(repository).resolve()
     manifest = load_manifest(repo, verify_files=True)  # a damaged repository is refused before any work
     key = check_variant_key(key or default_variant_key(cfg))
-    _check_compatible(cfg, payload, manifest, repo)
+    check_compatible(cfg, payload, manifest, repo)
     if data is None:
         data = load_dataset(cfg.data, cfg.seed)
     val_x = to_normalized_tensor(data.val.images).numpy()  # (N, 3, 32, 32) float32, the serving input
     labels = data.val.labels
 
-    fp32_logits = run_batched(make_session(str(repo / manifest.variants["fp32"].path), e.ort_threads), val_x)
-    fp32_acc = float((fp32_logits.argmax(1) == labels).mean())
-    recorded = manifest.variants["fp32"].val_accuracy
-    if recorded is not None and abs(fp32_acc - recorded) > 1e-9:  # 1 sample of 5,000 is 2e-4
-        raise VariantError(
-            f"{repo}'s FP32 scores {fp32_acc:.4%} on this validation split but {recorded:.4%} in its manifest: "
-            "the checkpoint's data section (data.source, data.val_size, seed) draws another split"
-        )
+    fp32_logits, fp32_acc = fp32_reference(repo, manifest, val_x, labels, e.ort_threads)
 
     tname = f"{manifest.model_name}_{key}"
     work = Path(tempfile.mkdtemp(prefix=f".{repo.name}.adding-", dir=repo.parent))
@@ -198,20 +262,9 @@ def add_variant(
             log.warning("publishing %s despite the gate (forced): %s", key, why)
 
         torch_logits = predict_logits(converted, data.val.images)
-        parity = {
-            "max_abs_diff_vs_torch": float(np.abs(logits - torch_logits).max()),
-            "mean_abs_diff_vs_torch": float(np.abs(logits - torch_logits).mean()),
-            "top1_agreement_vs_torch": float((logits.argmax(1) == torch_logits.argmax(1)).mean()),
-            "torch_accuracy": float((torch_logits.argmax(1) == labels).mean()),
-        }
-        int8 = manifest.variants["int8"]
-        batches = sorted(int(b) for b in int8.latency.batches) if int8.latency else e.profile_batch_sizes
-        # the repository's INT8 is timed again beside the new variant: a ratio from one run, one host
-        int8_session = make_session(str(work / int8.path), e.ort_threads)
-        sample = val_x[:64]
-        int8_profile = profile_session(int8_session, sample, batches, e.profile_seconds, threads=e.ort_threads)
-        profile = profile_session(session, sample, batches, e.profile_seconds, threads=e.ort_threads)
-        ratio = {b: profile.batches[b].p50_ms / int8_profile.batches[b].p50_ms for b in profile.batches}
+        parity = parity_vs_torch(logits, torch_logits, labels)
+        profiles, int8_profile, ratios = profile_beside_int8({key: session}, work, manifest, e, val_x[:64])
+        profile, ratio = profiles[key], ratios[key]
 
         (path.parent.parent / "config.pbtxt").write_text(render_config(triton_spec(cfg, tname)))
         entry = VariantEntry(
@@ -253,10 +306,7 @@ def add_variant(
     finally:
         shutil.rmtree(work, ignore_errors=True)
     result = VariantResult(repo, key, entry, gate, fp32_acc, parity, ratio, int8_profile)
-    if e.triton_flavor == "python":
-        from adaptive_quant.export.triton_python import write_python_flavor
-
-        write_python_flavor(repo, repo.with_name(f"{repo.name}_python"))
+    write_flavor(e, repo)
     if tracking and cfg.tracking.enabled:
         _log_to_mlflow(cfg, payload, result)
     return result
@@ -264,6 +314,29 @@ def add_variant(
 
 def _log_to_mlflow(cfg: ExperimentConfig, payload: dict[str, Any], result: VariantResult) -> None:
     """Log the variant's gate, size and speed into its training run; register it like build_repository does."""
+    k, v, g = result.key, result.entry, result.gate
+    metrics = {
+        f"export/{k}_val_acc": g.accuracy,
+        f"export/{k}_drop_points": g.accuracy_drop,
+        f"export/{k}_agreement": g.agreement_with_fp32,
+        f"export/{k}_size_bytes": float(v.size_bytes),
+        f"export/{k}_b64_throughput": v.latency.at(64).throughput if v.latency else 0.0,
+    }
+    metrics |= {f"export/{k}_time_vs_int8_b{b}": r for b, r in result.time_vs_int8.items()}
+    tags = {"exported": "true", "export.variant": k, "export.repository": str(result.repository)}
+    log_to_training_run(cfg, payload, result.repository, tags, metrics, [v] if g.passed else [])
+
+
+def log_to_training_run(
+    cfg: ExperimentConfig,
+    payload: dict[str, Any],
+    repository: Path,
+    tags: dict[str, str],
+    metrics: dict[str, float],
+    register: list[VariantEntry],
+) -> None:
+    """Tags, metrics and the manifest into the checkpoint's training run (a new export run when it cannot
+    be reopened); each of `register` registered in the MLflow registry when export.register."""
     import mlflow
     import onnx
 
@@ -278,21 +351,14 @@ def _log_to_mlflow(cfg: ExperimentConfig, payload: dict[str, Any], result: Varia
         ctx = start_run(cfg.tracking, kind="export")
         tracker = ctx.__enter__()
     try:
-        k, v, g = result.key, result.entry, result.gate
-        tracker.set_tags({"exported": "true", "export.variant": k, "export.repository": str(result.repository)})
-        metrics = {
-            f"export/{k}_val_acc": g.accuracy,
-            f"export/{k}_drop_points": g.accuracy_drop,
-            f"export/{k}_agreement": g.agreement_with_fp32,
-            f"export/{k}_size_bytes": float(v.size_bytes),
-            f"export/{k}_b64_throughput": v.latency.at(64).throughput if v.latency else 0.0,
-        }
-        metrics |= {f"export/{k}_time_vs_int8_b{b}": r for b, r in result.time_vs_int8.items()}
+        tracker.set_tags(tags)
         tracker.log_metrics(metrics)
-        tracker.log_artifact(result.repository / "manifest.json", artifact_path="model_repository")
-        if cfg.export.register and g.passed:
+        tracker.log_artifact(repository / "manifest.json", artifact_path="model_repository")
+        if not cfg.export.register:
+            return
+        for v in register:
             info = mlflow.onnx.log_model(
-                onnx.load(str(result.repository / v.path)), name=v.triton_name, registered_model_name=v.triton_name
+                onnx.load(str(repository / v.path)), name=v.triton_name, registered_model_name=v.triton_name
             )
             log.info("registered %s version %s", v.triton_name, info.registered_model_version)
     finally:

@@ -5,6 +5,7 @@ manifest.json). add_version copies it into the serving repository as the next ve
 
     <triton_name>/<N>/model.onnx   (+ model.py in a python-flavoured repository)
     router/<N>/deferral.{npz,json}
+    router/<N>/speed/deferral.{npz,json}   the cheap entry's router, when the manifest has one
     manifests/<N>.json             version=N, paths rewritten; written once, never changed
     versions.json                  N recorded as staged (core/versions.py)
 
@@ -58,6 +59,18 @@ log = logging.getLogger(__name__)
 CONFIG_NAME = "config.pbtxt"
 ROUTER_DIR = "router"
 ROUTER_FILES = ("path", "spec_path")  # the manifest's router entries that name a file
+# the manifest's routers (attribute → sub-folder of router/<N>/): the main one, and the cheap entry's
+ROUTERS = {"router": "", "speed_router": "speed"}
+
+
+def router_entries(manifest: Manifest) -> list[tuple[str, dict]]:
+    """(attribute, entry) of each router the manifest names: the main one, then the speed router."""
+    return [(attr, getattr(manifest, attr)) for attr in ROUTERS if getattr(manifest, attr, None)]
+
+
+def router_path(version: int, attr: str, name: str) -> str:
+    """Where version N keeps a router file: router/<N>/<name>, the speed router's router/<N>/speed/<name>."""
+    return "/".join(p for p in (ROUTER_DIR, str(version), ROUTERS[attr], name) if p)
 
 
 class VersionError(ValueError):
@@ -116,11 +129,12 @@ def _rewritten(manifest: Manifest, version: int) -> Manifest:
     m = dataclasses.replace(manifest, version=version, variants=dict(manifest.variants))
     for k, v in m.variants.items():
         m.variants[k] = dataclasses.replace(v, path=f"{v.triton_name}/{version}/{Path(v.path).name}")
-    if m.router:
-        m.router = dict(m.router)
+    for attr, entry in router_entries(m):
+        entry = dict(entry)
         for key in ROUTER_FILES:
-            if m.router.get(key):
-                m.router[key] = f"{ROUTER_DIR}/{version}/{Path(m.router[key]).name}"
+            if entry.get(key):
+                entry[key] = router_path(version, attr, Path(entry[key]).name)
+        setattr(m, attr, entry)
     return m
 
 
@@ -206,7 +220,7 @@ def _serving_files(serving: Path, index: VersionIndex) -> dict[str, Path]:
     except ManifestError:
         return {}
     files = [serving / v.path for v in manifest.variants.values()]
-    files += [serving / manifest.router[k] for k in ROUTER_FILES if manifest.router and manifest.router.get(k)]
+    files += [serving / entry[k] for _, entry in router_entries(manifest) for k in ROUTER_FILES if entry.get(k)]
     return {sha256_file(f): f for f in files if f.is_file()}
 
 
@@ -230,15 +244,16 @@ def _add_version(staged: Path, serving: Path, source: str) -> tuple[int, Manifes
             _place_file(staged / v.path, work / dst_rel, v.sha256, f"variant {k}", reuse)
             if python:
                 write_model_py((work / dst_rel).parent)  # with its .pyc: Triton reloads a folder whose files change
-        if staged_manifest.router:
+        for attr, entry in router_entries(staged_manifest):
+            what = "router" if attr == "router" else "speed router"
             for key in ROUTER_FILES:
-                rel = staged_manifest.router.get(key)
+                rel = entry.get(key)
                 if not rel:
                     continue
                 src = staged / rel
                 # the weights carry their sha256 in the manifest; the spec is checked against itself
-                expected = staged_manifest.router["sha256"] if key == "path" else _sha_or_missing(src, "router spec")
-                _place_file(src, work / new.router[key], expected, f"router {key}", reuse)
+                expected = entry["sha256"] if key == "path" else _sha_or_missing(src, f"{what} spec")
+                _place_file(src, work / getattr(new, attr)[key], expected, f"{what} {key}", reuse)
         _write_once(serving / version_manifest_path(n), new.to_json() + "\n")
         placed.append(serving / version_manifest_path(n))
         # a repository made before versions has configs without a policy (Triton: the latest version):
@@ -353,9 +368,9 @@ def stage_serving_version(serving: str | Path, work: str | Path) -> Manifest:
         cfg = serving / v.triton_name / CONFIG_NAME
         if cfg.is_file() and not (work / v.triton_name / CONFIG_NAME).exists():
             shutil.copyfile(cfg, work / v.triton_name / CONFIG_NAME)
-    if manifest.router:
+    for attr, entry in router_entries(manifest):
         for key in ROUTER_FILES:
-            if manifest.router.get(key):
-                link_or_copy(serving / manifest.router[key], work / staged.router[key])
+            if entry.get(key):
+                link_or_copy(serving / entry[key], work / getattr(staged, attr)[key])
     save_manifest(work, staged)
     return staged

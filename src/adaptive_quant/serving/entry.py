@@ -10,6 +10,12 @@ only difference:
 - `CheapestEntry` (two-stage): every sample to the allowed variant of least profiled compute;
   the follow-up stage (followup.py) spends any extra compute after it.
 
+The cheap entry (`CheapEntry`, two-stage with a speed router in the manifest): a variant cheaper
+than the normal entry (a pruned INT8) with a router of its own. A request enters on it when it asks
+`X-Priority: speed`, or when the normal entry's estimate (queue included) no longer fits its
+remaining budget and the cheap one's does; otherwise it never takes an entry pass (but as the last
+variant left). A failed cheap call falls back to the normal entry like any failed call.
+
 Per backend call (both routings):
 - it is abandoned at max(remaining budget, slow_factor × its own estimate) + grace: when the
   estimate already exceeds the budget the budget is lost anyway, and cutting the call at the
@@ -33,7 +39,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 from adaptive_quant.core.latency import LatencyEstimator
-from adaptive_quant.core.routing import NoVariantAllowed, RoutingConfig, route_batch
+from adaptive_quant.core.routing import NoVariantAllowed, Priority, RoutingConfig, route_batch
 from adaptive_quant.serving.calls import VariantCalls
 from adaptive_quant.serving.errors import ServiceUnavailable
 from adaptive_quant.serving.metrics import GatewayMetrics
@@ -131,14 +137,47 @@ class CheapestEntry:
         low = int(ranks.min())
         return cls(sorted(range(len(keys)), key=lambda j: (ranks[j] > low, estimator.service_ms(keys[j], 1))))
 
+    def pick(self, allowed: np.ndarray) -> int:
+        """The column the entry pass takes among the `allowed` (V,) variants (at least one is)."""
+        return next(j for j in self.order if allowed[j])
+
     def route(
         self, model: ServedModel, state: RequestState, idx: np.ndarray, allowed: np.ndarray, remaining: float | None
     ) -> list[Group]:
-        j = next(j for j in self.order if allowed[j])
+        j = self.pick(allowed)
         estimate = model.estimator.estimate_ms(model.keys[j], len(idx))
         if remaining is not None and estimate > remaining:
             state.decision_met[idx] = False
         return [(j, idx, estimate)]
+
+
+class CheapEntry:
+    """The speed router's entry: one variant cheaper than the normal entry, taken per request."""
+
+    def __init__(self, column: int) -> None:
+        self.column = column  # the cheap variant's column in the model's keys
+
+    def estimate_ms(self, model: ServedModel, state: RequestState, n: int, allowed: np.ndarray) -> float | None:
+        """The cheap entry's latency estimate (ms) when these n samples enter on it, else None.
+
+        `allowed` (V,): what may answer now (floor, health, breaker, not tried yet). `speed` takes
+        the cheap entry whenever it is allowed; balanced and quality only when the normal entry's
+        estimate, its queue included, does not fit the remaining budget and the cheap one's does
+        (an answer within the budget at the cheap entry's accuracy, escalated by its router, beats
+        a late one). Without a budget they always enter normally."""
+        j = self.column
+        if not allowed[j]:
+            return None
+        estimator, key = model.estimator, model.keys[j]
+        cheap_ms = estimator.estimate_ms(key, n)
+        if state.options.priority is Priority.SPEED:
+            return cheap_ms
+        remaining = state.remaining_ms()
+        normal = allowed & model.entry_ok
+        if remaining is None or not normal.any() or not isinstance(model.entry, CheapestEntry):
+            return None
+        normal_ms = estimator.estimate_ms(model.keys[model.entry.pick(normal)], n)
+        return cheap_ms if normal_ms > remaining >= cheap_ms else None
 
 
 class EntryPass:
@@ -162,6 +201,19 @@ class EntryPass:
         )
         if options.variant is not None:  # pinned: that variant or nothing (no fallback)
             allowed &= np.array([k == options.variant for k in model.keys])
+        else:
+            cheap = model.cheap_entry
+            estimate = None if cheap is None else cheap.estimate_ms(model, state, len(idx), allowed)
+            if cheap is not None and estimate is not None:
+                remaining = state.remaining_ms()
+                if remaining is not None and estimate > remaining:
+                    state.decision_met[idx] = False
+                state.routing_s += time.perf_counter() - t
+                # not a last resort unless it is the only variant left: a failure falls back to the normal entry
+                await self._call(state, cheap.column, idx, estimate, tried, bool(allowed.sum() == 1))
+                return
+            if (allowed & model.entry_ok).any():  # a second network's variants (and the cheap entry) are last resorts
+                allowed &= model.entry_ok
         if not allowed.any():
             detail = "; ".join(state.errors) or self._why_none_allowed(model, floor_ok)
             raise ServiceUnavailable(f"no variant could answer: {detail}", retry_after_s=model.breakers.retry_after_s())

@@ -125,7 +125,9 @@ async def load_model(
     its latency estimates from this host's profiles (profiling.py; with several workers, worker 0
     measures and the others read its file)."""
     keys = routed_keys(settings, manifest)
+    speed = speed_router(settings, manifest)
     await warm_up(settings, manifest, backend, keys, router)
+    warm_up_router(manifest, speed)
     estimator = variant_estimator(settings, manifest)
     profile = await profile_host(
         backend,
@@ -137,8 +139,27 @@ async def load_model(
         worker.index if worker else 0,
     )
     return build_model(
-        settings, manifest, router, backend=backend, version=manifest.version, estimator=estimator, profile=profile
+        settings,
+        manifest,
+        router,
+        backend=backend,
+        version=manifest.version,
+        estimator=estimator,
+        profile=profile,
+        speed_router=speed,
     )
+
+
+def speed_router(settings: ServeSettings, manifest: Manifest) -> LoadedRouter:
+    """The cheap entry's router (the manifest's speed_router). Unusable (missing, damaged): logged as an
+    error, and the version serves without the cheap entry; it never stops a version from serving."""
+    return load_router(settings.repository, manifest, settings.planner.enabled, role="speed")
+
+
+def warm_up_router(manifest: Manifest, router: LoadedRouter) -> None:
+    """The router's first-call costs (NumPy paths), paid before the first caller."""
+    if router.predictor is not None:
+        router.predictor.predict(np.zeros((1, len(manifest.classes)), np.float32))
 
 
 def version_router(settings: ServeSettings, manifest: Manifest, predictor: RouterPredictor | None) -> LoadedRouter:
@@ -187,6 +208,8 @@ async def load_version(
         if manifest.router and settings.planner.enabled and router.predictor is None:
             raise VersionLoadError(f"its router cannot be used: {router.summary}")
         await check_warm_up(settings, manifest, backend, keys, router)
+        speed = speed_router(settings, manifest)
+        warm_up_router(manifest, speed)
         estimator = variant_estimator(settings, manifest)
         shared = profile_file(worker, manifest.version)
         info: ProfileInfo | None = None
@@ -197,7 +220,14 @@ async def load_version(
             if shared is not None and worker is not None and worker.index == 0:
                 save_shared(shared, info)
         return build_model(
-            settings, manifest, router, backend=backend, version=manifest.version, estimator=estimator, profile=info
+            settings,
+            manifest,
+            router,
+            backend=backend,
+            version=manifest.version,
+            estimator=estimator,
+            profile=info,
+            speed_router=speed,
         )
     except BaseException:
         await backend.close()

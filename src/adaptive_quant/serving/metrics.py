@@ -92,6 +92,14 @@ class GatewayMetrics:
             ["plan"],
             registry=r,
         )
+        # with aq_samples_routed (samples by entry variant): the escalation rate of each entry, the
+        # cheap entry's (the speed router's) among them; a plan name repeats once per entry
+        self.entry_followups = Counter(
+            "aq_entry_followups",
+            "Samples that got a follow-up plan, by the entry variant they entered on and plan (two-stage routing)",
+            ["entry", "plan"],
+            registry=r,
+        )
         self.followup_passes_lost = Counter(
             "aq_followup_passes_lost",
             "Follow-up passes (sample x pass) whose answer did not count: cut at the deadline, or failed",
@@ -132,9 +140,12 @@ class GatewayMetrics:
         for result in ("met", "missed"):
             self.budget.labels(result)
 
-    def declare_plans(self, plans: list[str]) -> None:
+    def declare_plans(self, plans: list[str], entry: str | None = None) -> None:
+        """Zeros for the plans' series (and per entry variant, when given)."""
         for name in plans:
             self.followups.labels(name)
+            if entry is not None:
+                self.entry_followups.labels(entry, name)
 
     def declare_version(self, version: str) -> None:
         """Zeros for a version's series from the moment it can serve, so a scrape sees every one."""

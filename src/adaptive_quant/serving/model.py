@@ -10,6 +10,12 @@ side by side, each on its own backend, and a roll-out swaps versions by swapping
 
 Single-stage is two-stage with no follow-up: both take an entry pass, and only the entry policy
 (chosen here, once per model) and whether a follow-up stage exists differ (serving/entry.py).
+
+A manifest with a speed router adds the cheap entry: its variant (a pruned INT8, opt-in, routed
+because the speed router names it) and a follow-up stage of its own, planned with the speed
+router (fitted on that variant's outputs) and the plans measured after it. It takes no entry pass
+but through `cheap_entry` (entry.CheapEntry), and it needs the main two-stage router: without it,
+or with its own router unusable, the gateway serves without the cheap entry.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from adaptive_quant.core.precision import Precision
 from adaptive_quant.core.prior import PriorAccuracy
 from adaptive_quant.serving.backends.base import Backend, VariantHealth
 from adaptive_quant.serving.breaker import Breakers
-from adaptive_quant.serving.entry import CheapestEntry, EntryPolicy, PriorRouting
+from adaptive_quant.serving.entry import CheapEntry, CheapestEntry, EntryPolicy, PriorRouting
 from adaptive_quant.serving.errors import InputError
 from adaptive_quant.serving.followup import FollowupStage, LoadedRouter
 from adaptive_quant.serving.options import ClassifyOptions
@@ -57,6 +63,10 @@ class ServedModel:
     precisions: list[Precision]  # (V,)
     ranks: np.ndarray  # (V,) int, Precision.rank
     precision_of: dict[str, Precision]
+    # (V,) bool: may take the entry pass. False for a second network's variants (followup_only) and
+    # for the cheap entry's variant (it enters through `cheap_entry` only): they answer an entry
+    # pass only when pinned or when nothing else is left (fallback)
+    entry_ok: np.ndarray
     num_classes: int
     prior: PriorAccuracy  # single-stage routing's p(correct | variant), and /v1/status
     estimator: LatencyEstimator  # this version's variants' latency now (profile · observed ratio + queueing)
@@ -66,11 +76,23 @@ class ServedModel:
     entry: EntryPolicy  # how the entry pass picks a variant per sample
     breakers: Breakers
     usage: Usage = field(default_factory=Usage)  # the one mutable member: counters, not state of the model
+    # the cheap entry: what was loaded of the speed router (or why nothing was), its follow-up stage
+    # and the entry choice; None / None when the model has none (no speed router, or it is unusable)
+    speed_router: LoadedRouter | None = None
+    speed_followup: FollowupStage | None = None
+    cheap_entry: CheapEntry | None = None
 
     @property
     def label(self) -> str:
         """The version as Prometheus labels and v2 answers carry it ("2")."""
         return str(self.version)
+
+    def stage_for(self, entry: str) -> FollowupStage | None:
+        """The follow-up stage of samples that entered on `entry`: the speed router's after the cheap
+        entry (fitted on its outputs), the main router's after any other variant."""
+        if self.cheap_entry is not None and entry == self.keys[self.cheap_entry.column]:
+            return self.speed_followup
+        return self.followup
 
     def routable(self, health: dict[str, VariantHealth], now: float) -> np.ndarray:
         """(V,) bool: the backend says healthy and the breaker has not taken it out (monotonic `now`)."""
@@ -117,9 +139,11 @@ def build_model(
     version: int = 1,
     estimator: LatencyEstimator | None = None,
     profile: ProfileInfo = NOT_PROFILED,
+    speed_router: LoadedRouter | None = None,
 ) -> ServedModel:
     """The whole model version on its started `backend`. `estimator`: one already given this
-    host's profiles (profiling.profile_host), else one planning with the manifest's."""
+    host's profiles (profiling.profile_host), else one planning with the manifest's.
+    `speed_router`: the cheap entry's router (followup.load_router role "speed"), when loaded."""
     keys = routed_keys(settings, manifest)
     if estimator is None:
         estimator = variant_estimator(settings, manifest)
@@ -139,6 +163,17 @@ def build_model(
         if followup is None
         else CheapestEntry.over(keys, ranks, estimator)
     )
+    # the cheap entry's variant takes no normal entry pass (but as a last resort), router or not:
+    # it is routed because the speed router names it, and the main router never read its outputs
+    cheap = manifest.speed_entry()
+    entry_ok = np.array([not manifest.variants[k].followup_only and k != cheap for k in keys])
+    speed_followup, cheap_entry = None, None
+    speed = speed_router.predictor if speed_router is not None else None
+    if followup is not None and speed is not None and cheap in keys:
+        speed_followup = FollowupStage(
+            speed, keys, precisions, settings.planner, manifest.plan_accuracies(speed.plan_names, entry=cheap)
+        )
+        cheap_entry = CheapEntry(keys.index(cheap))
     return ServedModel(
         version=version,
         backend=backend,
@@ -147,6 +182,7 @@ def build_model(
         precisions=precisions,
         ranks=ranks,
         precision_of=dict(zip(keys, precisions)),
+        entry_ok=entry_ok,
         num_classes=len(manifest.classes),
         prior=prior,
         estimator=estimator,
@@ -155,4 +191,7 @@ def build_model(
         followup=followup,
         entry=entry,
         breakers=Breakers(keys, settings.breaker),
+        speed_router=speed_router,
+        speed_followup=speed_followup,
+        cheap_entry=cheap_entry,
     )

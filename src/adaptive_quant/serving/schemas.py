@@ -142,6 +142,11 @@ class StatusResponse(BaseModel):
     ready: bool
     single_stage: SingleStageStatus
     router: dict[str, Any] = Field(..., description="two-stage routing: the router's summary, plans, follow-up counts")
+    speed_router: dict[str, Any] = Field(
+        default_factory=dict,
+        description="the cheap entry (X-Priority: speed): in use or why not, its variant, plans, samples entered "
+        "and escalated",
+    )
     variants: list[VariantStatus]
     in_flight_requests: int
     process: dict[str, Any]

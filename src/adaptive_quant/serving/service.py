@@ -27,7 +27,7 @@ from adaptive_quant.core.stats import softmax
 from adaptive_quant.serving.backends.base import Backend
 from adaptive_quant.serving.calls import VariantCalls
 from adaptive_quant.serving.entry import EntryPass, RequestState
-from adaptive_quant.serving.followup import highest_precision
+from adaptive_quant.serving.followup import followup_priority, highest_precision
 from adaptive_quant.serving.memory_control import MemoryController
 from adaptive_quant.serving.metrics import GatewayMetrics
 from adaptive_quant.serving.mirror import Mirrors
@@ -95,8 +95,13 @@ class ClassifierService:
     def _declare(self, model: ServedModel) -> None:
         self.metrics.declare_variants(model.keys)
         self.metrics.declare_version(model.label)
-        if model.followup is not None:
-            self.metrics.declare_plans([p.name for p in model.followup.plans[1:]])
+        if model.followup is not None:  # zeros per plan, after the main router's entry and the cheap one
+            self.metrics.declare_plans(
+                [p.name for p in model.followup.plans[1:]], entry=(model.manifest.router or {}).get("entry")
+            )
+        if model.speed_followup is not None and model.cheap_entry is not None:
+            cheap = model.keys[model.cheap_entry.column]
+            self.metrics.declare_plans([p.name for p in model.speed_followup.plans[1:]], entry=cheap)
         # an idle backend may compute on the event loop only while this is the one request in
         # flight; a mirror counts as another (it must not hold the loop while requests arrive)
         model.backend.set_contention_probe(lambda: self.in_flight > 1 or self.mirrors.in_flight > 0)
@@ -200,12 +205,11 @@ class ClassifierService:
         )
 
     async def _follow_up(self, state: RequestState, probs: np.ndarray, passes: list[list[str]]) -> tuple[int, int]:
-        """The follow-ups, per entry variant (one, unless a fallback moved some samples): plan, run,
-        and write the combined answer into `probs` and `passes` in place.
+        """The follow-ups, per entry variant (one, unless a fallback or the cheap entry moved some
+        samples): plan with the stage whose router was fitted after that variant (model.stage_for),
+        run, and write the combined answer into `probs` and `passes` in place.
         Returns (samples upgraded, follow-up passes lost to the deadline or a failure)."""
         model, options = state.model, state.options
-        stage = model.followup
-        assert stage is not None
         routable = dict(zip(model.keys, model.routable(model.backend.variants(), time.monotonic()).tolist()))
         dl = self.settings.deadline
         reserve_ms = max(dl.followup_reserve_ms, dl.followup_reserve_share * (options.budget_ms or 0.0))
@@ -213,16 +217,20 @@ class ClassifierService:
         upgraded = lost = 0
         for j in np.unique(state.answered_by):
             entry = model.keys[int(j)]
+            stage = model.stage_for(entry)
+            if stage is None:
+                continue
             idx = np.flatnonzero(state.answered_by == j)
             t = time.perf_counter()
             allowed = stage.allowed(entry, routable, options.floor)
             remaining = state.remaining_ms()
+            cheap = stage is model.speed_followup
             decision = stage.decide(
                 entry,
                 state.logits[idx],
                 allowed,
                 None if remaining is None else remaining - reserve_ms,
-                options.priority,
+                followup_priority(options.priority, cheap, self.settings.planner),
                 model.estimator,
             )
             state.routing_s += time.perf_counter() - t
@@ -242,6 +250,7 @@ class ClassifierService:
                 passes[i] = p
             for plan in set(result.plans) - {"none"}:
                 self.metrics.followups.labels(plan).inc(result.plans.count(plan))
+                self.metrics.entry_followups.labels(entry, plan).inc(result.plans.count(plan))
             if result.cut:
                 self.metrics.followup_passes_lost.labels("cut").inc(result.cut)
             if result.failed:

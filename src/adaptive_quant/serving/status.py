@@ -76,6 +76,7 @@ def status_body(service: ClassifierService) -> dict[str, Any]:
             },
             "detail": model.router.detail,
         },
+        "speed_router": _speed_router(service),
         "variants": variants,
         "in_flight_requests": service.in_flight,
         "process": {
@@ -101,6 +102,39 @@ def status_body(service: ClassifierService) -> dict[str, Any]:
         "model_control": getattr(service.backend, "model_control", "none"),
         "memory": service.memory_controller.snapshot() if service.memory_controller else {"enabled": False},
         "profile": model.profile.to_json(),
+    }
+
+
+def _speed_router(service: ClassifierService) -> dict[str, Any]:
+    """The cheap entry: whether it is in use (or why not), its variant, plans, and how many samples
+    entered on it and were escalated (aq_samples_routed, aq_entry_followups in /metrics)."""
+    model, m = service.model, service.metrics
+    entry = model.manifest.speed_entry()
+    loaded = model.speed_router
+    if entry is None:
+        return {"in_use": False, "summary": "none in the manifest: no cheap entry"}
+    stage = model.speed_followup
+    plans = [p.name for p in stage.plans[1:]] if stage else [e.name for e in model.manifest.plans if e.entry == entry]
+    if model.cheap_entry is not None:
+        summary = loaded.summary if loaded else ""
+    elif loaded is None or loaded.predictor is None:
+        summary = loaded.summary if loaded else "not loaded: no cheap entry"
+    elif model.followup is None:
+        summary = f"not in use: the main router is not ({model.router.summary}); no cheap entry"
+    else:
+        summary = f"not in use: {entry} is not among the variants routed (the variants setting); no cheap entry"
+    by_plan = {p: int(m.value("aq_entry_followups_total", entry=entry, plan=p)) for p in plans}
+    return {
+        "in_use": model.cheap_entry is not None,
+        "entry": entry,
+        "plans": plans,
+        "summary": summary,
+        # follow-ups of samples that entered on it are planned with at least this priority
+        "followup_priority_at_least": service.settings.planner.cheap_entry_priority.value,
+        "samples_entered": int(m.value("aq_samples_routed_total", variant=entry)),
+        "escalated": sum(by_plan.values()),
+        "followups_by_plan": by_plan,
+        "detail": loaded.detail if loaded else {},
     }
 
 

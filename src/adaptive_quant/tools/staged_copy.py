@@ -74,15 +74,18 @@ def make_staged_copy(src: str | Path, dst: str | Path, *, permute_seed: int | No
         variants[v.key] = dataclasses.replace(
             v, path=str(path.relative_to(dst)), sha256=sha256_file(path), size_bytes=path.stat().st_size
         )
-    router = dict(manifest.router) if manifest.router else None
-    if router is not None:
+    updates = {"variants": variants, "created_at": utc_now()}
+    # the routers: the main one in router/1/, the cheap entry's (speed_router) in router/1/speed/
+    for attr, folder in (("router", dst / "router" / "1"), ("speed_router", dst / "router" / "1" / "speed")):
+        router = dict(getattr(manifest, attr)) if getattr(manifest, attr, None) else None
         for field in ("path", "spec_path"):
-            if router.get(field):
-                target = dst / "router" / "1" / Path(router[field]).name
+            if router is not None and router.get(field):
+                target = folder / Path(router[field]).name
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(src / router[field], target)
                 router[field] = str(target.relative_to(dst))
-    updates = {"variants": variants, "router": router, "created_at": utc_now()}
+        if hasattr(manifest, attr):
+            updates[attr] = router
     if any(f.name == "version" for f in dataclasses.fields(manifest)):
         updates["version"] = 1  # a staged repository is one fresh version; the roll-out numbers it
     staged = dataclasses.replace(manifest, **updates)

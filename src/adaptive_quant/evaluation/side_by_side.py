@@ -1,0 +1,171 @@
+"""Accuracy and time of a gateway against the plain server, over HTTP, on a whole split, in one run.
+
+Each image goes in its own `/v1/classify` request, one after the other (concurrency 1, keep-alive),
+to every target in turn: the plain INT8 server (scripts/baseline_server.py) and the gateway at each
+priority. Time is the client's round trip (request sent → answer read), so it includes PNG decoding,
+routing, queueing and HTTP; the ratio of two targets' mean round trips is the "× the plain server's
+time" of issue 27. Accuracy comes from the labels. The fixed choices (every served variant of every
+network alone) are scored beside them by ONNX Runtime on the same files and images, in this process:
+deterministic, so HTTP would add only time.
+
+The corrupted copy: every image gets one corruption of core/corruptions.py, drawn per image by
+`seed` (the same copy for every target). The images are encoded once (PNG) and the bodies reused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+from tqdm.auto import tqdm
+
+from adaptive_quant.core.corruptions import CORRUPTIONS, corrupt
+from adaptive_quant.core.images import to_model_input
+from adaptive_quant.core.manifest import load_manifest
+from adaptive_quant.core.stats import percentile
+from adaptive_quant.core.v1_wire import CLASSIFY_PATH, headers_for, request_body
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TargetRun:
+    target: str  # "baseline", "gateway balanced", ...
+    data: str  # "clean" or "corrupted"
+    samples: int
+    accuracy: float  # share right
+    mean_ms: float  # client round trip, ms
+    p50_ms: float
+    p95_ms: float
+    errors: int  # answers other than 200 (each counts as wrong)
+    passes: dict[str, int] = field(default_factory=dict)  # "int8+int8:hflip" → samples (gateway only)
+
+
+def corrupted_copy(images: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(N, H, W, 3) uint8 → (the copy, (N,) index into CORRUPTIONS of each image's corruption)."""
+    names = list(CORRUPTIONS)
+    which = np.random.default_rng(seed).integers(0, len(names), size=len(images))
+    out = images.copy()
+    for k, name in enumerate(names):
+        idx = np.flatnonzero(which == k)
+        if len(idx):
+            out[idx] = corrupt(images[idx], name, seed=seed + k)
+    return out, which
+
+
+def encode_bodies(images: np.ndarray) -> list[bytes]:
+    """One JSON body per image: {"instances": [{"b64": PNG}]}."""
+    return [json.dumps(request_body(images[i : i + 1])).encode() for i in range(len(images))]
+
+
+def run_target(
+    url: str,
+    name: str,
+    data: str,
+    bodies: list[bytes],
+    labels: np.ndarray,
+    priority: str | None = None,
+    timeout_s: float = 30.0,
+    progress: bool = True,
+) -> TargetRun:
+    """Every body once, in order, one request at a time."""
+    headers = {"content-type": "application/json", **headers_for(None, priority, None)}
+    right = np.zeros(len(bodies), dtype=bool)
+    ms = np.zeros(len(bodies))
+    errors = 0
+    passes: Counter[str] = Counter()
+    with httpx.Client(base_url=url.rstrip("/"), timeout=timeout_s) as client:
+        for _ in range(20):  # warm-up: connections, caches, the first follow-ups; not recorded
+            client.post(CLASSIFY_PATH, content=bodies[0], headers=headers)
+        for i in tqdm(range(len(bodies)), desc=f"{name} ({data})", disable=not progress, mininterval=2):
+            t = time.perf_counter()
+            r = client.post(CLASSIFY_PATH, content=bodies[i], headers=headers)
+            ms[i] = (time.perf_counter() - t) * 1e3
+            if r.status_code != 200:
+                errors += 1
+                continue
+            pred = r.json()["predictions"][0]
+            right[i] = pred["class_id"] == labels[i]
+            if "passes" in pred:
+                passes["+".join(pred["passes"])] += 1
+    return TargetRun(
+        target=name,
+        data=data,
+        samples=len(bodies),
+        accuracy=float(right.mean()),
+        mean_ms=float(ms.mean()),
+        p50_ms=percentile(ms, 50),
+        p95_ms=percentile(ms, 95),
+        errors=errors,
+        passes=dict(passes.most_common()),
+    )
+
+
+def fixed_accuracies(repo: str | Path, images: np.ndarray, labels: np.ndarray, threads: int = 0) -> dict[str, float]:
+    """Every served variant alone (both networks), ONNX Runtime on the repository's files: key → share right."""
+    from adaptive_quant.export.ort_eval import make_session, run_batched
+
+    manifest = load_manifest(repo)
+    x = to_model_input(images, manifest.mean, manifest.std)
+    out = {}
+    for v in manifest.served_variants():
+        logits = run_batched(make_session(str(Path(repo) / v.path), threads), x)
+        out[v.key] = float((logits.argmax(1) == labels).mean())
+    return out
+
+
+def summarise(runs: list[TargetRun], fixed: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """Per data set: each gateway run's points over the best fixed served model and its time over the baseline's."""
+    out: dict[str, Any] = {"runs": [asdict(r) for r in runs], "fixed": fixed, "rows": []}
+    for data, accs in fixed.items():
+        best = max(accs, key=accs.get)
+        base = next((r for r in runs if r.data == data and r.target == "baseline"), None)
+        for r in runs:
+            if r.data != data:
+                continue
+            out["rows"].append(
+                {
+                    "data": data,
+                    "target": r.target,
+                    "accuracy": r.accuracy,
+                    "best_fixed": best,
+                    "best_fixed_accuracy": accs[best],
+                    "points_over_best_fixed": 100 * (r.accuracy - accs[best]),
+                    "time_vs_baseline": r.mean_ms / base.mean_ms if base else None,
+                    "mean_ms": r.mean_ms,
+                    "errors": r.errors,
+                }
+            )
+    return out
+
+
+def render(summary: dict[str, Any], host: str) -> str:
+    lines = [
+        f"Whole split, one image per request, concurrency 1, over HTTP; {host}.",
+        "",
+        "| data | target | accuracy | vs best fixed served model | time vs plain INT8 server | mean round trip | errors |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in summary["rows"]:
+        t = row["time_vs_baseline"]
+        lines.append(
+            f"| {row['data']} | {row['target']} | {100 * row['accuracy']:.2f} % | "
+            f"{row['points_over_best_fixed']:+.2f} ({row['best_fixed']} {100 * row['best_fixed_accuracy']:.2f} %) | "
+            f"{'–' if t is None else f'{t:.2f}×'} | {row['mean_ms']:.2f} ms | {row['errors']} |"
+        )
+    lines += ["", "Fixed choices (ONNX Runtime, same files and images):", ""]
+    for data, accs in summary["fixed"].items():
+        lines.append(f"- {data}: " + ", ".join(f"{k} {100 * a:.2f} %" for k, a in sorted(accs.items())))
+    lines += ["", "Passes per sample (gateway):", ""]
+    for r in summary["runs"]:
+        if r["passes"]:
+            top = ", ".join(f"{k} {v}" for k, v in list(r["passes"].items())[:6])
+            lines.append(f"- {r['target']} ({r['data']}): {top}")
+    return "\n".join(lines) + "\n"
