@@ -2,6 +2,7 @@
 
     python scripts/diversity.py model_repository runs/res9_repo                 # INT8 and FP32 of both
     python scripts/diversity.py model_repository runs/res9_repo --out runs/diversity.json
+    python scripts/diversity.py runs/repo_twin runs/res9_repo     # a repository serving two networks
 
 Runs each repository's served INT8 and FP32 variants (and INT8 on horizontally flipped images, the
 shipped second look) with ONNX Runtime on the validation split that configs/default.yaml draws from
@@ -40,18 +41,24 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config, [])
     val = load_dataset(cfg.data, cfg.seed).val
     logits: dict[str, np.ndarray] = {}
+    keys = args.variants.split(",")
     for repo in map(Path, args.repositories):
         m = load_manifest(repo)
         x = to_model_input(val.images, m.mean, m.std)  # (N, 3, H, W)
-        for key in args.variants.split(","):
-            if key not in m.variants:
-                print(f"{repo}: no variant {key!r} (has {', '.join(m.variants)})", file=sys.stderr)
-                return 2
-            session = make_session(str(repo / m.variants[key].path), args.threads)
-            logits[f"{m.model_name}:{key}"] = run_batched(session, x)
-            if key == "int8":
-                logits[f"{m.model_name}:{key}:hflip"] = run_batched(session, np.ascontiguousarray(x[..., ::-1]))
-            print(f"ran {m.model_name}:{key} on {len(val.labels)} validation images", flush=True)
+        # the repository's own variants by key, and a second network's (aq-export --add-network) by
+        # its precision: "int8" also runs twin_int8 when the repository serves cifar_twin beside its own
+        chosen = [m.variants[k] for k in keys if k in m.variants]
+        chosen += [v for v in m.variants.values() if v.network and v.precision in keys]
+        if not chosen:
+            print(f"{repo}: none of the variants {keys} (has {', '.join(m.variants)})", file=sys.stderr)
+            return 2
+        for v in chosen:
+            name = f"{v.network or m.model_name}:{v.precision}"
+            session = make_session(str(repo / v.path), args.threads)
+            logits[name] = run_batched(session, x)
+            if v.precision == "int8":
+                logits[f"{name}:hflip"] = run_batched(session, np.ascontiguousarray(x[..., ::-1]))
+            print(f"ran {name} ({v.key}) on {len(val.labels)} validation images", flush=True)
     pairs = [pair_diversity(a, logits[a], b, logits[b], val.labels) for a, b in itertools.combinations(logits, 2)]
     print(render_pairs(pairs))
     if args.out:

@@ -9,6 +9,7 @@ import shutil
 
 import pytest
 import torch
+import yaml
 from fastapi.testclient import TestClient
 from mlflow import MlflowClient
 
@@ -179,3 +180,39 @@ def test_the_cli_re_adds_the_network_as_the_next_version(added, other_checkpoint
     assert old.variants["other_int8"].path != m.variants["other_int8"].path == f"{NAME}_int8/3/model.onnx"
     assert export_main(["--checkpoint", str(other_checkpoint), "--add-network", "--no-mlflow"]) == 2  # no --repository
     assert "--add-network needs --repository" in capsys.readouterr().err
+
+
+def test_aq_fit_router_fits_plans_across_both_networks(added, smoke_run, tmp_path, capsys) -> None:
+    """One plan list for a repository of one network or two: a plan over a variant the repository
+    lacks is left out, the others (the second network's included) are measured and routed."""
+    from adaptive_quant.cli.fit_router import main as fit_main
+
+    cfg, _, _ = smoke_run
+    _, r = added
+    repo = tmp_path / "repo"
+    shutil.copytree(r.repository, repo)
+    config = tmp_path / "cfg.yaml"
+    config.write_text(yaml.safe_dump({"seed": cfg.seed, "data": cfg.data.model_dump()}))
+    plans = "export.plans=[other_int8:hflip,int8:hflip+other_int8,missing_int8]"
+    code = fit_main(["--config", str(config), "--repository", str(repo), "--set", plans, "--threads", "1"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    m = load_manifest(repo, verify_files=True)
+    assert m.router["plans"] == ["none", "other_int8:hflip", "int8:hflip+other_int8"]  # missing_int8 left out
+    assert [(p.name, p.entry) for p in m.plans] == [("other_int8:hflip", "int8"), ("int8:hflip+other_int8", "int8")]
+    assert all(0 < p.val_accuracy <= 1 and p.extra_ms for p in m.plans)
+    # priced by the profiles of the passes: the two-pass plan costs more than the one-pass plan
+    assert m.plans[1].extra_ms_at(1) > m.plans[0].extra_ms_at(1)
+    settings = load_settings(overrides={"repository": str(repo)}, environ={})
+    with TestClient(create_app(settings)) as client:
+        status = client.get("/v1/status").json()
+        resp = client.post(
+            "/v1/classify",
+            json={"instances": [b64_instance(i) for i in images(8, seed=5)]},
+            headers={"X-Priority": "quality"},
+        )
+    assert resp.status_code == 200, resp.text
+    allowed = {"int8", "int8:hflip", "other_int8", "other_int8:hflip"}
+    for p in resp.json()["predictions"]:
+        assert p["passes"][0] == "int8" and set(p["passes"]) <= allowed, p["passes"]
+    assert status["router"]["plans"] == ["other_int8:hflip", "int8:hflip+other_int8"]

@@ -268,3 +268,40 @@ def test_a_serving_gateway_takes_the_cheap_entry_up_when_the_speed_router_is_pub
         after = classify(client, 2, seed=8, X_Priority="speed")
         assert client.get("/v1/status").json()["speed_router"]["in_use"]
     assert first_passes(before) == ["int8"] * 2 and first_passes(after) == [CHEAP] * 2
+
+
+class BusyEstimatorDouble:
+    """Test double for the latency estimator of a busy server: a load of 10 full batches in flight,
+    every variant 1 ms. At followup_price 0.003 a load-priced follow-up costs 0.003 × (1 + 10) =
+    3.3 points per entry pass, more than FakeSpeedRouter's 1.9-point gain; unpriced it costs 0.3."""
+
+    profile_version = 0
+
+    def load(self) -> float:
+        return 10.0
+
+    def compute_ms(self, key: str, n: int) -> float:
+        return 1.0
+
+    def estimate_ms(self, key: str, n: int) -> float:
+        return 1.0
+
+    def estimates_ms(self, keys, n: int) -> list[float]:
+        return [1.0] * len(keys)
+
+
+@pytest.mark.parametrize("load_priced, escalated", [(True, False), (False, True)])
+def test_the_cheap_entry_s_escalations_are_not_shed_by_the_load(load_priced, escalated):
+    """planner.cheap_entry_load_priced false (the default): under load the cheap entry's uncertain
+    samples still escalate, which is what keeps a speed answer at INT8's accuracy."""
+    from adaptive_quant.core.precision import Precision
+    from adaptive_quant.serving.followup import FollowupStage
+
+    config = PlannerConfig(followup_price=0.003, load_price=1.0)
+    assert PlannerConfig().cheap_entry_load_priced is False
+    stage = FollowupStage(
+        FakeSpeedRouter(), [CHEAP, "int8"], [Precision.INT8, Precision.INT8], config, load_priced=load_priced
+    )
+    allowed = stage.allowed(CHEAP, {CHEAP: True, "int8": True}, None)
+    decision = stage.decide(CHEAP, np.zeros((2, 10)), allowed, None, Priority.BALANCED, BusyEstimatorDouble())
+    assert [stage.plans[int(j)].name for j in decision.index] == (["int8"] * 2 if escalated else ["none"] * 2)

@@ -27,7 +27,7 @@ FP32 (export.max_accuracy_drop), profiled beside the repository's INT8, never th
   python scripts/export.py --checkpoint runs/twin/best.pt --repository model_repository --add-network
   #   → cifar_twin_fp32/N/, cifar_twin_int8/N/ as variants twin_fp32, twin_int8 of a new version N
   #     (the key is the model name after its first '_'; --add-network KEY names it). Plans and router
-  #     stay as they were: aq-fit-router --plans ... adds plans across networks.
+  #     stay as they were: aq-fit-router then adds plans across networks (export.plans).
 """
 
 from __future__ import annotations
@@ -108,31 +108,25 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_from_dict(data)
         if args.add_variant is not None and args.add_network is not None:
             raise VariantError("--add-variant and --add-network add different things: give one of them")
-        if args.add_network is not None:
+        # the two ways to add to an existing repository: (flag value, what it adds, the function, its report)
+        for given, what, add, show in (
+            (args.add_network, "network", add_network, print_network),
+            (args.add_variant, "variant", add_variant, print_added),
+        ):
+            if given is None:
+                continue
             if not args.repository:
-                raise VariantError("--add-network needs --repository: the existing repository to add the network to")
-            network = add_network(
-                args.checkpoint,
-                args.repository,
-                args.add_network or None,
-                cfg.export,
-                force=args.force,
-                tracking=not args.no_mlflow,
+                raise VariantError(f"--add-{what} needs --repository: the existing repository to add the {what} to")
+            show(
+                add(
+                    args.checkpoint,
+                    args.repository,
+                    given or None,
+                    cfg.export,
+                    force=args.force,
+                    tracking=not args.no_mlflow,
+                )
             )
-            print_network(network)
-            return 0
-        if args.add_variant is not None:
-            if not args.repository:
-                raise VariantError("--add-variant needs --repository: the existing repository to add the variant to")
-            added = add_variant(
-                args.checkpoint,
-                args.repository,
-                args.add_variant or None,
-                cfg.export,
-                force=args.force,
-                tracking=not args.no_mlflow,
-            )
-            print_added(added)
             return 0
         result = build_repository(args.checkpoint, cfg.export, force=args.force, tracking=not args.no_mlflow)
     except (ConfigError, DataError, CheckpointError, ManifestError, ExportGateError, VariantError, VersionError) as exc:
@@ -191,7 +185,7 @@ def print_network(r: NetworkResult) -> None:
     int8 = r.entries[f"{r.key}_int8"]
     print(
         f"\nrepository: {r.repository}: added network {r.model_name} in version {r.version}, serving "
-        "(follow-ups only: never the entry pass; plans and router unchanged, aq-fit-router --plans adds them)"
+        "(follow-ups only: never the entry pass; plans and router unchanged, aq-fit-router adds them, from export.plans)"
     )
     print(f"{'variant':12}{'val acc':>9}{'drop':>7}{'agree with its FP32':>21}{'size KB':>9}")
     for k, v in r.entries.items():

@@ -78,6 +78,11 @@ class PlannerConfig(Section):
     # uncertain 10-15 % is what keeps the answer at INT8's accuracy, and `speed` would shed that
     # escalation. A request asking more (quality) keeps its own. `speed` here: no floor
     cheap_entry_priority: Priority = Field(Priority.BALANCED, strict=False)  # "balanced" → Priority.BALANCED
+    # whether the cheap entry's follow-ups are priced up by the load like every other follow-up.
+    # Off: under load the price rise shed exactly the escalations that keep a speed answer at INT8's
+    # accuracy (32-image requests at concurrency 8: 1.44x the plain server's images/s but 0.6 points
+    # below it). A budget still sheds them: feasibility uses the latency estimates, queue included
+    cheap_entry_load_priced: bool = False
 
 
 @dataclass(frozen=True)

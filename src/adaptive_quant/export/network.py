@@ -15,9 +15,10 @@ repository's INT8 (share of validation samples with the same top-1; the lower, t
 opinion can add), ORT against torch, and its time over the repository's INT8 at that INT8's batch
 sizes, profiled in the same run. No shift check: that guards the entry pass, which it never takes.
 
-The plans and the router are left as they are: `aq-fit-router --plans ...` measures plans across
-networks and fits the router on them. Like add_variant, the new version is assembled aside and
-added as the next serving version only when complete; a refusal leaves the repository as it was.
+The plans and the router are left as they are: `aq-fit-router` measures the plans of export.plans
+(configs/default.yaml names plans over both networks) and fits the router on them. Like
+add_variant, the new version is assembled aside and added as the next serving version only when
+complete; a refusal leaves the repository as it was.
 """
 
 from __future__ import annotations
@@ -221,7 +222,7 @@ def add_network(
             checkpoint, payload, key, e, gates, keys, agreement, parity, ratios, reasons
         )
         save_manifest(work, manifest)
-        log.info("plans and router left as they are: aq-fit-router --plans ... adds plans across networks")
+        log.info("plans and router left as they are: aq-fit-router adds plans across networks (export.plans)")
         version, published = add_serving_version(work, repo, source=str(checkpoint), detail=f"added network {name}")
         log.info(
             "network %s added to %s as version %d (serving; its variants are follow-ups only)", name, repo, version

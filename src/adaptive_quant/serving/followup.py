@@ -69,12 +69,16 @@ class FollowupStage:
         precisions: Sequence[Precision],
         config: PlannerConfig,
         prior: Sequence[float] | None = None,
+        load_priced: bool = True,
     ) -> None:
         """`prior`: each plan's validation accuracy in the router's column order (Manifest.plan_accuracies),
-        which breaks quality's ties (core.planner); None: ties go to the cheaper plan."""
+        which breaks quality's ties (core.planner); None: ties go to the cheaper plan. `load_priced`:
+        the price of a follow-up rises with the load (core.planner); False for the cheap entry's
+        stage (planner.cheap_entry_load_priced)."""
         if not router.plan_names or router.plan_names[0] != NONE:
             raise ValueError(f"the router's first plan column must be {NONE!r}, got {router.plan_names[:1]}")
         self.router = router
+        self.load_priced = load_priced
         self.plans = [Plan.parse(name) for name in router.plan_names]  # column order of the predictor
         self.keys = list(keys)
         self.precision = dict(zip(keys, precisions))
@@ -145,8 +149,12 @@ class FollowupStage:
         acc = self.router.predict(entry_logits)  # (N, P)
         cost, ms = self.price(entry, n, estimator)
         return plan_followups(
-            acc, cost, ms, allowed, remaining_ms, priority, self.config, estimator.load(), self._prior_array
+            acc, cost, ms, allowed, remaining_ms, priority, self.config, self._load(estimator), self._prior_array
         )
+
+    def _load(self, estimator: LatencyEstimator) -> float:
+        """The load the price rises with (samples in flight / max batch); 0 when this stage is not load-priced."""
+        return estimator.load() if self.load_priced else 0.0
 
     def _decide_one(
         self,
@@ -168,7 +176,7 @@ class FollowupStage:
         now = estimator.estimates_ms(self.keys, 1)
         ms = [sum([now[v] for v in passes]) for passes in self._pass_index]
         index, predicted = plan_one(
-            row, cost, ms, allowed.tolist(), remaining_ms, priority, self.config, estimator.load(), self.prior
+            row, cost, ms, allowed.tolist(), remaining_ms, priority, self.config, self._load(estimator), self.prior
         )
         return PlanDecision(index=self._index_one[index], predicted=np.array([predicted]))
 

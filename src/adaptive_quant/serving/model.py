@@ -171,7 +171,12 @@ def build_model(
     speed = speed_router.predictor if speed_router is not None else None
     if followup is not None and speed is not None and cheap in keys:
         speed_followup = FollowupStage(
-            speed, keys, precisions, settings.planner, manifest.plan_accuracies(speed.plan_names, entry=cheap)
+            speed,
+            keys,
+            precisions,
+            settings.planner,
+            manifest.plan_accuracies(speed.plan_names, entry=cheap),
+            load_priced=settings.planner.cheap_entry_load_priced,
         )
         cheap_entry = CheapEntry(keys.index(cheap))
     return ServedModel(

@@ -1,0 +1,39 @@
+"""evaluation/side_by_side.py: the corrupted copy and the table of scripts/bench_networks.py, on hand-built runs."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from adaptive_quant.core.corruptions import CORRUPTIONS
+from adaptive_quant.evaluation.side_by_side import TargetRun, corrupted_copy, render, summarise
+
+
+def test_the_corrupted_copy_is_seeded_and_corrupts_every_image_with_one_of_the_corruptions() -> None:
+    rng = np.random.default_rng(0)
+    images = rng.integers(30, 220, size=(40, 32, 32, 3), dtype=np.uint8)
+    original = images.copy()
+    a, which = corrupted_copy(images, seed=27)
+    b, which_again = corrupted_copy(images, seed=27)
+    assert np.array_equal(a, b) and np.array_equal(which, which_again)  # the same copy for every target
+    assert a.shape == images.shape and a.dtype == np.uint8
+    assert set(which.tolist()) <= set(range(len(CORRUPTIONS))) and len(set(which.tolist())) > 1
+    changed = [(a[i] != images[i]).any() for i in range(len(images))]
+    assert all(changed), "every image carries a corruption"
+    c, _ = corrupted_copy(images, seed=28)
+    assert not np.array_equal(a, c)
+    assert np.array_equal(images, original)  # the clean images are left as they were
+
+
+def _run(target: str, data: str, accuracy: float, mean_ms: float, errors: int = 0) -> TargetRun:
+    return TargetRun(target, data, 100, accuracy, mean_ms, mean_ms, mean_ms, errors)
+
+
+def test_the_summary_gives_points_over_the_best_fixed_model_and_time_over_the_plain_server() -> None:
+    runs = [_run("baseline", "clean", 0.90, 4.0), _run("gateway balanced", "clean", 0.915, 5.0, errors=1)]
+    fixed = {"clean": {"int8": 0.90, "fp32": 0.905, "twin_int8": 0.899}}
+    rows = summarise(runs, fixed)["rows"]
+    gw = next(r for r in rows if r["target"] == "gateway balanced")
+    assert gw["best_fixed"] == "fp32" and abs(gw["points_over_best_fixed"] - 1.0) < 1e-9
+    assert gw["time_vs_baseline"] == 5.0 / 4.0 and gw["errors"] == 1
+    text = render(summarise(runs, fixed), "test host")
+    assert "| clean | gateway balanced | 91.50 % | +1.00 (fp32 90.50 %) | 1.25× | 5.00 ms | 1 |" in text
