@@ -140,7 +140,10 @@ def test_gateway_image_installs_the_serve_extra_pinned_by_requirements_txt():
     dockerfile = (DOCKER / "Dockerfile.gateway").read_text()
     assert 'pip install -c requirements.txt ".[serve]"' in dockerfile
     assert not (DOCKER / "requirements-serve.txt").exists()  # no hand-copied second list to drift
-    for dockerfile_name in ("Dockerfile.gateway", "Dockerfile.train"):
+    ray = {name(r) for r in project["optional-dependencies"]["ray"]} - {"adaptive-quant"}
+    assert ray <= set(pinned), ray - set(pinned)  # the Ray image's Ray is the version the tests ran
+    assert 'pip install -c requirements.txt ".[ray]"' in (DOCKER / "Dockerfile.ray").read_text()
+    for dockerfile_name in ("Dockerfile.gateway", "Dockerfile.train", "Dockerfile.ray"):
         text = (DOCKER / dockerfile_name).read_text()
         for sources in re.findall(r"^COPY (.+) \S+$", text, flags=re.M):
             for source in sources.split():

@@ -188,7 +188,7 @@ def test_wrong_types_name_the_key_and_what_it_accepts(tmp_path):
         "server.port=80.5": "setting 'server.port': must be an integer, got 80.5",
         "server.access_log=3": "setting 'server.access_log': must be true or false, got 3",
         "deadline.grace_ms=soon": "setting 'deadline.grace_ms': must be a number, got 'soon'",
-        "backend.kind=tensorrt": "setting 'backend.kind': must be one of 'embedded' or 'triton', got 'tensorrt'",
+        "backend.kind=tensorrt": "setting 'backend.kind': must be one of 'embedded', 'triton' or 'ray', got 'tensorrt'",
         "routing.default_priority=fast": (
             "setting 'routing.default_priority': must be one of 'quality', 'balanced' or 'speed', got 'fast'"
         ),

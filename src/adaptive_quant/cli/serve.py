@@ -6,12 +6,19 @@
     python scripts/serve.py --grpc-port 8081                  # + Open Inference Protocol over gRPC
     python scripts/serve.py --workers 1                       # one process (default: one per CPU core)
     AQ_SERVER__API_KEY=s3cret python scripts/serve.py          # /v1/ calls need X-API-Key: s3cret
+    aq-serve --engine ray                                     # Ray Serve: a local cluster, one deployment per variant
+    aq-serve --engine ray --ray-address 10.0.0.5:6379          # ...joining a cluster (or RAY_ADDRESS)
 
 Listens on 127.0.0.1 unless --host says otherwise. On SIGTERM or Ctrl-C it stops accepting
 connections and lets the requests in flight finish (server.drain_timeout_s, 30 s) before exiting.
 With several workers (server.workers, auto = one per CPU core) a supervisor process holds the
 port and starts one gateway process per worker on it (serving/workers.py): worker 0 profiles the
 host, the signal reaches every worker, a worker that dies is started again, /metrics sums them all.
+
+--engine ray serves the same routes from a Ray Serve application instead (serving/ray/): an
+ingress deployment `gateway` over a deployment `variant-<key>` per variant, replicas and
+autoscaling from the `ray:` settings; a roll-out becomes an application update; SIGTERM drains,
+deletes the application and stops the local cluster it started. Needs the `ray` extra.
 """
 
 from __future__ import annotations
@@ -35,6 +42,30 @@ def worker_app(settings: ServeSettings, role: WorkerRole) -> FastAPI:
     return create_app(settings, worker=role)
 
 
+def serve_on_ray(settings: ServeSettings, args: argparse.Namespace) -> int:
+    """--engine ray: the settings checked here (what the ingress replicas will build), then the driver."""
+    if settings.backend.kind != "embedded":
+        raise SettingsError(
+            "--engine ray runs the variants as Ray Serve deployments of their own (ONNX Runtime in each "
+            "replica): backend.kind must stay embedded; a Triton backend is --engine uvicorn's"
+        )
+    if settings.server.grpc_port:
+        raise SettingsError(
+            "--engine ray serves HTTP only (/v1 and the Open Inference Protocol's /v2 REST routes): "
+            "server.grpc_port must be 0; the gRPC front is --engine uvicorn's"
+        )
+    create_app(settings)  # the repository and the variants checked before any cluster starts
+    logging.basicConfig(
+        level=settings.server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    from adaptive_quant.serving.ray.engine import run as run_on_ray
+
+    print(
+        f"serving {settings.repository} on Ray Serve: http://{settings.server.host}:{settings.server.port}", flush=True
+    )
+    return run_on_ray(settings)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/serve.yaml", help="settings file (default: %(default)s)")
@@ -43,6 +74,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, help="default 8000")
     p.add_argument("--workers", help="gateway processes on the port: a number or auto (one per CPU core; default)")
     p.add_argument("--grpc-port", type=int, help="serve the Open Inference Protocol over gRPC here too (default: off)")
+    p.add_argument(
+        "--engine",
+        choices=["uvicorn", "ray"],
+        default="uvicorn",
+        help="uvicorn: worker processes on this host (default); ray: a Ray Serve application, one deployment per variant",
+    )
+    p.add_argument("--ray-address", help="--engine ray: the cluster to join (default: RAY_ADDRESS, else a local one)")
     p.add_argument("--backend", choices=["embedded", "triton"])
     p.add_argument("--triton-url", help="host:port of a Triton server")
     p.add_argument("--triton-protocol", choices=["grpc", "http"])
@@ -60,10 +98,18 @@ def main(argv: list[str] | None = None) -> int:
         "backend.triton_url": args.triton_url,
         "backend.triton_protocol": args.triton_protocol,
         "server.api_key_file": args.api_key_file,
+        "ray.address": args.ray_address,
     }
     try:
         overrides = {k: v for k, v in flags.items() if v is not None} | parse_set(args.set)
         settings = load_settings(args.config if args.config else None, overrides)
+        if args.engine == "ray":
+            return serve_on_ray(settings, args)
+        if settings.backend.kind == "ray":
+            raise SettingsError(
+                "backend.kind ray is what --engine ray gives its ingress replicas (their variants are Ray "
+                "Serve deployments); to serve on Ray run aq-serve --engine ray, else use embedded or triton"
+            )
         app = create_app(settings)
     except (SettingsError, ManifestError) as exc:
         print(f"error: {exc}", file=sys.stderr)

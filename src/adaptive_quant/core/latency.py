@@ -10,6 +10,9 @@ estimate(v, batch) = ratio(v) · [ service(v, batch) + queue(v) ]          (ms)
                   INT8 delays an FP32 call too. Without it a slow variant with an empty queue
                   looks fast while the fast one is busy. (Under closed-loop load the budget,
                   not the queue estimate, decides most routes: both queue models serve alike.)
+                  Variants served as replicas elsewhere (Ray Serve, compute_slots = 0) report
+                  their replicas r and the samples queued on them Q (`set_replicas`): q =
+                  max(own in flight, Q) is spread over r replicas, each working off q / r.
   ratio(v)      = EWMA of observed / predicted over completed calls: corrects a profile that
                   was measured on another host, or a server that is slower right now.
                   It relaxes back towards 1 with a half-life when nothing is observed, so a
@@ -58,6 +61,8 @@ class _VariantState:
     ratio_at: float = 0.0  # clock time of the last update, s
     in_flight: int = 0  # samples dispatched and not yet answered
     observations: int = 0
+    replicas: int = 1  # replicas serving the variant (a backend of replicas reports them)
+    remote_queued: int = 0  # samples queued on those replicas by every caller, as last reported
 
 
 class LatencyEstimator:
@@ -117,9 +122,22 @@ class LatencyEstimator:
         self._service_cache[key] = value
         return value
 
+    def set_replicas(self, variant: str, replicas: int, queued: int) -> None:
+        """A backend of replicas (Ray Serve) reports `variant`'s running replicas and the samples
+        queued on them by every caller (other gateway replicas too), so the queue estimate sees
+        load this gateway did not send, and divides it among the replicas."""
+        st = self._state.get(variant)
+        if st is not None:
+            st.replicas = max(1, replicas)
+            st.remote_queued = max(0, queued)
+
     def work_ms(self, variant: str) -> float:
-        """Time the samples already in flight on `variant` will keep it busy, ms."""
-        q = self._state[variant].in_flight
+        """Time the samples already in flight on `variant` will keep it busy, ms (per replica,
+        where it has several)."""
+        st = self._state[variant]
+        q = max(st.in_flight, st.remote_queued)
+        if st.replicas > 1:
+            q = math.ceil(q / st.replicas)
         if q <= 0:
             return 0.0
         mb = self.config.max_batch_size
@@ -205,4 +223,6 @@ class LatencyEstimator:
             "observed_ratio": round(self.ratio(variant), 4),
             "observations": st.observations,
             "in_flight_samples": st.in_flight,
+            "replicas": st.replicas,
+            "replica_queued_samples": st.remote_queued,
         }

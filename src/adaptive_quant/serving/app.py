@@ -168,5 +168,6 @@ def create_app(
     # every route, the fast ones included; the last added is the outermost: a 401 carries the request id
     if settings.server.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=settings.server.api_key, on_reject=metrics.unauthorized.inc)
-    app.add_middleware(RequestIdMiddleware)
+    if settings.backend.kind != "ray":  # Ray Serve's proxy sets X-Request-Id itself (the caller's, else its own)
+        app.add_middleware(RequestIdMiddleware)
     return app

@@ -43,6 +43,14 @@ def backend_options(settings: ServeSettings, workers: int = 1) -> dict[str, Any]
     """The keyword arguments `make_backend` gets for `settings.backend.kind`: the gateway's, and
     the benchmark's when it times the backend alone (so both run the same batcher settings).
     `workers`: gateway processes sharing this host's cores (instances: auto is divided among them)."""
+    if settings.backend.kind == "ray":  # an ingress replica of `aq-serve --engine ray` (serving/ray/)
+        return {
+            "app_name": settings.ray.app_name,
+            "status_interval_s": settings.ray.status_interval_s,
+            "max_batch_size": settings.batching.max_batch_size,
+            "calls_per_replica": settings.ray.calls_per_replica,
+            "variants": list(settings.variants) or None,
+        }
     if settings.backend.kind == "triton":
         return {
             "url": settings.backend.triton_url,

@@ -111,7 +111,7 @@ class VariantStatus(BaseModel):
     latency: dict[str, float | int]
     routed_samples: int
     failures: int
-    batching: dict[str, int] | None = None
+    batching: dict[str, Any] | None = None  # the backend's batching counts (Ray: replicas, calls, replicas_seen)
     loaded: bool = Field(..., description="the variant's model is loaded (Triton: ready on the server)")
     loaded_reason: str = Field(..., description="why it is loaded or not (start-up, memory policy, server down, ...)")
 

@@ -105,6 +105,7 @@ class ClassifierService:
         # an idle backend may compute on the event loop only while this is the one request in
         # flight; a mirror counts as another (it must not hold the loop while requests arrive)
         model.backend.set_contention_probe(lambda: self.in_flight > 1 or self.mirrors.in_flight > 0)
+        model.backend.set_replica_listener(model.estimator.set_replicas)  # replicas' queues (Ray Serve)
 
     @property
     def model(self) -> ServedModel:

@@ -128,7 +128,9 @@ class ServerSettings(Section):
 class BackendSettings(Section):
     config_key: ClassVar[str] = "backend"
 
-    kind: Literal["embedded", "triton"] = "embedded"
+    # embedded (ONNX Runtime in this process) | triton (a Triton server) | ray (the variants'
+    # Ray Serve deployments: what `aq-serve --engine ray` sets in its ingress replicas)
+    kind: Literal["embedded", "triton", "ray"] = "embedded"
     triton_url: str = "127.0.0.1:8001"  # host:port; 8001 is Triton's gRPC port, 8000 its HTTP one
     triton_protocol: Literal["grpc", "http"] = "grpc"
     # explicit: the gateway loads/unloads variants through Triton's repository API (Triton must run
@@ -225,6 +227,75 @@ class RolloutSettings(Section):
     mirror_max_in_flight: int = Field(2, ge=0)
 
 
+class RayScaling(Section):
+    """Replicas of one Ray Serve deployment (the ingress, or one variant), and what each holds.
+
+    Ray's autoscaler sizes the deployment between min and max on its ongoing requests per
+    replica (target_ongoing_requests); min == max is a fixed count. Its signal, not the
+    planner's: the planner sheds follow-ups under load, so a scaler driven by the planner's
+    price would see FP32's demand fall exactly when FP32 needs replicas."""
+
+    min_replicas: int = Field(1, ge=0, le=256)
+    max_replicas: int = Field(1, ge=1, le=256)
+    target_ongoing_requests: float = Field(4.0, gt=0)  # requests in flight per replica the autoscaler aims at
+    num_cpus: float = Field(0.25, ge=0, le=64)  # CPUs Ray reserves per replica (fractions pack replicas on a node)
+    # requests one replica takes at once (Ray's default, 5, starves a batcher); more wait in the caller's queue
+    max_ongoing_requests: int = Field(64, ge=1)
+    # at most this many replicas of the deployment on one node (1: spread over nodes, so that a node
+    # lost takes one replica with it); 0 = no limit
+    max_replicas_per_node: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _order(self) -> RayScaling:
+        if self.min_replicas > self.max_replicas:
+            raise FieldError("min_replicas", f"min_replicas {self.min_replicas} > max_replicas {self.max_replicas}")
+        return self
+
+    def autoscaled(self) -> bool:
+        return self.min_replicas != self.max_replicas
+
+
+class RaySettings(Section):
+    """`aq-serve --engine ray` (serving/ray/): the gateway as a Ray Serve application, an ingress
+    deployment over one deployment per variant."""
+
+    config_key: ClassVar[str] = "ray"
+
+    # the cluster to join ("ray://host:10001" or "host:6379"); "" = RAY_ADDRESS, else a local
+    # cluster started (and stopped) by aq-serve on this machine
+    address: str = ""
+    app_name: str = "adaptive-quant"
+    # CPUs a local cluster advertises; 0 = this machine's cores. Replicas reserve fractions of them
+    local_num_cpus: int = Field(0, ge=0)
+    object_store_mb: int = Field(128, ge=64)  # a local cluster's object store; requests are small (~12 KB/image)
+    # HTTP proxies: one on the head node, or one per node (behind a load balancer on a cluster)
+    proxy_location: Literal["HeadOnly", "EveryNode"] = "HeadOnly"
+    ingress: RayScaling = Field(default_factory=lambda: RayScaling(num_cpus=0.5, max_ongoing_requests=256))
+    # per variant key (int8, fp32, ...); a key not listed gets default_variant
+    variants: dict[str, RayScaling] = Field(default_factory=dict)
+    default_variant: RayScaling = Field(default_factory=RayScaling)
+    # % of a deployment's replicas started beyond its target during a rolling update (a new
+    # version): old replicas serve until the new ones are ready. 0 = Ray's default (stop, then start)
+    max_surge_percent: int = Field(100, ge=0, le=100)
+    upscale_delay_s: float = Field(2.0, ge=0)  # s the load must stay high before replicas are added
+    downscale_delay_s: float = Field(20.0, ge=0)  # s it must stay low before replicas are removed
+    # s between the ingress's reads of each variant's running replicas (the planner's latency model
+    # divides a variant's queue among them)
+    status_interval_s: float = Field(2.0, gt=0)
+    # Ray calls in flight from one ingress replica to each replica of a variant; requests arriving
+    # meanwhile are coalesced into the next call (a Ray call costs more CPU here than an INT8 image)
+    calls_per_replica: int = Field(2, ge=1, le=64)
+    # Ray Serve's throughput-optimised mode (RAY_SERVE_THROUGHPUT_OPTIMIZED: the ingress replicas
+    # serve HTTP themselves, user code and router on the replica's own loop) behind HAProxy
+    # (RAY_SERVE_ENABLE_HA_PROXY) instead of the Python proxy: 200 against 64 req/s here at
+    # concurrency 64. Set on a local cluster; a cluster aq-serve joins has its own environment
+    throughput_optimized: bool = True
+    start_timeout_s: float = Field(240.0, gt=0)  # s aq-serve waits for the application to be RUNNING
+
+    def scaling(self, key: str) -> RayScaling:
+        return self.variants.get(key, self.default_variant)
+
+
 def _comma_list(value: Any) -> Any:
     """'int8,fp32' (an env var or --set) → ['int8', 'fp32']; a list stays a list."""
     if isinstance(value, str):
@@ -252,6 +323,7 @@ class ServeSettings(SettingsRoot):
     breaker: BreakerSettings = Field(default_factory=BreakerSettings)
     memory: MemoryPolicyConfig = Field(default_factory=MemoryPolicyConfig)
     rollout: RolloutSettings = Field(default_factory=RolloutSettings)  # follow versions.json while serving
+    ray: RaySettings = Field(default_factory=RaySettings)  # aq-serve --engine ray
 
     @field_validator("latency")
     @classmethod

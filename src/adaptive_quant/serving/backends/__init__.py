@@ -1,4 +1,4 @@
-"""Inference backends behind the gateway: embedded ONNX Runtime, or a Triton server."""
+"""Inference backends behind the gateway: embedded ONNX Runtime, a Triton server, or Ray Serve deployments."""
 
 from adaptive_quant.serving.backends.base import Backend, BackendError, VariantHealth, VariantUnavailable
 
@@ -6,7 +6,7 @@ __all__ = ["Backend", "BackendError", "VariantHealth", "VariantUnavailable", "ma
 
 
 def make_backend(kind: str, repository: str, manifest, **options) -> Backend:  # noqa: ANN001
-    """'embedded' or 'triton' → an unstarted backend (imports only the one asked for)."""
+    """'embedded', 'triton' or 'ray' → an unstarted backend (imports only the one asked for)."""
     if kind == "embedded":
         from adaptive_quant.serving.backends.embedded import EmbeddedBackend
 
@@ -15,4 +15,8 @@ def make_backend(kind: str, repository: str, manifest, **options) -> Backend:  #
         from adaptive_quant.serving.backends.triton import TritonBackend
 
         return TritonBackend(manifest, **options)
-    raise ValueError(f"unknown backend {kind!r}; accepted: embedded, triton")
+    if kind == "ray":
+        from adaptive_quant.serving.backends.ray import RayBackend
+
+        return RayBackend(manifest, **options)
+    raise ValueError(f"unknown backend {kind!r}; accepted: embedded, triton, ray")

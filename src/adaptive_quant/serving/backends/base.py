@@ -39,6 +39,10 @@ class Backend(ABC):
         """`probe()` says whether other requests are in the gateway now; a backend that can
         compute on the caller's thread does so only when it says no (embedded). Default: unused."""
 
+    def set_replica_listener(self, listener: Callable[[str, int, int], None]) -> None:  # noqa: B027 - optional hook
+        """`listener(variant, replicas, queued_samples)`: a backend whose variants run as replicas
+        elsewhere (Ray Serve) reports them, for the latency model's queue. Default: unused."""
+
     @abstractmethod
     async def start(self) -> None:
         """Load or connect; a variant that cannot serve is marked unhealthy, not fatal."""

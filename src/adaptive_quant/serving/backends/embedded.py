@@ -53,6 +53,7 @@ class EmbeddedBackend(Backend):
         memory_arena: bool = False,
         inline_max_batch: int = 0,  # batches this small compute on the event loop (batcher.py says why)
         allow_spinning: bool = False,  # ORT's pool threads spin between calls (intra_op_threads > 1)
+        variants: list[str] | None = None,  # only these keys (a Ray replica serves one); None = every served one
     ) -> None:
         self.repository = Path(repository)
         self.manifest = manifest
@@ -66,8 +67,9 @@ class EmbeddedBackend(Backend):
         self.inline_max_batch = inline_max_batch
         self.allow_spinning = allow_spinning
         self._contended: Callable[[], bool] = lambda: False
+        self._served = [v for v in manifest.served_variants() if variants is None or v.key in variants]
         self._health: dict[str, VariantHealth] = {
-            v.key: VariantHealth(v.key, False, "not started") for v in manifest.served_variants()
+            v.key: VariantHealth(v.key, False, "not started") for v in self._served
         }
         self._sessions: dict[str, ort.InferenceSession] = {}
         self._batchers: dict[str, DynamicBatcher] = {}
@@ -76,7 +78,7 @@ class EmbeddedBackend(Backend):
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        variants = self.manifest.served_variants()
+        variants = self._served
         self._executor = ThreadPoolExecutor(
             max_workers=max(1, len(variants) * self.instances), thread_name_prefix="ort"
         )
@@ -172,6 +174,11 @@ class EmbeddedBackend(Backend):
 
     def variants(self) -> dict[str, VariantHealth]:
         return dict(self._health)
+
+    def queued_samples(self, variant_key: str) -> int:
+        """Samples waiting for or in `variant_key`'s model calls now (0 if it does not serve)."""
+        batcher = self._batchers.get(variant_key)
+        return batcher.queued_samples if batcher is not None else 0
 
     def batch_stats(self) -> dict[str, dict[str, int]]:
         """Batches, samples and largest batch per variant since start (for /v1/status)."""
