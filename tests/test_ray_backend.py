@@ -19,6 +19,7 @@ from adaptive_quant.serving.backends.ray import CallCoalescer, deployment_name
 from adaptive_quant.serving.ray.app import deployment_options, ingress_settings
 from adaptive_quant.serving.ray.replica import VariantReplica
 from adaptive_quant.serving.settings import load_settings
+from gateway_process import free_port
 from gateway_repo import build_repo, images
 
 # ----------------------------------------------------------------------------- coalescer
@@ -216,3 +217,13 @@ def test_backend_ray_without_the_ray_engine_is_refused_with_the_command_that_ser
     code = serve_main(["--config", "", "--repository", str(repo), "--set", "backend.kind=ray"])
     assert code == 2
     assert "aq-serve --engine ray" in capsys.readouterr().err
+
+
+def test_an_unreachable_cluster_address_fails_at_once_with_what_to_do(tmp_path, caplog):
+    repo = build_repo(tmp_path / "r")
+    port = free_port()  # nothing listens there
+    code = serve_main(
+        ["--config", "", "--repository", str(repo), "--engine", "ray", "--ray-address", f"127.0.0.1:{port}"]
+    )
+    assert code == 1
+    assert f"cannot reach the Ray cluster at 127.0.0.1:{port}" in caplog.text and "ray start --head" in caplog.text

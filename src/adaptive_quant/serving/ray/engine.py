@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -85,6 +86,12 @@ class RayEngine:
             )
         else:
             log.info("joining the Ray cluster at %s", self.address)
+            unreachable = _unreachable(self.address)
+            if unreachable:  # ray.init would retry for minutes before saying so
+                raise RayEngineError(
+                    f"cannot reach the Ray cluster at {self.address}: {unreachable}; start one there with "
+                    "`ray start --head`, or leave --ray-address and RAY_ADDRESS unset for a local cluster"
+                )
             try:
                 ray.init(address=self.address, log_to_driver=False, configure_logging=False)
             except Exception as exc:
@@ -211,6 +218,19 @@ def run(settings: ServeSettings) -> int:
     engine.follow()
     engine.shutdown()
     return 0
+
+
+def _unreachable(address: str, timeout_s: float = 5.0) -> str:
+    """Why a TCP connection to a GCS address ("host:port") fails, "" when it connects. Other forms
+    ("auto", "ray://host:port" for Ray Client, "local") are left to ray.init."""
+    host, sep, port = address.rpartition(":")
+    if not sep or "://" in address or not port.isdigit():
+        return ""
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        return f"TCP connect to {host}:{port} failed ({exc.strerror or exc})"
+    return ""
 
 
 def _log_dir(ray) -> str:  # noqa: ANN001 - the ray module
