@@ -35,6 +35,7 @@ from ray.serve.schema import (
 )
 
 from adaptive_quant.core.versions import load_version_manifest, read_index
+from adaptive_quant.serving.ray.app import deployment_names
 from adaptive_quant.serving.settings import ignored_variables, load_settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,8 +45,6 @@ CRD_SCHEMA = K8S / "schemas" / "rayservice-v1.schema.json.gz"
 K8S_VERSIONS = ("1.30", "1.37")
 PVC = "adaptive-quant-models"
 MODELS_PATH = "/models"
-INGRESS = "gateway"  # serving/ray/app.py INGRESS_NAME
-VARIANT_PREFIX = "variant-"  # serving/backends/ray.py deployment_name(): "int8" → "variant-int8"
 
 
 # ---- loading ------------------------------------------------------------------------------------
@@ -270,15 +269,9 @@ def test_the_serve_config_check_refuses_real_mistakes(rayservice, mutate, where)
 
 
 def built_deployments(repository: Path) -> set[str]:
-    """The deployments build_app makes: the ingress and one per variant routed by a live version
-    (serving/ray/app.py _routed_union, with configs/serve.yaml's `variants` pin)."""
+    """The deployments build_app makes from `repository` with configs/serve.yaml (its `variants` pin)."""
     settings = load_settings(ROOT / "configs" / "serve.yaml", {"repository": str(repository)}, environ={})
-    keys = {
-        v.key
-        for version in read_index(repository).live()
-        for v in load_version_manifest(repository, version).routed_variants(settings.variants)
-    }
-    return {INGRESS} | {f"{VARIANT_PREFIX}{k}" for k in keys}
+    return set(deployment_names(settings))
 
 
 def deployment_name_errors(config: dict, built: set[str]) -> list[str]:

@@ -8,6 +8,7 @@ traffic (no request lost), and SIGTERM (everything stops within 60 s, no Ray pro
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -30,7 +31,7 @@ START_TIMEOUT_S = 240  # the issue's bound for a start on 2 cores
 
 
 class RayService:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, extra: list[str] | None = None, env: dict[str, str] | None = None) -> None:
         self.repo = build_repo(root / "repo")
         self.staged = build_repo(root / "staged")
         self.port = free_port()
@@ -54,10 +55,11 @@ class RayService:
             "rollout.poll_s=0.2",
             "--set",
             "profiling.budget_s=0.5",
+            *(extra or []),
         ]
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("AQ_", "RAY_"))}
+        clean = {k: v for k, v in os.environ.items() if not k.startswith(("AQ_", "RAY_"))}
         self.started = time.monotonic()
-        self.proc = subprocess.Popen(cmd, stdout=self.log.open("w"), stderr=subprocess.STDOUT, env=env)
+        self.proc = subprocess.Popen(cmd, stdout=self.log.open("w"), stderr=subprocess.STDOUT, env=clean | (env or {}))
 
     def output(self) -> str:
         return self.log.read_text()
@@ -191,3 +193,45 @@ def test_sigterm_drains_deletes_the_application_and_leaves_no_ray_process(servic
     left = [p for p in children if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert not left, f"left behind: {[p.cmdline()[:2] for p in left]}"
     assert "the local Ray cluster is down" in service.output()
+
+
+def test_joining_a_running_cluster_serves_and_sigterm_deletes_the_application_but_leaves_the_cluster(tmp_path):
+    """A cluster someone else started (`ray start --head`): aq-serve joins it, serves, and on SIGTERM
+    deletes its application and leaves the cluster running."""
+    gcs = free_port()
+    # token authentication, as Ray 2.60 sets up a cluster by default; a client joining by address must
+    # say so itself (RAY_AUTH_MODE) and hold the token
+    token = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AQ_", "RAY_"))} | token
+    head = subprocess.Popen(
+        [str(Path(sys.executable).with_name("ray")), "start", "--head", f"--port={gcs}", "--num-cpus=2"]
+        + ["--include-dashboard=false", "--object-store-memory=100000000", "--disable-usage-stats", "--block"],
+        stdout=(tmp_path / "head.log").open("w"),
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while "Ray runtime started" not in (tmp_path / "head.log").read_text():
+            assert head.poll() is None and time.monotonic() < deadline, (tmp_path / "head.log").read_text()
+            time.sleep(0.2)
+        svc = RayService(tmp_path, ["--ray-address", f"127.0.0.1:{gcs}"], env=token)
+        try:
+            svc.wait_ready()
+            r = httpx.post(f"{svc.url}/v1/classify", json=_body(2), timeout=30)
+            assert r.status_code == 200 and len(r.json()["predictions"]) == 2
+            assert "joining the Ray cluster" in svc.output()
+            svc.proc.send_signal(signal.SIGTERM)
+            assert svc.proc.wait(90) == 0, svc.output()[-3000:]
+        finally:
+            if svc.proc.poll() is None:
+                svc.proc.kill()
+        assert head.poll() is None  # the cluster was not this process's own: still running
+        with pytest.raises(httpx.HTTPError):  # ...but the application and its proxy are gone
+            httpx.post(f"{svc.url}/v1/classify", json=_body(1), timeout=5).raise_for_status()
+    finally:
+        head.send_signal(signal.SIGTERM)  # --block: the head's processes go with it
+        try:
+            head.wait(60)
+        except subprocess.TimeoutExpired:
+            head.kill()

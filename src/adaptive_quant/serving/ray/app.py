@@ -126,6 +126,14 @@ def build_application(settings: ServeSettings, live: list[int] | None = None):  
     return ingress.bind(gateway, live, variants)
 
 
+def deployment_names(settings: ServeSettings, live: list[int] | None = None) -> list[str]:
+    """The deployments `build_application` makes for `settings` and the live versions (default: the
+    repository's): the ingress, then one per routed variant. A RayService's serveConfigV2 names these."""
+    gateway = ingress_settings(settings)
+    live = live if live is not None else live_versions(gateway.repository)
+    return [INGRESS_NAME] + [deployment_name(k) for k in _routed_union(gateway, live)]
+
+
 def _routed_union(settings: ServeSettings, live: list[int]) -> list[str]:
     """Every variant a live version routes to (a canary may route to one the serving version lacks)."""
     keys: list[str] = []

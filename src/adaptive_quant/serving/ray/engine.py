@@ -95,7 +95,14 @@ class RayEngine:
             try:
                 ray.init(address=self.address, log_to_driver=False, configure_logging=False)
             except Exception as exc:
-                raise RayEngineError(f"cannot join the Ray cluster at {self.address}: {exc}") from exc
+                auth = (
+                    ""
+                    if os.environ.get("RAY_AUTH_MODE")
+                    else "; if the cluster uses token authentication (what `ray start` sets up when a token "
+                    "exists), set RAY_AUTH_MODE=token and give the token as RAY_AUTH_TOKEN or ~/.ray/auth_token: "
+                    "Ray never enables it for an explicit address"
+                )
+                raise RayEngineError(f"cannot join the Ray cluster at {self.address}: {exc}{auth}") from exc
         log.info("Ray logs (replicas, controller, proxy): %s", _log_dir(ray))
         # ray.init installs handlers of its own that exit at once; ours drain first
         signal.signal(signal.SIGTERM, lambda *_: self.stop())
@@ -126,7 +133,13 @@ class RayEngine:
         t = time.perf_counter()
         worker = threading.Thread(target=run, name="serve-run", daemon=True)
         worker.start()
-        worker.join(self.settings.ray.start_timeout_s)
+        deadline = time.monotonic() + self.settings.ray.start_timeout_s
+        # in steps: a SIGTERM during a deploy stops waiting for it (the shutdown deletes the application)
+        while worker.is_alive() and time.monotonic() < deadline and not self._stop.is_set():
+            worker.join(0.5)
+        if worker.is_alive() and self._stop.is_set():
+            log.info("stopping during the deploy (%s, versions %s): not waiting for it", why, live)
+            return
         if worker.is_alive():
             raise RayEngineError(
                 f"the application was not RUNNING within ray.start_timeout_s={self.settings.ray.start_timeout_s:.0f} s "
@@ -176,6 +189,10 @@ class RayEngine:
     def stop(self) -> None:
         self._stop.set()
 
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
     def shutdown(self) -> float:
         """Delete the application (its replicas drain), stop what this process started; seconds."""
         import ray
@@ -211,6 +228,9 @@ def run(settings: ServeSettings) -> int:
         log.error("%s", exc)
         engine.shutdown()
         return 1
+    if engine.stopping:  # SIGTERM while starting
+        engine.shutdown()
+        return 0
     s = settings.server
     print(
         f"ready in {took:.1f} s: http://{s.host}:{s.port} (Ray Serve application {settings.ray.app_name})", flush=True
