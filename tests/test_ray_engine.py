@@ -26,6 +26,7 @@ from adaptive_quant.data import CIFAR10_MEAN, CIFAR10_STD
 from adaptive_quant.export.versions import add_serving_version
 from gateway_process import Traffic, free_port
 from gateway_repo import MODEL, b64_instance, build_repo, images, pixels_instance
+from test_rollout_gateway import start_canary
 
 START_TIMEOUT_S = 240  # the bound for a start on 2 cores
 
@@ -177,6 +178,22 @@ def test_a_roll_out_is_an_application_update_and_loses_no_request(service):
     assert set(statuses) == {200}, f"lost: {len(statuses) - statuses.count(200)} of {len(statuses)}"
     assert versions[0] == "1" and set(versions[after:]) == {"2"}  # once updated, only the new version answers
     assert "(roll-out" in service.output()
+
+
+def test_a_canary_is_deployed_by_the_same_update_and_answers_its_share(service):
+    third = build_repo(service.log.parent / "third")
+    n = start_canary(service.repo, third, share=0.5, mirror_share=0.0)  # what aq-rollout does first
+    assert n == 3
+    deadline = time.monotonic() + 180
+    while "RUNNING with versions [2, 3]" not in service.output():
+        assert time.monotonic() < deadline, f"no application update:\n{service.output()[-3000:]}"
+        time.sleep(0.2)
+    seen = [
+        httpx.post(f"{service.url}/v1/classify", json=_body(1, seed=i), timeout=30).headers.get("X-Model-Version")
+        for i in range(40)
+    ]
+    assert set(seen) == {"2", "3"}  # both versions answer: the serving one and the canary, by its share
+    assert 5 <= seen.count("3") <= 35
 
 
 def test_sigterm_drains_deletes_the_application_and_leaves_no_ray_process(service):

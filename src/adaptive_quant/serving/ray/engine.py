@@ -78,6 +78,7 @@ class RayEngine:
                 "starting a local Ray cluster: %d CPUs, %d MB object store, no dashboard", cpus, s.ray.object_store_mb
             )
             ray.init(
+                address="local",  # a new cluster, even where `ray start` left one (ray.init() would join it)
                 num_cpus=cpus,
                 include_dashboard=False,
                 object_store_memory=s.ray.object_store_mb * 2**20,
