@@ -232,11 +232,15 @@ def test_joining_a_running_cluster_serves_and_sigterm_deletes_the_application_bu
         while "Ray runtime started" not in (tmp_path / "head.log").read_text():
             assert head.poll() is None and time.monotonic() < deadline, (tmp_path / "head.log").read_text()
             time.sleep(0.2)
-        svc = RayService(tmp_path, ["--ray-address", f"127.0.0.1:{gcs}"], env=token)
+        key = {"AQ_SERVER__API_KEY": "ray-s3cret"}  # the API key guards /v1 on Ray as on uvicorn
+        svc = RayService(tmp_path, ["--ray-address", f"127.0.0.1:{gcs}"], env=token | key)
         try:
             svc.wait_ready()
-            r = httpx.post(f"{svc.url}/v1/classify", json=_body(2), timeout=30)
+            r = httpx.post(f"{svc.url}/v1/classify", json=_body(2), headers={"X-API-Key": "ray-s3cret"}, timeout=30)
             assert r.status_code == 200 and len(r.json()["predictions"]) == 2
+            refused = httpx.post(f"{svc.url}/v1/classify", json=_body(1), timeout=30)
+            assert refused.status_code == 401
+            assert httpx.get(f"{svc.url}/metrics", timeout=30).status_code == 200  # left open, as on uvicorn
             assert "joining the Ray cluster" in svc.output()
             svc.proc.send_signal(signal.SIGTERM)
             assert svc.proc.wait(90) == 0, svc.output()[-3000:]
