@@ -203,6 +203,7 @@ def test_the_ingress_serves_through_the_ray_backend_with_independent_variant_que
     [
         (["--grpc-port", "8081"], "grpc_port"),
         (["--backend", "triton"], "embedded"),
+        (["--workers", "4"], "ray.ingress"),
     ],
 )
 def test_engine_ray_refuses_what_it_cannot_serve_before_any_cluster_starts(tmp_path, capsys, flags, says):

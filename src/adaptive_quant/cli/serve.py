@@ -49,6 +49,11 @@ def serve_on_ray(settings: ServeSettings, args: argparse.Namespace) -> int:
             "--engine ray runs the variants as Ray Serve deployments of their own (ONNX Runtime in each "
             "replica): backend.kind must stay embedded; a Triton backend is --engine uvicorn's"
         )
+    if args.workers is not None:
+        raise SettingsError(
+            "--workers is --engine uvicorn's: on Ray the gateway runs as replicas, "
+            "ray.ingress.min_replicas / max_replicas (e.g. --set ray.ingress.max_replicas=4)"
+        )
     if settings.server.grpc_port:
         raise SettingsError(
             "--engine ray serves HTTP only (/v1 and the Open Inference Protocol's /v2 REST routes): "
