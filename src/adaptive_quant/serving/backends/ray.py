@@ -126,8 +126,8 @@ class RayBackend(Backend):
         self._health = {k: VariantHealth(k, False, "not started") for k in self._keys}
         self._handles: dict = {}
         self._replicas: dict[str, int] = dict.fromkeys(self._keys, 1)
-        self._reports: dict[str, dict[str, tuple[int, float]]] = {k: {} for k in self._keys}  # replica → (queued, t)
-        self._nodes: dict[str, dict[str, str]] = {k: {} for k in self._keys}  # replica → the node it answered from
+        # per variant: replica id → (samples queued there, clock time of the report, the node it answered from)
+        self._reports: dict[str, dict[str, tuple[int, float, str]]] = {k: {} for k in self._keys}
         self._listener: Callable[[str, int, int], None] = lambda key, replicas, queued: None
         self._poller: asyncio.Task | None = None
         self._coalescers = {
@@ -201,7 +201,7 @@ class RayBackend(Backend):
                 "queued_samples": self._queued(k),
                 "calls": self._coalescers[k].calls,
                 "samples": self._coalescers[k].samples,
-                "replicas_seen": dict(self._nodes[k]),
+                "replicas_seen": {replica: node for replica, (_, _, node) in self._reports[k].items()},
             }
             for k in self._keys
         }
@@ -223,14 +223,13 @@ class RayBackend(Backend):
             raise
         except Exception as exc:  # RayTaskError (the replica raised), RayActorError (it died), ...
             raise BackendError(f"variant {variant_key!r} on Ray Serve failed: {_reason(exc)}") from exc
-        self._reports[variant_key][replica] = (queued, self._clock())
-        self._nodes[variant_key][replica] = node
+        self._reports[variant_key][replica] = (queued, self._clock(), node)
         self._listener(variant_key, self._replicas[variant_key], self._queued(variant_key))
         return logits
 
     def _queued(self, key: str) -> int:
         now = self._clock()
-        return sum(q for q, t in self._reports[key].values() if now - t <= REPORT_FRESH_S)
+        return sum(q for q, t, _ in self._reports[key].values() if now - t <= REPORT_FRESH_S)
 
     async def _poll_replicas(self, app: str) -> None:
         """Running replicas per variant deployment, from Serve's controller (autoscaling and
@@ -254,7 +253,6 @@ class RayBackend(Backend):
                                 : len(reports) - running
                             ]:
                                 reports.pop(replica, None)
-                                self._nodes[key].pop(replica, None)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
