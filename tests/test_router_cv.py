@@ -90,3 +90,20 @@ def test_aq_fit_router_cross_validate_writes_nothing_to_the_repository(tmp_path,
     assert (repo / "manifest.json").read_bytes() == before and load_manifest(repo).plans[0].name == "int8:hflip"
     assert fit_router_cli.main(["--repository", str(repo), *smoke, "--cross-validate", "1"]) == 2
     assert "--cross-validate takes K ≥ 2 folds" in capsys.readouterr().err
+
+
+def test_balanced_price_sweep_escalates_less_as_the_price_rises_and_reports_points_over_the_best_variant():
+    rec = recorded()
+    cv = cross_validate(rec, ["int8", "fp32"], folds=4, ties=(0.0,), factors=(2.5,), fit_config=FAST, prices=(0.0, 1.0))
+    free, dear = cv.prices
+    ok = rec.correct()
+    # free follow-ups: every sample the router expects any gain on gets the flip, which is always right;
+    # a price of 1.0 (100 points of accuracy per entry pass of compute) is one no plan can pay
+    assert free["escalated"] > 0.25 and dear["escalated"] == 0.0
+    assert dear["accuracy"] == pytest.approx(ok[:, 0].mean()) and dear["compute"] == pytest.approx(1.0)
+    assert free["accuracy"] > dear["accuracy"] + 0.1 and free["compute"] > 1.25
+    # int8 and fp32 answer alike (fp32 copies the entry): the comparator is the better-or-first of them
+    assert free["best_variant"] in ("int8", "fp32")
+    assert free["gain_points"] == pytest.approx(100 * (free["accuracy"] - ok[:, 0].mean()))
+    text = render_cross_validation(cv, 1.0)
+    assert "balanced per planner.followup_price" in text and f"{free['gain_points']:+.2f}" in text

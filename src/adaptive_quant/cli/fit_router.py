@@ -155,7 +155,7 @@ def _cross_validate(args: argparse.Namespace, val: Split) -> int:
 
     from adaptive_quant.core.manifest import load_manifest
     from adaptive_quant.evaluation.render import render_cross_validation
-    from adaptive_quant.evaluation.router_cv import cross_validate
+    from adaptive_quant.evaluation.router_cv import PRICES, cross_validate
     from adaptive_quant.evaluation.two_stage_report import record_split
     from adaptive_quant.predictor.deferral import DeferralPredictor
 
@@ -168,7 +168,11 @@ def _cross_validate(args: argparse.Namespace, val: Split) -> int:
     pass_ms = {k: v.latency.at(1).p50_ms for k, v in manifest.variants.items() if v.latency is not None}
     rec = record_split(repo, val, manifest, router, pass_ms, args.threads)
     cv = cross_validate(
-        rec, [v.key for v in manifest.served_variants()], folds=args.cross_validate, repeats=args.repeats
+        rec,
+        [v.key for v in manifest.served_variants()],
+        folds=args.cross_validate,
+        repeats=args.repeats,
+        prices=PRICES,
     )
     print(render_cross_validation(cv, pass_ms[rec.entry]))
     print(

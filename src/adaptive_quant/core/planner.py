@@ -15,9 +15,12 @@ Per sample and plan j (column 0 is "none": no extra pass, cost 0, always feasibl
              predictions within `quality_tie` × (1 − min(1, load)) of the best count as equal and
              the plan that is more accurate on validation wins among them (then the cheaper);
              without a prior, ties within 1e-9 go to the cheaper
+             Which follow-up a sample that escalates gets: given a prior, the follow-ups scoring within
+             `plan_tie` of the best one tie, and the one more accurate on validation wins (then the
+             cheaper); the price alone decides whether it escalates
   speed    → the balanced choice only if its predicted gain over "none" clears `speed_tolerance`
 So in predicted accuracy quality ≥ balanced − quality_tie (≥ balanced exactly without a prior),
-and balanced ≥ speed ≥ none, sample by sample.
+balanced ≥ none − plan_tie (≥ none exactly without a prior) and speed ≥ none, sample by sample.
 
 extra_cost is relative (compute of the extra passes / compute of the entry pass at the same batch
 size), so the price means the same on a CPU and a GPU; extra_ms is absolute and includes queueing.
@@ -47,9 +50,12 @@ class PlannerConfig(Section):
     # false: single-stage routing even when the repository ships a router (A/B runs, benchmarks)
     enabled: bool = True
     # balanced: predicted accuracy (a share: 0.01 = one point) a follow-up must add per entry pass
-    # worth of extra compute. A flipped INT8 pass costs ~1 entry pass, so it runs where the predictor
-    # expects it to turn at least 1 % of such samples from wrong to right
-    followup_price: float = Field(0.01, ge=0.0)
+    # worth of extra compute. A flipped INT8 pass costs ~1 entry pass, so at 0.005 it runs where the
+    # predictor expects it to turn at least 0.5 % of such samples from wrong to right. Chosen on the
+    # validation split (`aq-fit-router --cross-validate 5 --repeats 3`, three networks): 0.01 gave
+    # 91.65 % at 1.33x the entry's compute, 0.005 91.73 % at 1.50x, 0 91.80 % at 1.87x; from 0.01
+    # to 0.005 a pass buys ~0.5 points, below that ~0.2. Was 0.01 with one network's plans
+    followup_price: float = Field(0.005, ge=0.0)
     # under load: price × (1 + load_price × load), load = samples in flight / max batch size.
     # 1 barely shed anything at load ≈ 2, and under a tight budget most follow-ups were then cut
     # at the deadline; 4 makes a busy server's follow-ups promise ~9× the idle gain
@@ -72,6 +78,14 @@ class PlannerConfig(Section):
     # flip fits. It applies in full on an idle server and shrinks to nothing at a load of one
     # full batch in flight. 0 turns the rule off
     quality_tie: float = Field(0.02, ge=0.0, le=1.0)
+    # balanced and speed, once the price says a sample escalates: which follow-up. Plans whose score
+    # (predicted accuracy − price × compute) is within `plan_tie` of the best follow-up's are ties,
+    # won by the plan more accurate on validation (then the cheaper). With plans over three networks
+    # the router's per-plan predictions differ by less than their error, and the highest one is
+    # often a noisier plan: 5-fold cross-validation on the validation split (3 fold assignments,
+    # 15 plans) gave balanced 91.39 % at 1.23x compute without the rule and 91.65 % at 1.33x with
+    # 0.02, at the same 12.3 % escalated. Shrinks to nothing under load like quality_tie. 0 = off
+    plan_tie: float = Field(0.02, ge=0.0, le=1.0)
     # the least priority the follow-ups of a sample that entered on the cheap entry (the speed router's,
     # e.g. a pruned INT8) are planned with, whatever the request asked: a speed request entering there
     # is planned `balanced`. The cheap entry is already the saving (0.64x INT8's time); escalating its
@@ -156,6 +170,13 @@ def plan_followups(
     # among equally good plans, the cheapest (argmin over cost; "none" wins every tie it is in)
     index = np.where(candidates, cost, np.inf).argmin(axis=1)
     rows = np.arange(n)
+    ptie = _plan_tie(priority, config, prior, load)
+    if ptie > _TIE and p > 1:  # which follow-up, for the samples that escalate: validation breaks the tie
+        follow = score[:, 1:]
+        near = follow >= follow.max(axis=1, keepdims=True) - ptie
+        ranked = np.where(near, prior[1:], -np.inf)
+        near &= ranked >= ranked.max(axis=1, keepdims=True) - _TIE
+        index = np.where(index > 0, np.where(near, cost[1:], np.inf).argmin(axis=1) + 1, 0)
     if priority is Priority.SPEED:
         index = np.where(acc[rows, index] - acc[:, 0] >= config.speed_tolerance - _TIE, index, 0)
     return PlanDecision(index=index, predicted=acc[rows, index])
@@ -182,6 +203,15 @@ def _quality_tie(priority: Priority, config: PlannerConfig, prior: object, load:
     if priority is Priority.QUALITY and prior is not None and config.quality_tie > _TIE:
         return max(_TIE, config.quality_tie * (1.0 - _busy(load)))
     return _TIE
+
+
+def _plan_tie(priority: Priority, config: PlannerConfig, prior: object, load: float) -> float:
+    """How close two follow-ups' scores must be to tie for balanced and speed, given a prior:
+    `plan_tie` on an idle server, shrinking to none at a load of one full batch in flight; else 0.
+    It never decides whether a sample escalates (the price does), only which plan it gets."""
+    if priority is not Priority.QUALITY and prior is not None and config.plan_tie > _TIE:
+        return max(0.0, config.plan_tie * (1.0 - _busy(load)))
+    return 0.0
 
 
 def _plan_one(
@@ -248,6 +278,15 @@ def plan_one(
     for j in range(p):
         if scores[j] >= good and cost[j] < low:
             index, low = j, cost[j]
+    ptie = _plan_tie(priority, config, prior, load)
+    if index > 0 and ptie > _TIE:  # which follow-up: the tied one more accurate on validation, then the cheaper
+        assert prior is not None
+        near = max(scores[1:]) - ptie
+        top = max(prior[j] for j in range(1, p) if scores[j] >= near) - _TIE
+        index, low = 0, math.inf
+        for j in range(1, p):
+            if scores[j] >= near and prior[j] >= top and cost[j] < low:
+                index, low = j, cost[j]
     if priority is Priority.SPEED and row[index] - row[0] < config.speed_tolerance - _TIE:
         index = 0
     return index, row[index]

@@ -351,6 +351,16 @@ def render_cross_validation(cv: CrossValidation, entry_ms: float) -> str:
     if b["per_repeat_gain_points"] and b["confidence_acc"] is not None:
         g = b["per_repeat_gain_points"]
         lines.append(f"balanced minus the confidence rule per repeat: {min(g):+.2f} … {max(g):+.2f} points")
+    if cv.prices:
+        lines.append(
+            f"balanced per planner.followup_price (points over the best served variant, {cv.prices[0]['best_variant']}):"
+        )
+        lines.append(f"{'price':>8}{'accuracy':>10}{'points':>8}{'escalated':>11}{'compute':>9}")
+        for p in cv.prices:
+            lines.append(
+                f"{p['followup_price']:>8g}{p['accuracy']:>10.2%}{p['gain_points']:>+8.2f}"
+                f"{p['escalated']:>11.1%}{p['compute']:>8.2f}×"
+            )
     return "\n".join(lines)
 
 

@@ -32,6 +32,8 @@ from adaptive_quant.predictor.fit_deferral import DeferralFitConfig, fit_deferra
 
 # candidate quality_tie values, in predicted accuracy (0.01 = one point); 1.0 ties every plan
 TIES = (0.0, 0.005, 0.01, 0.02, 0.05, 0.1, 1.0)
+# candidate planner.followup_price values for balanced: predicted accuracy per entry pass of extra compute
+PRICES = (0.0, 0.001, 0.002, 0.003, 0.005, 0.01, 0.02)
 
 
 @dataclass
@@ -49,6 +51,8 @@ class CrossValidation:
     chosen_tie: float
     balanced: dict[str, Any] = field(default_factory=dict)  # balanced vs the confidence rule, same rate
     repeats: int = 1  # fold assignments (seeds) averaged over
+    # balanced per candidate followup_price: accuracy, escalated share, compute (× the entry pass)
+    prices: list[dict[str, Any]] = field(default_factory=list)
 
 
 def fold_ids(n: int, folds: int, seed: int) -> np.ndarray:
@@ -97,6 +101,7 @@ def cross_validate(
     factors: Sequence[float] = BUDGET_FACTORS,
     fit_config: DeferralFitConfig | None = None,
     repeats: int = 1,
+    prices: Sequence[float] = (),
 ) -> CrossValidation:
     """Steps 1-3 of the module doc on one split's recorded outputs (the validation split's),
     `repeats` times with fold seeds seed, seed + 1, …: the figures are means over the repeats."""
@@ -115,6 +120,7 @@ def cross_validate(
     # (repeat, tie, budget) → quality's accuracy, escalation, compute; (repeat,) → balanced's
     q = np.zeros((repeats, len(ties), len(budgets), 3))
     bal = np.zeros((repeats, 4))
+    swept = np.zeros((repeats, len(prices), 3))  # (repeat, price) → balanced's accuracy, rate, compute
     for r in range(repeats):
         oof = out_of_fold(rec, folds, seed + r, fit_config)
         for t, tie in enumerate(ties):
@@ -127,6 +133,10 @@ def cross_validate(
         at = f"{flip} @{rate:.1%}"
         conf = confidence_at_rate(o, rec.confidence(), rec.entry, up, rate, at).accuracy if 0 < rate < 1 else np.nan
         bal[r] = (ok[rows, index].mean(), rate, 1.0 + cost[index].mean(), conf)
+        for i, price in enumerate(prices):
+            cfg = planner.model_copy(update={"followup_price": float(price)})
+            index = choices(rec, oof, Priority.BALANCED, cfg, None)
+            swept[r, i] = (ok[rows, index].mean(), (index > 0).mean(), 1.0 + cost[index].mean())
     mean = q.mean(0)
     per_tie = []
     for t, tie in enumerate(ties):
@@ -164,6 +174,25 @@ def cross_validate(
         "confidence_acc": None if np.isnan(b[3]) else float(b[3]),
         "per_repeat_gain_points": [float(100 * (a - c)) for a, c in zip(bal[:, 0], bal[:, 3])],
     }
+    # the issue's comparator for balanced: the best served variant alone, of any network and precision
+    variant, variant_acc = max(((k, a) for k, (a, _, plan) in table.items() if not plan), key=lambda kv: kv[1])
+    by_price = [
+        {
+            "followup_price": float(price),
+            "accuracy": float(a),
+            "escalated": float(e),
+            "compute": float(c),
+            "best_variant": variant,
+            "gain_points": float(100 * (a - variant_acc)),
+        }
+        for price, (a, e, c) in zip(prices, swept.mean(0))
+    ]
     return CrossValidation(
-        folds=folds, samples=len(rows), ties=per_tie, chosen_tie=chosen, balanced=balanced, repeats=repeats
+        folds=folds,
+        samples=len(rows),
+        ties=per_tie,
+        chosen_tie=chosen,
+        balanced=balanced,
+        repeats=repeats,
+        prices=by_price,
     )
