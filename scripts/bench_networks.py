@@ -6,8 +6,9 @@ INT8 server, on the whole test split and on a corrupted copy of it.
     python scripts/bench_networks.py --gateway http://127.0.0.1:8011 --baseline http://127.0.0.1:8013 \
         --out runs/bench_networks
 
-Every test image goes in its own request, one after the other, to each target in turn (the plain
-server, then the gateway with X-Priority balanced and quality); then the same on a corrupted copy
+Every test image goes in its own request, one after the other, to each target: the plain server,
+then the gateway with X-Priority balanced and quality, taking turns on --rounds chunks of the split
+(so the machine's drift over minutes reaches all of them alike); then the same on a corrupted copy
 (each image one corruption of core/corruptions.py, drawn by --seed). The fixed choices (every served
 variant of every network alone) are scored by ONNX Runtime on the same files and images. Writes
 <out>/side_by_side.json and side_by_side.md: accuracy, points over the best fixed served model, and
@@ -34,7 +35,7 @@ from adaptive_quant.evaluation.side_by_side import (
     encode_bodies,
     fixed_accuracies,
     render,
-    run_target,
+    run_interleaved,
     summarise,
 )
 
@@ -49,11 +50,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--corrupted-priorities", default="balanced", help="on the corrupted copy (default: %(default)s)")
     p.add_argument("--limit", type=int, default=0, help="first N test images only (0 = all 10,000)")
     p.add_argument("--seed", type=int, default=27, help="draws each image's corruption (default: %(default)s)")
+    p.add_argument(
+        "--extra",
+        action="append",
+        default=[],
+        metavar="NAME=URL",
+        help="another gateway (e.g. started with --set planner.followup_price=0.01) run at the first of "
+        "--priorities in the same turns, on both copies; repeatable",
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=20,
+        help="the targets take turns on this many chunks of the split, so the machine's drift "
+        "reaches every target alike (default: %(default)s)",
+    )
     p.add_argument("--out", required=True, help="folder for side_by_side.json and .md")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request otherwise
 
+    extra = [tuple(e.split("=", 1)) for e in args.extra]
+    if any(len(e) != 2 or not all(e) for e in extra):
+        p.error(f"--extra takes NAME=URL, e.g. 'price 0.01=http://127.0.0.1:8014'; got {args.extra}")
     cfg = load_config(args.config, [])
     test = load_dataset(cfg.data, cfg.seed).test
     images, labels = test.images, test.labels
@@ -67,9 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     for data, imgs in sets.items():
         fixed[data] = fixed_accuracies(args.repository, imgs, labels)
         bodies = encode_bodies(imgs)
-        runs.append(run_target(args.baseline, "baseline", data, bodies, labels))
-        for priority in filter(None, priorities[data]):
-            runs.append(run_target(args.gateway, f"gateway {priority}", data, bodies, labels, priority=priority))
+        targets = [("baseline", args.baseline, None)]
+        targets += [(f"gateway {pr}", args.gateway, pr) for pr in filter(None, priorities[data])]
+        targets += [(f"{name} {priorities['clean'][0]}", url, priorities["clean"][0]) for name, url in extra]
+        runs += run_interleaved(targets, data, bodies, labels, rounds=args.rounds)
         for r in runs[-1 - len(priorities[data]) :]:
             logging.info("%s (%s): %.2f %% in %.2f ms mean", r.target, r.data, 100 * r.accuracy, r.mean_ms)
 

@@ -189,9 +189,12 @@ def test_a_follow_up_runs_where_it_is_predicted_to_pay_and_not_elsewhere():
     acc = np.array([[0.99, 0.99, 0.995], [0.50, 0.56, 0.57]])
     cost = np.array([0.0, 1.0, 2.7])  # none, int8:hflip, fp32 (2.7 entry passes on CPU)
     ms = np.array([0.0, 1.0, 3.0])
-    d = plan_followups(acc, cost, ms, np.ones(3, bool), None, Priority.BALANCED, CFG)
+    point = PlannerConfig(followup_price=0.01)  # a point of accuracy per entry pass
+    d = plan_followups(acc, cost, ms, np.ones(3, bool), None, Priority.BALANCED, point)
     # flip: 0.56 - 0.01 x 1 = 0.55 > 0.50; fp32: 0.57 - 0.01 x 2.7 = 0.543, one more point for 1.7 more passes
     assert d.index.tolist() == [0, 1]
+    # at half the price (the default, 0.005) fp32's extra point is worth its passes: 0.5565 > 0.555
+    assert plan_followups(acc, cost, ms, np.ones(3, bool), None, Priority.BALANCED, CFG).index.tolist() == [0, 2]
     q = plan_followups(acc, cost, ms, np.ones(3, bool), None, Priority.QUALITY, CFG)
     assert q.index.tolist() == [2, 2]
     tight = plan_followups(acc, cost, ms, np.ones(3, bool), 2.0, Priority.QUALITY, CFG)

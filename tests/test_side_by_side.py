@@ -37,3 +37,34 @@ def test_the_summary_gives_points_over_the_best_fixed_model_and_time_over_the_pl
     assert gw["time_vs_baseline"] == 5.0 / 4.0 and gw["errors"] == 1
     text = render(summarise(runs, fixed), "test host")
     assert "| clean | gateway balanced | 91.50 % | +1.00 (fp32 90.50 %) | 1.25× | 5.00 ms | 1 |" in text
+
+
+def test_targets_take_turns_and_each_answers_every_image_once_over_real_http(tmp_path) -> None:
+    """run_interleaved against a real gateway (uvicorn in a thread): two targets at the same URL and
+    priority answer every image once each, identically; the rounds only change the order."""
+    import pytest
+
+    from adaptive_quant.evaluation.side_by_side import encode_bodies, run_interleaved
+    from adaptive_quant.serving.app import create_app
+    from adaptive_quant.serving.settings import load_settings
+    from gateway_repo import build_repo
+    from http_server import serve_in_thread
+
+    repo = build_repo(tmp_path / "repo")
+    settings = load_settings(overrides={"repository": str(repo), "latency.ewma_alpha": 0.0}, environ={})
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, size=(23, 32, 32, 3), dtype=np.uint8)
+    labels = rng.integers(0, 10, 23)
+    bodies = encode_bodies(images)
+    with serve_in_thread(create_app(settings)) as url:
+        targets = [("a", url, "speed"), ("b", url, "speed")]
+        a, b = run_interleaved(targets, "clean", bodies, labels, rounds=5, progress=False)
+        # more rounds than images: one image per chunk, still every image once
+        (c,) = run_interleaved([("c", url, "speed")], "clean", bodies, labels, rounds=100, progress=False)
+        with pytest.raises(ValueError, match="rounds must be >= 1"):
+            run_interleaved(targets, "clean", bodies, labels, rounds=0, progress=False)
+    for run in (a, b, c):
+        assert run.samples == 23 and run.errors == 0 and sum(run.passes.values()) == 23
+        assert run.mean_ms > 0 and run.p95_ms >= run.p50_ms > 0
+    assert (a.target, b.target, c.target) == ("a", "b", "c")
+    assert a.accuracy == b.accuracy == c.accuracy and a.passes == b.passes == c.passes

@@ -220,6 +220,9 @@ def test_the_cheap_entry_is_not_taken_below_the_floor_or_when_a_variant_is_pinne
 
 def test_follow_ups_after_the_cheap_entry_are_planned_at_least_balanced():
     config = PlannerConfig()
+    cheap = PlannerConfig(followup_price=0.001, plan_tie=0.05, cheap_entry_price=0.02, slack=3.0).for_cheap_entry()
+    # its own price, no validation ties (they spend compute the cheap entry is there to save), the rest kept
+    assert (cheap.followup_price, cheap.plan_tie, cheap.slack) == (0.02, 0.0, 3.0)
     assert followup_priority(Priority.SPEED, True, config) is Priority.BALANCED
     assert followup_priority(Priority.SPEED, False, config) is Priority.SPEED
     assert followup_priority(Priority.QUALITY, True, config) is Priority.QUALITY
@@ -231,7 +234,7 @@ def test_follow_ups_after_the_cheap_entry_are_planned_at_least_balanced():
 
 class FakeSpeedRouter:
     """Test double for the speed router's predictor: every sample is predicted to gain 1.9 points from
-    an INT8 pass after the cheap entry. That clears balanced's price for it here (followup_price
+    an INT8 pass after the cheap entry. That clears balanced's price for it here (cheap_entry_price
     0.003 × 5 entry passes = 1.5 points, and a little more for the load of this one request) but not
     speed's tolerance (2 points): the two priorities plan differently."""
 
@@ -241,11 +244,19 @@ class FakeSpeedRouter:
         return np.tile([0.5, 0.519, 0.5], (len(entry_logits), 1))
 
 
-@pytest.mark.parametrize("floor, escalated", [("balanced", True), ("speed", False)])
-def test_a_speed_request_entering_cheap_escalates_with_balanced_pricing(fitted, monkeypatch, floor, escalated):
+@pytest.mark.parametrize(
+    "floor, price_key, escalated",
+    [
+        ("balanced", "planner.cheap_entry_price", True),
+        ("speed", "planner.cheap_entry_price", False),
+        # the main entry's price does not reach the cheap entry: at its own 0.01 (5 points here) no escalation
+        ("balanced", "planner.followup_price", False),
+    ],
+)
+def test_a_speed_request_entering_cheap_escalates_with_balanced_pricing(fitted, monkeypatch, floor, price_key, escalated):
     repo, _ = fitted
     monkeypatch.setattr(factory, "speed_router", lambda settings, manifest: LoadedRouter(FakeSpeedRouter(), "fake", {}))
-    overrides = {"planner.followup_price": 0.003, "planner.cheap_entry_priority": floor}
+    overrides = {price_key: 0.003, "planner.cheap_entry_priority": floor}
     with serve(repo, **overrides) as client:
         body = classify(client, 1, seed=7, X_Priority="speed")
     assert body["predictions"][0]["passes"] == ([CHEAP, "int8"] if escalated else [CHEAP])

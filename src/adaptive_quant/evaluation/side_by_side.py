@@ -2,7 +2,11 @@
 
 Each image goes in its own `/v1/classify` request, one after the other (concurrency 1, keep-alive),
 to every target in turn: the plain INT8 server (scripts/baseline_server.py) and the gateway at each
-priority. Time is the client's round trip (request sent → answer read), so it includes PNG decoding,
+priority. The targets take turns in rounds (`run_interleaved`): the split is cut into chunks and every
+target runs each chunk before the next one starts, in an order that rotates per round. A virtual
+machine's speed drifts by tens of percent over minutes (other tenants, frequency): run one target
+after the other and the drift lands in the ratio (a 10,000-image pass of the plain server once took
+2.8 ms per request, the next pass 20 % longer with nothing else running). Time is the client's round trip (request sent → answer read), so it includes PNG decoding,
 routing, queueing and HTTP; the ratio of two targets' mean round trips is the "× the plain server's
 time" of issue 27. Accuracy comes from the labels. The fixed choices (every served variant of every
 network alone) are scored beside them by ONNX Runtime on the same files and images, in this process:
@@ -65,47 +69,81 @@ def encode_bodies(images: np.ndarray) -> list[bytes]:
     return [json.dumps(request_body(images[i : i + 1])).encode() for i in range(len(images))]
 
 
-def run_target(
-    url: str,
-    name: str,
+@dataclass
+class _Tally:
+    """One target's per-image outcomes, filled chunk by chunk."""
+
+    right: np.ndarray
+    ms: np.ndarray
+    errors: int = 0
+    passes: Counter[str] = field(default_factory=Counter)
+
+
+def _post_each(
+    client: httpx.Client, headers: dict[str, str], bodies: list[bytes], labels: np.ndarray, rows: range, t: _Tally
+) -> None:
+    for i in rows:
+        start = time.perf_counter()
+        r = client.post(CLASSIFY_PATH, content=bodies[i], headers=headers)
+        t.ms[i] = (time.perf_counter() - start) * 1e3
+        if r.status_code != 200:
+            t.errors += 1
+            continue
+        pred = r.json()["predictions"][0]
+        t.right[i] = pred["class_id"] == labels[i]
+        if "passes" in pred:
+            t.passes["+".join(pred["passes"])] += 1
+
+
+def run_interleaved(
+    targets: list[tuple[str, str, str | None]],
     data: str,
     bodies: list[bytes],
     labels: np.ndarray,
-    priority: str | None = None,
+    rounds: int = 20,
     timeout_s: float = 30.0,
     progress: bool = True,
-) -> TargetRun:
-    """Every body once, in order, one request at a time."""
-    headers = {"content-type": "application/json", **headers_for(None, priority, None)}
-    right = np.zeros(len(bodies), dtype=bool)
-    ms = np.zeros(len(bodies))
-    errors = 0
-    passes: Counter[str] = Counter()
-    with httpx.Client(base_url=url.rstrip("/"), timeout=timeout_s) as client:
-        for _ in range(20):  # warm-up: connections, caches, the first follow-ups; not recorded
-            client.post(CLASSIFY_PATH, content=bodies[0], headers=headers)
-        for i in tqdm(range(len(bodies)), desc=f"{name} ({data})", disable=not progress, mininterval=2):
-            t = time.perf_counter()
-            r = client.post(CLASSIFY_PATH, content=bodies[i], headers=headers)
-            ms[i] = (time.perf_counter() - t) * 1e3
-            if r.status_code != 200:
-                errors += 1
-                continue
-            pred = r.json()["predictions"][0]
-            right[i] = pred["class_id"] == labels[i]
-            if "passes" in pred:
-                passes["+".join(pred["passes"])] += 1
-    return TargetRun(
-        target=name,
-        data=data,
-        samples=len(bodies),
-        accuracy=float(right.mean()),
-        mean_ms=float(ms.mean()),
-        p50_ms=percentile(ms, 50),
-        p95_ms=percentile(ms, 95),
-        errors=errors,
-        passes=dict(passes.most_common()),
-    )
+) -> list[TargetRun]:
+    """Every body once per target, the targets taking turns chunk by chunk (module doc).
+
+    targets: (name, url, priority or None). Round r runs chunk r on every target, starting with
+    target r mod T, so each target is as often first (right after another's chunk) as last."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1; got {rounds}")
+    n = len(bodies)
+    edges = np.linspace(0, n, min(rounds, max(1, n)) + 1).astype(int)
+    tallies = [_Tally(np.zeros(n, dtype=bool), np.zeros(n)) for _ in targets]
+    clients = [httpx.Client(base_url=url.rstrip("/"), timeout=timeout_s) for _, url, _ in targets]
+    headers = [{"content-type": "application/json", **headers_for(None, pr, None)} for _, _, pr in targets]
+    try:
+        for c, h in zip(clients, headers):  # warm-up: connections, caches, the first follow-ups; not recorded
+            for _ in range(20):
+                c.post(CLASSIFY_PATH, content=bodies[0], headers=h)
+        bar = tqdm(total=n * len(targets), desc=f"{data}: {len(targets)} targets in turns", disable=not progress)
+        for r in range(len(edges) - 1):
+            rows = range(edges[r], edges[r + 1])
+            for k in range(len(targets)):
+                j = (r + k) % len(targets)
+                _post_each(clients[j], headers[j], bodies, labels, rows, tallies[j])
+                bar.update(len(rows))
+        bar.close()
+    finally:
+        for c in clients:
+            c.close()
+    return [
+        TargetRun(
+            target=name,
+            data=data,
+            samples=n,
+            accuracy=float(t.right.mean()),
+            mean_ms=float(t.ms.mean()),
+            p50_ms=percentile(t.ms, 50),
+            p95_ms=percentile(t.ms, 95),
+            errors=t.errors,
+            passes=dict(t.passes.most_common()),
+        )
+        for (name, _, _), t in zip(targets, tallies)
+    ]
 
 
 def fixed_accuracies(repo: str | Path, images: np.ndarray, labels: np.ndarray, threads: int = 0) -> dict[str, float]:

@@ -285,7 +285,7 @@ def _cheap_entry(
 ) -> list[dict[str, Any]]:
     """The speed router's routes on `test`: its entry alone, then its entry with the follow-ups its
     router plans (balanced, at each price: the gateway plans the cheap entry's follow-ups balanced,
-    planner.cheap_entry_priority), and the confidence rule and random escalation to its most used
+    planner.cheap_entry_priority, at planner.cheap_entry_price by default, without plan_tie), and the confidence rule and random escalation to its most used
     plan at the same rate. Compute in the MAIN entry's passes (1.0 = INT8 alone), so a row below
     1.0 is cheaper than the plain INT8 server's work; `main_entry_acc` is that INT8 alone."""
     sr = manifest.speed_router
@@ -302,7 +302,7 @@ def _cheap_entry(
     rows = [{"label": f"{rec.entry} alone", "accuracy": float(ok[:, 0].mean()), "compute": scale, "escalated": 0.0}]
     conf = rec.confidence()
     for price in PRICES:
-        cfg = planner.model_copy(update={"followup_price": price})
+        cfg = planner.for_cheap_entry().model_copy(update={"followup_price": price})  # as the gateway plans it
         index = router_choice(rec, pred, Priority.BALANCED, cfg, None, prior)
         rate = float((index > 0).mean())
         row = {
@@ -332,7 +332,7 @@ def _cheap_entry(
             (
                 f"{100 * r['accuracy']:.2f}% at {r['compute']:.2f}×"
                 for r in rows
-                if r["label"].endswith(f"price={planner.followup_price:g}")
+                if r["label"].endswith(f"price={planner.cheap_entry_price:g}")
             ),
             "–",
         ),

@@ -174,7 +174,7 @@ def build_model(
             speed,
             keys,
             precisions,
-            settings.planner,
+            settings.planner.for_cheap_entry(),
             manifest.plan_accuracies(speed.plan_names, entry=cheap),
             load_priced=settings.planner.cheap_entry_load_priced,
         )
