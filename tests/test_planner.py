@@ -145,16 +145,24 @@ def test_balanced_gives_an_escalating_sample_the_plan_validation_prefers_when_th
     acc = np.array([[0.60, 0.700, 0.705]])
     cost, ms = np.array([0.0, 1.3, 3.0]), np.array([0.0, 1.0, 2.4])
     prior = np.array([0.909, 0.9162, 0.9192])  # validation: none, twin_int8:hflip, twin_int8:hflip+wide_int8
-    assert plan_followups(acc, cost, ms, np.ones(3, bool), None, Priority.BALANCED, CFG, 0.0, prior).index.tolist() == [2]
+    assert plan_followups(acc, cost, ms, np.ones(3, bool), None, Priority.BALANCED, CFG, 0.0, prior).index.tolist() == [
+        2
+    ]
     # no prior, or the rule off: the score alone
     assert plan_followups(acc, cost, ms, np.ones(3, bool), None, Priority.BALANCED, CFG).index.tolist() == [1]
     off = PlannerConfig(plan_tie=0.0)
-    assert plan_followups(acc, cost, ms, np.ones(3, bool), None, Priority.BALANCED, off, 0.0, prior).index.tolist() == [1]
+    assert plan_followups(acc, cost, ms, np.ones(3, bool), None, Priority.BALANCED, off, 0.0, prior).index.tolist() == [
+        1
+    ]
     # a budget the two-look plan does not fit: the one-look plan
-    assert plan_followups(acc, cost, ms, np.ones(3, bool), 2.0, Priority.BALANCED, CFG, 0.0, prior).index.tolist() == [1]
+    assert plan_followups(acc, cost, ms, np.ones(3, bool), 2.0, Priority.BALANCED, CFG, 0.0, prior).index.tolist() == [
+        1
+    ]
     # a confident sample does not escalate, however much validation likes a plan
     sure = np.array([[0.99, 0.991, 0.992]])
-    assert plan_followups(sure, cost, ms, np.ones(3, bool), None, Priority.BALANCED, CFG, 0.0, prior).index.tolist() == [0]
+    assert plan_followups(
+        sure, cost, ms, np.ones(3, bool), None, Priority.BALANCED, CFG, 0.0, prior
+    ).index.tolist() == [0]
 
 
 def test_quality_spends_compute_on_a_confident_sample_only_when_the_validation_prior_says_it_pays():

@@ -253,7 +253,9 @@ class FakeSpeedRouter:
         ("balanced", "planner.followup_price", False),
     ],
 )
-def test_a_speed_request_entering_cheap_escalates_with_balanced_pricing(fitted, monkeypatch, floor, price_key, escalated):
+def test_a_speed_request_entering_cheap_escalates_with_balanced_pricing(
+    fitted, monkeypatch, floor, price_key, escalated
+):
     repo, _ = fitted
     monkeypatch.setattr(factory, "speed_router", lambda settings, manifest: LoadedRouter(FakeSpeedRouter(), "fake", {}))
     overrides = {price_key: 0.003, "planner.cheap_entry_priority": floor}

@@ -99,11 +99,12 @@ class PlannerConfig(Section):
     cheap_entry_load_priced: bool = False
     # the price of the cheap entry's follow-ups (followup_price's meaning, in the cheap entry's passes).
     # The cheap entry is there for throughput: its follow-ups should bring the answer back to INT8's
-    # accuracy and no further. At followup_price's 0.005, with plans over three networks, 32-image
-    # requests at concurrency 8 ran at 0.77x the plain server's images/s (1.28x at 0.01 with two)
+    # accuracy and no further. With followup_price's 0.005 and plan_tie (this stage is not load-priced,
+    # so nothing shrank the tie under load), 32-image requests at concurrency 8 ran at 0.77x the plain
+    # server's images/s; at 0.01 without the tie 0.94x, and 1.25-1.29x with two networks' speed plans
     cheap_entry_price: float = Field(0.01, ge=0.0)
 
-    def for_cheap_entry(self) -> "PlannerConfig":
+    def for_cheap_entry(self) -> PlannerConfig:
         """The planner as the cheap entry's follow-ups use it: its own price, and no plan_tie (which
         buys validation accuracy with compute; the cheap entry is there to save compute)."""
         return self.model_copy(update={"followup_price": self.cheap_entry_price, "plan_tie": 0.0})

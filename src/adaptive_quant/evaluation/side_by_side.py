@@ -5,9 +5,9 @@ to every target in turn: the plain INT8 server (scripts/baseline_server.py) and 
 priority. The targets take turns in rounds (`run_interleaved`): the split is cut into chunks and every
 target runs each chunk before the next one starts, in an order that rotates per round. A virtual
 machine's speed drifts by tens of percent over minutes (other tenants, frequency): run one target
-after the other and the drift lands in the ratio (a 10,000-image pass of the plain server once took
-2.8 ms per request, the next pass 20 % longer with nothing else running). Time is the client's round trip (request sent → answer read), so it includes PNG decoding,
-routing, queueing and HTTP; the ratio of two targets' mean round trips is the "× the plain server's
+after the other and the drift lands in the ratio (docs/results/2026-12-04-three-networks.md: 1.77×
+one after the other, 1.34× taking turns, same servers). Time is the client's round trip (request
+sent → answer read), so it includes PNG decoding, routing, queueing and HTTP; the ratio of two targets' mean round trips is the "× the plain server's
 time" of issue 27. Accuracy comes from the labels. The fixed choices (every served variant of every
 network alone) are scored beside them by ONNX Runtime on the same files and images, in this process:
 deterministic, so HTTP would add only time.
