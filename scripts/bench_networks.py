@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         targets += [(f"gateway {pr}", args.gateway, pr) for pr in filter(None, priorities[data])]
         targets += [(f"{name} {priorities['clean'][0]}", url, priorities["clean"][0]) for name, url in extra]
         runs += run_interleaved(targets, data, bodies, labels, rounds=args.rounds)
-        for r in runs[-1 - len(priorities[data]) :]:
+        for r in runs[-len(targets) :]:
             logging.info("%s (%s): %.2f %% in %.2f ms mean", r.target, r.data, 100 * r.accuracy, r.mean_ms)
 
     summary = summarise(runs, fixed)
