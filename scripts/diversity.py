@@ -9,6 +9,13 @@ shipped second look) with ONNX Runtime on the validation split that configs/defa
 the training set (data.val_size, seed), and prints, per pair: accuracies, disagreement, the share of
 the first's errors the second shares, the oracle and the averaged-probability answer. The test split
 is never read: this is what a second network is chosen on.
+
+    python scripts/diversity.py model_repository --propose 4      # which plans across networks to list
+
+--propose K grows a follow-up after the INT8 entry one look at a time (every served INT8 variant of
+the last repository, each view), keeping at each step the look that most raises the validation
+accuracy of the averaged answer (evaluation.diversity.greedy_plans): the candidates for
+configs/default.yaml's export.plans, chosen by a rule and on validation only.
 """
 
 from __future__ import annotations
@@ -24,8 +31,10 @@ import numpy as np
 from adaptive_quant.config import load_config
 from adaptive_quant.core.images import to_model_input
 from adaptive_quant.core.manifest import load_manifest
+from adaptive_quant.core.plans import View, apply_view
+from adaptive_quant.core.stats import softmax
 from adaptive_quant.data import load_dataset
-from adaptive_quant.evaluation.diversity import pair_diversity, render_pairs
+from adaptive_quant.evaluation.diversity import greedy_plans, pair_diversity, render_pairs, render_plan_steps
 from adaptive_quant.export.ort_eval import make_session, run_batched
 
 
@@ -36,10 +45,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", default="int8,fp32", help="variant keys to compare (default: %(default)s)")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", help="also write the pairs as JSON here")
+    p.add_argument(
+        "--propose",
+        type=int,
+        default=0,
+        metavar="K",
+        help="instead of pairs: grow a follow-up of up to K looks after the entry, greedily (see above)",
+    )
+    p.add_argument("--entry", default="int8", help="the entry variant for --propose (default: %(default)s)")
+    p.add_argument(
+        "--share",
+        type=float,
+        default=0.2,
+        help="--propose also reports the plan given only to the entry's least confident share (default: %(default)s)",
+    )
     args = p.parse_args(argv)
+    if args.propose < 0:
+        p.error(f"--propose takes K ≥ 1 looks (0: off); got {args.propose}")
+    if not 0.0 < args.share <= 1.0:
+        p.error(f"--share is a share of the validation images in (0, 1]; got {args.share}")
 
     cfg = load_config(args.config, [])
     val = load_dataset(cfg.data, cfg.seed).val
+    if args.propose:
+        return _propose(Path(args.repositories[-1]), val, args)
     logits: dict[str, np.ndarray] = {}
     keys = args.variants.split(",")
     for repo in map(Path, args.repositories):
@@ -63,6 +92,30 @@ def main(argv: list[str] | None = None) -> int:
     print(render_pairs(pairs))
     if args.out:
         Path(args.out).write_text(json.dumps([q.to_dict() for q in pairs], indent=2) + "\n")
+    return 0
+
+
+def _propose(repo: Path, val, args: argparse.Namespace) -> int:  # noqa: ANN001 (val: data.Split)
+    """Every served INT8 variant of `repo` (pruned ones too), both views, as candidate looks."""
+    m = load_manifest(repo)
+    if args.entry not in m.variants:
+        print(f"{repo}: no entry variant {args.entry!r} (has {', '.join(m.variants)})", file=sys.stderr)
+        return 2
+    x = to_model_input(val.images, m.mean, m.std)
+    keys = [k for k, v in m.variants.items() if v.served and v.precision == "int8"]
+    probs: dict[str, np.ndarray] = {}
+    for key in keys:
+        session = make_session(str(repo / m.variants[key].path), args.threads)
+        for view in View:
+            name = key if view is View.IDENTITY else f"{key}:{view.value}"
+            probs[name] = softmax(run_batched(session, apply_view(x, view)))
+        print(f"ran {key} ({', '.join(v.value for v in View)}) on {len(val.labels)} validation images", flush=True)
+    entry = probs.pop(args.entry)
+    steps = greedy_plans(entry, probs, val.labels, args.propose, args.share)
+    entry_accuracy = float((entry.argmax(1) == val.labels).mean())
+    print(render_plan_steps(args.entry, entry_accuracy, steps, args.share))
+    if args.out:
+        Path(args.out).write_text(json.dumps([s.__dict__ for s in steps], indent=2) + "\n")
     return 0
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from adaptive_quant.evaluation.diversity import pair_diversity, render_pairs
+from adaptive_quant.evaluation.diversity import greedy_plans, pair_diversity, render_pairs, render_plan_steps
 
 
 def one_hot_logits(answers: list[int], classes: int = 3, margin: float = 4.0) -> np.ndarray:
@@ -42,3 +42,52 @@ def test_a_confident_second_opinion_fixes_an_unsure_first_answer() -> None:
 def test_logits_for_other_images_are_refused() -> None:
     with pytest.raises(ValueError, match="one row per image"):
         pair_diversity("a", np.zeros((3, 3)), "b", np.zeros((2, 3)), np.zeros(3, int))
+
+
+def probs_of(rows: list[list[float]]) -> np.ndarray:
+    return np.array(rows, np.float64)
+
+
+def test_greedy_plans_take_the_look_that_fixes_the_most_first_and_break_ties_by_name() -> None:
+    # 4 images, 2 classes, all of class 0; the entry is wrong and unsure on images 2 and 3
+    labels = np.array([0, 0, 0, 0])
+    entry = probs_of([[0.9, 0.1], [0.9, 0.1], [0.45, 0.55], [0.4, 0.6]])
+    looks = {
+        "copy": entry.copy(),  # errs exactly like the entry: adds nothing
+        "fixes_one": probs_of([[0.9, 0.1], [0.9, 0.1], [0.8, 0.2], [0.5, 0.5]]),  # fixes image 2 only
+        "fixes_both": probs_of([[0.6, 0.4], [0.6, 0.4], [0.9, 0.1], [0.9, 0.1]]),  # fixes 2 and 3
+    }
+    steps = greedy_plans(entry, looks, labels, max_looks=2, share=0.5)
+    assert steps[0].plan == "fixes_both"
+    assert steps[0].accuracy == 1.0 and steps[0].escalated_accuracy == 1.0  # images 2, 3 are the unsure half
+    # second look: both candidates keep every image right (image 3: 0.4 + 0.9 + 0.4 = 1.7 > 1.3 with
+    # the copy), so the tie goes to the name that sorts first, whatever the dict's order
+    assert steps[1].plan == "fixes_both+copy" and steps[1].accuracy == 1.0
+    reordered = greedy_plans(entry, dict(reversed(looks.items())), labels, max_looks=2, share=0.5)
+    assert [s.plan for s in reordered] == [s.plan for s in steps]
+    table = render_plan_steps("entry", 0.5, steps, 0.5)
+    assert "| none | 1 | 50.00% | 50.00% |" in table and "| fixes_both | 2 | 100.00% | 100.00% |" in table
+
+
+def test_greedy_plans_escalated_accuracy_leaves_the_confident_samples_to_the_entry() -> None:
+    labels = np.array([1, 0])
+    entry = probs_of([[0.95, 0.05], [0.3, 0.7]])  # confidently wrong on image 0, unsure and wrong on 1
+    look = {"other": probs_of([[0.0, 1.0], [1.0, 0.0]])}  # right on both
+    (step,) = greedy_plans(entry, look, labels, max_looks=3, share=0.5)  # one candidate: one step
+    assert step.accuracy == 1.0  # (0.95 + 0) / 2 < (0.05 + 1) / 2 on image 0
+    assert step.escalated_accuracy == 0.5  # only image 1 (the less confident) gets the look
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"share": 0.0}, "share must be in"),
+        ({"max_looks": 0}, "max_looks must be"),
+        ({"looks": {"bad": np.zeros((2, 3))}}, "look 'bad' has shape"),
+    ],
+)
+def test_greedy_plans_refuses_what_it_cannot_measure(kwargs: dict, message: str) -> None:
+    args = {"entry": probs_of([[0.6, 0.4], [0.4, 0.6]]), "looks": {"x": probs_of([[1, 0], [0, 1]])}}
+    args.update({"labels": np.array([0, 1]), "max_looks": 1, "share": 0.5} | kwargs)
+    with pytest.raises(ValueError, match=message):
+        greedy_plans(**args)
