@@ -11,8 +11,8 @@ then the gateway with X-Priority balanced and quality, taking turns on --rounds 
 (so the machine's drift over minutes reaches all of them alike); then the same on a corrupted copy
 (each image one corruption of core/corruptions.py, drawn by --seed). The fixed choices (every served
 variant of every network alone) are scored by ONNX Runtime on the same files and images. Writes
-<out>/side_by_side.json and side_by_side.md: accuracy, points over the best fixed served model, and
-mean round trip over the plain server's. The 32-image throughput target is aq-loadtest's
+<out>/side_by_side.json and side_by_side.md: accuracy, points over the best fixed served model with a
+95 % paired bootstrap interval over the images, and mean round trip over the plain server's. The 32-image throughput target is aq-loadtest's
 (--batch 32 --concurrency 8 --phases speed --compare baseline=URL).
 
 The test split is scored here and nowhere chooses anything: networks, plans, the router and its
@@ -33,7 +33,7 @@ from adaptive_quant.data import load_dataset
 from adaptive_quant.evaluation.side_by_side import (
     corrupted_copy,
     encode_bodies,
-    fixed_accuracies,
+    fixed_outcomes,
     render,
     run_interleaved,
     summarise,
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
 
     runs, fixed = [], {}
     for data, imgs in sets.items():
-        fixed[data] = fixed_accuracies(args.repository, imgs, labels)
+        fixed[data] = fixed_outcomes(args.repository, imgs, labels)
         bodies = encode_bodies(imgs)
         targets = [("baseline", args.baseline, None)]
         targets += [(f"gateway {pr}", args.gateway, pr) for pr in filter(None, priorities[data])]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from adaptive_quant.core.corruptions import CORRUPTIONS
 from adaptive_quant.evaluation.side_by_side import TargetRun, corrupted_copy, render, summarise
@@ -24,26 +25,57 @@ def test_the_corrupted_copy_is_seeded_and_corrupts_every_image_with_one_of_the_c
     assert np.array_equal(images, original)  # the clean images are left as they were
 
 
-def _run(target: str, data: str, accuracy: float, mean_ms: float, errors: int = 0) -> TargetRun:
-    return TargetRun(target, data, 100, accuracy, mean_ms, mean_ms, mean_ms, errors)
+def _run(target: str, data: str, accuracy: float, mean_ms: float, errors: int = 0, right=None) -> TargetRun:
+    return TargetRun(target, data, 100, accuracy, mean_ms, mean_ms, mean_ms, errors, right=right)
+
+
+def _right(n_right: int, n: int = 100) -> np.ndarray:
+    return np.arange(n) < n_right
 
 
 def test_the_summary_gives_points_over_the_best_fixed_model_and_time_over_the_plain_server() -> None:
     runs = [_run("baseline", "clean", 0.90, 4.0), _run("gateway balanced", "clean", 0.915, 5.0, errors=1)]
-    fixed = {"clean": {"int8": 0.90, "fp32": 0.905, "twin_int8": 0.899}}
-    rows = summarise(runs, fixed)["rows"]
-    gw = next(r for r in rows if r["target"] == "gateway balanced")
+    fixed = {"clean": {"int8": _right(90, 1000), "fp32": _right(905, 1000), "twin_int8": _right(899, 1000)}}
+    summary = summarise(runs, fixed)
+    gw = next(r for r in summary["rows"] if r["target"] == "gateway balanced")
     assert gw["best_fixed"] == "fp32" and abs(gw["points_over_best_fixed"] - 1.0) < 1e-9
     assert gw["time_vs_baseline"] == 5.0 / 4.0 and gw["errors"] == 1
-    text = render(summarise(runs, fixed), "test host")
-    assert "| clean | gateway balanced | 91.50 % | +1.00 (fp32 90.50 %) | 1.25× | 5.00 ms | 1 |" in text
+    assert gw["points_ci95"] is None  # a run without its per-image outcomes has no interval
+    assert summary["fixed"]["clean"]["fp32"] == 0.905
+    text = render(summary, "test host")
+    assert "| clean | gateway balanced | 91.50 % | +1.00 (fp32 90.50 %) | – | 1.25× | 5.00 ms | 1 |" in text
+
+
+def test_the_summary_says_whether_a_gain_is_more_than_the_noise_of_the_images() -> None:
+    """A gateway right on 9,150 of 10,000 images where the best fixed model is right on 9,050, all of
+    them among the gateway's: +1.00 point with an interval clear of 0. A second one, +0.05 by trading
+    400 images for 395: an interval that straddles 0, which a reader must see before trusting it."""
+    n = 10_000
+    fp32 = np.arange(n) < 9_050
+    clear = np.arange(n) < 9_150
+    noisy = fp32.copy()
+    noisy[9_050:9_450] = True  # 400 images only the gateway gets right
+    noisy[:395] = False  # 395 the fixed model gets right and it does not
+    runs = [
+        _run("baseline", "clean", float(fp32.mean()), 4.0, right=fp32),
+        _run("gateway balanced", "clean", float(clear.mean()), 5.0, right=clear),
+        _run("gateway quality", "clean", float(noisy.mean()), 9.0, right=noisy),
+    ]
+    rows = {r["target"]: r for r in summarise(runs, {"clean": {"fp32": fp32, "int8": np.arange(n) < 9_000}})["rows"]}
+    low, high = rows["gateway balanced"]["points_ci95"]
+    assert rows["gateway balanced"]["points_over_best_fixed"] == pytest.approx(1.0)
+    assert 0.0 < low < 1.0 < high
+    low, high = rows["gateway quality"]["points_ci95"]
+    assert rows["gateway quality"]["points_over_best_fixed"] == pytest.approx(0.05)
+    assert low < 0.0 < high
+    assert rows["baseline"]["points_ci95"] == [0.0, 0.0]  # the same answers as the best fixed model
+    text = render(summarise(runs, {"clean": {"fp32": fp32}}), "test host")
+    assert f"| +1.00 (fp32 90.50 %) | {rows['gateway balanced']['points_ci95'][0]:+.2f} to " in text
 
 
 def test_targets_take_turns_and_each_answers_every_image_once_over_real_http(tmp_path) -> None:
     """run_interleaved against a real gateway (uvicorn in a thread): two targets at the same URL and
     priority answer every image once each, identically; the rounds only change the order."""
-    import pytest
-
     from adaptive_quant.evaluation.side_by_side import encode_bodies, run_interleaved
     from adaptive_quant.serving.app import create_app
     from adaptive_quant.serving.settings import load_settings
@@ -68,3 +100,5 @@ def test_targets_take_turns_and_each_answers_every_image_once_over_real_http(tmp
         assert run.mean_ms > 0 and run.p95_ms >= run.p50_ms > 0
     assert (a.target, b.target, c.target) == ("a", "b", "c")
     assert a.accuracy == b.accuracy == c.accuracy and a.passes == b.passes == c.passes
+    # each run keeps which images it got right (the paired interval's input), consistent with its accuracy
+    assert np.array_equal(a.right, b.right) and a.right.shape == (23,) and a.right.mean() == a.accuracy

@@ -8,7 +8,15 @@ import time
 import numpy as np
 import pytest
 
-from adaptive_quant.core.stats import max_softmax, percentile, percentiles, softmax, time_calls, time_calls_async
+from adaptive_quant.core.stats import (
+    max_softmax,
+    paired_difference,
+    percentile,
+    percentiles,
+    softmax,
+    time_calls,
+    time_calls_async,
+)
 
 
 @pytest.mark.parametrize("n", [1, 2, 7, 200, 10_001])
@@ -67,3 +75,52 @@ def test_async_timing_loop():
 
     ms = asyncio.run(time_calls_async(call, min_iters=4, warmup=1))
     assert ms.shape == (4,) and ms.min() >= 1.0 and seen == [0, 0, 1, 2, 3]
+
+
+# ----------------------------------------------------------------------------- paired_difference
+
+
+def test_paired_difference_of_one_model_with_itself_is_exactly_zero():
+    right = np.arange(1000) % 10 != 0  # 90 % right
+    assert paired_difference(right, right) == (0.0, 0.0, 0.0)
+
+
+def test_paired_difference_gives_the_points_and_an_interval_as_wide_as_the_discordant_images_allow():
+    # b is right on 9,000 of 10,000 images; a on those and 100 more: one point better, and on every
+    # image where they differ a is the one that is right
+    b = np.arange(10_000) < 9_000
+    a = np.arange(10_000) < 9_100
+    diff, low, high = paired_difference(a, b)
+    assert diff == pytest.approx(1.0)
+    # per-image differences: 100 ones, the rest 0 → standard error √(0.01 · 0.99 / 10⁴) = 0.0995 points
+    assert low == pytest.approx(1.0 - 1.96 * 0.0995, abs=0.03)
+    assert high == pytest.approx(1.0 + 1.96 * 0.0995, abs=0.03)
+    assert 0.0 < low < diff < high  # a user reads: better, and not by chance
+
+
+def test_paired_difference_straddles_zero_when_the_models_trade_as_many_images_as_they_differ_by():
+    # 300 images only a gets right, 295 only b: +0.05 points over 10,000, well inside the noise
+    a = np.zeros(10_000, bool)
+    b = np.zeros(10_000, bool)
+    a[:9_000], b[:9_000] = True, True
+    a[9_000:9_300] = True
+    b[9_300:9_595] = True
+    diff, low, high = paired_difference(a, b)
+    assert diff == pytest.approx(0.05)
+    assert low < 0.0 < high
+    assert high - low == pytest.approx(2 * 1.96 * np.sqrt(595 / 10_000 - 0.0005**2), rel=0.1)  # points: 100·√(var/N), N = 10⁴
+    # the same samples the other way round: the negated difference, and the negated interval to the
+    # resampling's resolution (the draws differ, one image is 0.01 points)
+    back = paired_difference(b, a)
+    assert back[0] == pytest.approx(-diff)
+    assert back[1] == pytest.approx(-high, abs=0.03) and back[2] == pytest.approx(-low, abs=0.03)
+
+
+def test_paired_difference_is_reproducible_for_a_seed_and_rejects_unpaired_input():
+    a = np.arange(500) % 7 != 0
+    b = np.arange(500) % 5 != 0
+    assert paired_difference(a, b, seed=3) == paired_difference(a, b, seed=3)
+    with pytest.raises(ValueError, match="one length"):
+        paired_difference(a, b[:-1])
+    with pytest.raises(ValueError, match="level"):
+        paired_difference(a, b, level=1.5)

@@ -8,7 +8,9 @@ machine's speed drifts by tens of percent over minutes (other tenants, frequency
 after the other and the drift lands in the ratio (docs/results/2026-12-04-three-networks.md: 1.77×
 one after the other, 1.34× taking turns, same servers). Time is the client's round trip (request
 sent → answer read), so it includes PNG decoding, routing, queueing and HTTP; the ratio of two targets' mean round trips is the "× the plain server's
-time" of issue 27. Accuracy comes from the labels. The fixed choices (every served variant of every
+time" of issue 27. Accuracy comes from the labels; each gain over the best fixed model comes with
+a 95 % paired bootstrap interval over the images (one image is 0.01 points of 10,000, and a router
+and its entry model differ on only a few hundred, so a 0.05-point gap is noise). The fixed choices (every served variant of every
 network alone) are scored beside them by ONNX Runtime on the same files and images, in this process:
 deterministic, so HTTP would add only time.
 
@@ -33,7 +35,7 @@ from tqdm.auto import tqdm
 from adaptive_quant.core.corruptions import CORRUPTIONS, corrupt
 from adaptive_quant.core.images import to_model_input
 from adaptive_quant.core.manifest import load_manifest
-from adaptive_quant.core.stats import percentile
+from adaptive_quant.core.stats import paired_difference, percentile
 from adaptive_quant.core.v1_wire import CLASSIFY_PATH, headers_for, request_body
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,9 @@ class TargetRun:
     p95_ms: float
     errors: int  # answers other than 200 (each counts as wrong)
     passes: dict[str, int] = field(default_factory=dict)  # "int8+int8:hflip" → samples (gateway only)
+    # (N,) bool, right on image i: what the paired interval against the fixed choices is computed from.
+    # None for a run built without it (then the summary has no interval); never written to the JSON
+    right: np.ndarray | None = field(default=None, repr=False, compare=False)
 
 
 def corrupted_copy(images: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -141,13 +146,15 @@ def run_interleaved(
             p95_ms=percentile(t.ms, 95),
             errors=t.errors,
             passes=dict(t.passes.most_common()),
+            right=t.right,
         )
         for (name, _, _), t in zip(targets, tallies)
     ]
 
 
-def fixed_accuracies(repo: str | Path, images: np.ndarray, labels: np.ndarray, threads: int = 0) -> dict[str, float]:
-    """Every served variant alone (both networks), ONNX Runtime on the repository's files: key → share right."""
+def fixed_outcomes(repo: str | Path, images: np.ndarray, labels: np.ndarray, threads: int = 0) -> dict[str, np.ndarray]:
+    """Every served variant alone (every network), ONNX Runtime on the repository's files: key → (N,)
+    bool, right on image i."""
     from adaptive_quant.export.ort_eval import make_session, run_batched
 
     manifest = load_manifest(repo)
@@ -155,19 +162,32 @@ def fixed_accuracies(repo: str | Path, images: np.ndarray, labels: np.ndarray, t
     out = {}
     for v in manifest.served_variants():
         logits = run_batched(make_session(str(Path(repo) / v.path), threads), x)
-        out[v.key] = float((logits.argmax(1) == labels).mean())
+        out[v.key] = logits.argmax(1) == labels
     return out
 
 
-def summarise(runs: list[TargetRun], fixed: dict[str, dict[str, float]]) -> dict[str, Any]:
-    """Per data set: each gateway run's points over the best fixed served model and its time over the baseline's."""
-    out: dict[str, Any] = {"runs": [asdict(r) for r in runs], "fixed": fixed, "rows": []}
-    for data, accs in fixed.items():
+def summarise(runs: list[TargetRun], fixed: dict[str, dict[str, np.ndarray]]) -> dict[str, Any]:
+    """Per data set: each run's points over the best fixed served model, with a 95 % paired bootstrap
+    interval (core.stats.paired_difference; when the run kept its per-image outcomes), and its time
+    over the baseline's. `fixed`: data set → variant key → (N,) bool right per image, the runs' images
+    in the same order. The best fixed model is the one most accurate on these very images: chosen in
+    hindsight, so the comparison is the hardest a fixed deployment could set."""
+    accuracies = {data: {k: float(np.mean(r)) for k, r in outcomes.items()} for data, outcomes in fixed.items()}
+    out: dict[str, Any] = {
+        "runs": [{k: v for k, v in asdict(r).items() if k != "right"} for r in runs],
+        "fixed": accuracies,
+        "rows": [],
+    }
+    for data, accs in accuracies.items():
         best = max(accs, key=accs.get)
         base = next((r for r in runs if r.data == data and r.target == "baseline"), None)
         for r in runs:
             if r.data != data:
                 continue
+            interval = None
+            if r.right is not None:
+                _, low, high = paired_difference(r.right, fixed[data][best])
+                interval = [low, high]
             out["rows"].append(
                 {
                     "data": data,
@@ -176,6 +196,7 @@ def summarise(runs: list[TargetRun], fixed: dict[str, dict[str, float]]) -> dict
                     "best_fixed": best,
                     "best_fixed_accuracy": accs[best],
                     "points_over_best_fixed": 100 * (r.accuracy - accs[best]),
+                    "points_ci95": interval,  # [low, high] points, paired bootstrap over the images
                     "time_vs_baseline": r.mean_ms / base.mean_ms if base else None,
                     "mean_ms": r.mean_ms,
                     "errors": r.errors,
@@ -188,14 +209,17 @@ def render(summary: dict[str, Any], host: str) -> str:
     lines = [
         f"Whole split, one image per request, concurrency 1, over HTTP; {host}.",
         "",
-        "| data | target | accuracy | vs best fixed served model | time vs plain INT8 server | mean round trip | errors |",
-        "|---|---|---|---|---|---|---|",
+        "| data | target | accuracy | vs best fixed served model | 95 % interval (paired bootstrap) "
+        "| time vs plain INT8 server | mean round trip | errors |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in summary["rows"]:
         t = row["time_vs_baseline"]
+        ci = row.get("points_ci95")
         lines.append(
             f"| {row['data']} | {row['target']} | {100 * row['accuracy']:.2f} % | "
             f"{row['points_over_best_fixed']:+.2f} ({row['best_fixed']} {100 * row['best_fixed_accuracy']:.2f} %) | "
+            f"{'–' if ci is None else f'{ci[0]:+.2f} to {ci[1]:+.2f}'} | "
             f"{'–' if t is None else f'{t:.2f}×'} | {row['mean_ms']:.2f} ms | {row['errors']} |"
         )
     lines += ["", "Fixed choices (ONNX Runtime, same files and images):", ""]
