@@ -108,7 +108,9 @@ def test_paired_difference_straddles_zero_when_the_models_trade_as_many_images_a
     diff, low, high = paired_difference(a, b)
     assert diff == pytest.approx(0.05)
     assert low < 0.0 < high
-    assert high - low == pytest.approx(2 * 1.96 * np.sqrt(595 / 10_000 - 0.0005**2), rel=0.1)  # points: 100·√(var/N), N = 10⁴
+    assert high - low == pytest.approx(
+        2 * 1.96 * np.sqrt(595 / 10_000 - 0.0005**2), rel=0.1
+    )  # points: 100·√(var/N), N = 10⁴
     # the same samples the other way round: the negated difference, and the negated interval to the
     # resampling's resolution (the draws differ, one image is 0.01 points)
     back = paired_difference(b, a)

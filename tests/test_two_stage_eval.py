@@ -16,7 +16,7 @@ from adaptive_quant.core.routing import Priority
 from adaptive_quant.core.versions import load_version_manifest, read_index
 from adaptive_quant.data import make_synthetic
 from adaptive_quant.evaluation.policies import router_choice, router_points
-from adaptive_quant.evaluation.render import write_two_stage
+from adaptive_quant.evaluation.render import render_two_stage, write_two_stage
 from adaptive_quant.evaluation.strategies import (
     cascade_points,
     confidence_at_rate,
@@ -145,3 +145,30 @@ def test_aq_fit_router_and_aq_evaluate_on_a_repository(tmp_path, capsys):
     assert "Two-stage routing" in capsys.readouterr().out and (tmp_path / "r" / "two_stage.md").is_file()
     assert fit_router_cli.main(["--repository", str(tmp_path / "missing"), *smoke]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_each_budget_names_the_fixed_choice_validation_picks_and_puts_an_interval_on_quality(routed_repo):
+    """The budget sweep's target compares quality with the best fixed choice that fits, found on the test
+    split itself (in hindsight); each row also names the one validation would have chosen, and gives
+    quality's gap to both a paired interval, so that a reader can tell a loss from the split's noise."""
+    report = evaluate_two_stage(routed_repo, make_synthetic(200, seed=4), threads=1)
+    m = load_manifest(routed_repo)
+    validation = {v.key: v.val_accuracy for v in m.served_variants()} | {
+        f"int8+{p.name}": p.val_accuracy for p in m.plans
+    }
+    for b in report.budgets:
+        gap = 100 * (b["quality_acc"] - b["best_fixed_acc"])
+        low, high = b["quality_ci95"]
+        assert low - 1e-9 <= gap <= high + 1e-9
+        assert b["best_validated"] in validation
+        # the best in hindsight is at least as accurate on these images as validation's choice
+        assert b["best_validated_acc"] <= b["best_fixed_acc"] + 1e-12
+        diff, (low, high) = b["quality_vs_validated_points"], b["quality_vs_validated_ci95"]
+        assert diff == pytest.approx(100 * (b["quality_acc"] - b["best_validated_acc"]))
+        assert low - 1e-9 <= diff <= high + 1e-9
+    # the widest budget fits every fixed choice: validation's pick is the most accurate one on validation
+    widest = report.budgets[-1]
+    assert validation[widest["best_validated"]] == max(validation.values())
+    md = render_two_stage(report)
+    assert "fixed choice best on validation" in md and "quality − it, 95 % interval" in md
+    assert {"budgets_met_quality_validated", "budgets_no_significant_loss_quality"} <= set(report.targets)

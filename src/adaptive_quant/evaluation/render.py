@@ -39,6 +39,11 @@ def _opt(x: float | None, fmt: str) -> str:
     return "-" if x is None else format(x, fmt)
 
 
+def _interval(ci: list[float] | None) -> str:
+    """A [low, high] interval in points, "+0.12 to +0.80"; "–" when there is none."""
+    return "–" if ci is None else f"{ci[0]:+.2f} to {ci[1]:+.2f}"
+
+
 def _frontier(p: StrategyPoint) -> str:
     return f"{'●' if p.on_latency_frontier else '·'} / {'●' if p.on_throughput_frontier else '·'}"
 
@@ -284,14 +289,18 @@ def render_two_stage(report: TwoStageReport) -> str:
     lines += ["", "## Budgets (one image per request, idle server)", ""]
     lines += [
         "| budget ms | balanced | escalated | random, same plans | quality | escalated | random, same plans "
-        "| best fixed choice that fits | its accuracy | best the planner could plan | its accuracy |",
-        "|---:|---:|---:|---:|---:|---:|---:|---|---:|---|---:|",
+        "| best fixed choice that fits | its accuracy | quality − it, 95 % interval "
+        "| best the planner could plan | its accuracy | fixed choice best on validation | its accuracy |",
+        "|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---|---:|---|---:|",
     ]
     lines += [
         f"| {b['budget_ms']:.3f} | {100 * b['router_acc']:.2f}% | {100 * b['router_escalated']:.1f}% | "
         f"{100 * b['router_random_acc']:.2f}% | {100 * b['quality_acc']:.2f}% | {100 * b['quality_escalated']:.1f}% | "
         f"{100 * b['quality_random_acc']:.2f}% | {b['best_fixed']} | {100 * b['best_fixed_acc']:.2f}% | "
-        f"{b['best_plannable']} | {100 * b['best_plannable_acc']:.2f}% |"
+        f"{100 * (b['quality_acc'] - b['best_fixed_acc']):+.2f} ({_interval(b.get('quality_ci95'))}) | "
+        f"{b['best_plannable']} | {100 * b['best_plannable_acc']:.2f}% | "
+        f"{b.get('best_validated') or '–'} | "
+        f"{_opt(b.get('best_validated_acc'), '.2%')} |"
         for b in report.budgets
     ]
     if report.shift:

@@ -300,4 +300,19 @@ def _followup_sentences(f: FollowupFacts) -> list[str]:
             f"{'never below' if t.get('budgets_met_random') else 'not always above'} random assignment of the "
             f"same plans at the same rate."
         )
+        if "quality_ci95" in worst:
+            low, high = worst["quality_ci95"]
+            parts.append(
+                f"That worst gap's 95 % paired interval over the images is {low:+.2f} to {high:+.2f} points: "
+                + ("a loss beyond the noise." if high < 0 else "within the noise of this split.")
+            )
+        scored = [b for b in f.budgets if b.get("best_validated_acc") is not None]
+        if scored:
+            low_v = min(scored, key=lambda b: b["quality_acc"] - b["best_validated_acc"])
+            parts.append(
+                f"Against the fixed choice that fits and was best on validation (what a deployment without "
+                f"routing would ship), `quality` is at worst "
+                f"{100 * (low_v['quality_acc'] - low_v['best_validated_acc']):+.2f} points "
+                f"({low_v['best_validated']} at {low_v['budget_ms']:.2f} ms)."
+            )
     return parts

@@ -21,6 +21,7 @@ from adaptive_quant.core.manifest import load_manifest
 from adaptive_quant.core.planner import PlannerConfig, effective_slack
 from adaptive_quant.core.plans import Pass, Plan, View
 from adaptive_quant.core.routing import Priority
+from adaptive_quant.core.stats import paired_difference
 from adaptive_quant.data import Split
 from adaptive_quant.evaluation.policies import router_choice, router_points
 from adaptive_quant.evaluation.report import FollowupFacts, verdict
@@ -147,7 +148,10 @@ def evaluate_two_stage(
                 }
             )
     auroc = {p.name: followup_auroc(rec, pred, p.name) for p in rec.plans[1:]}
-    budgets = _budget_sweep(rec, pred, planner, served, prior, seed)
+    validated = {v.key: v.val_accuracy for v in manifest.served_variants()}
+    if prior is not None:  # each plan's validation accuracy, under the name fixed_choices gives its route
+        validated |= {rec.route(j): prior[j] for j in range(1, len(rec.plans))}
+    budgets = _budget_sweep(rec, pred, planner, served, prior, seed, validated)
     shift = _shift(repo, val, manifest, router, pass_ms, threads, seed, planner, served) if val is not None else []
     cheap = _cheap_entry(repo, test, manifest, rec, pass_ms, threads, planner, seed)
     best_fixed = max(alone, key=lambda p: p.accuracy)
@@ -165,6 +169,14 @@ def evaluate_two_stage(
         # follow-up needs core.planner.effective_slack × its time left after the entry pass; 1× idle)
         "budgets_met_quality_plannable": all(b["quality_acc"] >= b["best_plannable_acc"] - 1e-12 for b in budgets),
         "budgets_met_balanced": all(b["router_acc"] >= b["best_fixed_acc"] - 1e-12 for b in budgets),
+        # quality against the fixed choice that fits which was most accurate on validation: the one
+        # a deployment without routing would have shipped (the best in hindsight is chosen on test)
+        "budgets_met_quality_validated": all(
+            b["quality_acc"] >= b["best_validated_acc"] - 1e-12 for b in budgets if b["best_validated"]
+        ),
+        # no budget where quality is below the best fixed choice in hindsight by more than the noise
+        # of these images: the top of the 95 % paired interval of quality − best fixed is ≥ 0
+        "budgets_no_significant_loss_quality": all(b["quality_ci95"][1] >= 0.0 for b in budgets),
         "budgets_met_random": all(
             b["quality_acc"] >= b["quality_random_acc"] - 1e-12 and b["router_acc"] >= b["router_random_acc"] - 1e-12
             for b in budgets
@@ -204,25 +216,44 @@ def evaluate_two_stage(
 
 
 def _budget_sweep(
-    rec: Recorded, pred: np.ndarray, planner: PlannerConfig, served: list[str], prior: list[float] | None, seed: int
+    rec: Recorded,
+    pred: np.ndarray,
+    planner: PlannerConfig,
+    served: list[str],
+    prior: list[float] | None,
+    seed: int,
+    validated: dict[str, float | None] | None = None,
 ) -> list[dict[str, Any]]:
     """Per budget (ms of one batch-1 request, idle server): balanced and quality against every fixed
     choice that fits (its modelled time within the budget), against the fixed choices the planner
     could itself plan there (effective_slack × the follow-up's time within what the entry leaves),
-    and against random assignment of the same plans at the same rate."""
+    and against random assignment of the same plans at the same rate.
+
+    The best fixed choice that fits is the most accurate on the split scored here, chosen in
+    hindsight; `validated` (fixed choice → its validation accuracy) also names the one a deployment
+    without routing would have chosen, on validation, and scores it here. Quality's gap to each
+    comes with a 95 % paired bootstrap interval over the images (core.stats.paired_difference)."""
     entry_ms = rec.pass_ms[rec.entry]
     ok = rec.correct()
     ms = rec.extra_ms()
     o = rec.outcomes()
     fixed = fixed_choices(rec, served)
     rows = np.arange(len(rec.labels))
+    plan_column = {rec.route(j): j for j in range(1, len(rec.plans))}
+
+    def right(choice: str) -> np.ndarray:  # (N,) bool: the fixed choice's answers on these images
+        j = plan_column.get(choice)
+        return ok[:, j] if j is not None else rec.probs[choice].argmax(1) == rec.labels
+
     out = []
     for factor in BUDGET_FACTORS:
         budget = entry_ms * factor
         row: dict[str, Any] = {"budget_ms": budget}
+        answers = {}
         for key, priority in (("router", Priority.BALANCED), ("quality", Priority.QUALITY)):
             index = router_choice(rec, pred, priority, planner, budget, prior)
-            row[f"{key}_acc"] = float(ok[rows, index].mean())
+            answers[key] = ok[rows, index]
+            row[f"{key}_acc"] = float(answers[key].mean())
             row[f"{key}_escalated"] = float((index > 0).mean())
             row[f"{key}_latency_ms"] = float(entry_ms + ms[index].mean())
             row[f"{key}_random_acc"] = random_assignment(o, index, seed=seed)
@@ -240,6 +271,17 @@ def _budget_sweep(
             "best_plannable": best_plannable,
             "best_plannable_acc": plannable[best_plannable],
         }
+        _, low, high = paired_difference(answers["quality"], right(best), seed=seed)
+        row["quality_ci95"] = [low, high]
+        fits = {k: validated.get(k) for k, (_, t, _) in fixed.items() if t <= budget} if validated else {}
+        fits = {k: a for k, a in fits.items() if a is not None}
+        chosen = max(fits, key=fits.__getitem__) if fits else None
+        row["best_validated"] = chosen
+        row["best_validated_acc"] = fixed[chosen][0] if chosen else None
+        if chosen:
+            diff, low, high = paired_difference(answers["quality"], right(chosen), seed=seed)
+            row["quality_vs_validated_points"] = diff
+            row["quality_vs_validated_ci95"] = [low, high]
         out.append(row)
     return out
 
