@@ -33,7 +33,7 @@ from adaptive_quant.core.images import to_model_input
 from adaptive_quant.core.manifest import load_manifest
 from adaptive_quant.core.plans import View, apply_view
 from adaptive_quant.core.stats import softmax
-from adaptive_quant.data import load_dataset
+from adaptive_quant.data import load_validation
 from adaptive_quant.evaluation.diversity import greedy_plans, pair_diversity, render_pairs, render_plan_steps
 from adaptive_quant.export.ort_eval import make_session, run_batched
 
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--share is a share of the validation images in (0, 1]; got {args.share}")
 
     cfg = load_config(args.config, [])
-    val = load_dataset(cfg.data, cfg.seed).val
+    val = load_validation(cfg.data, cfg.seed)  # reads the training folder only
     if args.propose:
         return _propose(Path(args.repositories[-1]), val, args)
     logits: dict[str, np.ndarray] = {}

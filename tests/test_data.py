@@ -10,6 +10,7 @@ from adaptive_quant.data import (
     CIFAR10_CLASSES,
     DataError,
     load_dataset,
+    load_validation,
     make_synthetic,
     read_cifar_split,
     split_indices,
@@ -129,3 +130,23 @@ def test_synthetic_dataset_is_deterministic_and_learnable_shape() -> None:
     ds = load_dataset(DataConfig(source="synthetic", synthetic_train=300, synthetic_test=50, val_size=60), seed=1)
     assert (len(ds.train), len(ds.val), len(ds.test)) == (240, 60, 50)
     assert ds.classes == CIFAR10_CLASSES
+
+
+def test_the_validation_split_alone_is_the_same_images_and_never_reads_the_test_split(tmp_path: Path, caplog) -> None:
+    """aq-fit-router and scripts/diversity.py choose on validation: they load it without the test split,
+    so their logs show the test split untouched, and a copy of the data without test/ serves them."""
+    import logging
+    import shutil
+
+    _write_folder(tmp_path, per_class=4)
+    cfg = DataConfig(root=str(tmp_path), cache_dir=str(tmp_path / "cache"), val_size=10)
+    full = load_dataset(cfg, seed=3).val
+    shutil.rmtree(tmp_path / "test")
+    with caplog.at_level(logging.INFO, logger="adaptive_quant.data"):
+        val = load_validation(cfg, seed=3)
+    assert np.array_equal(val.images, full.images) and np.array_equal(val.labels, full.labels)
+    assert len(val.labels) == 10 and not any("test split" in r.getMessage() for r in caplog.records)
+    with pytest.raises(DataError, match="test"):  # the full loader still needs the test split
+        load_dataset(DataConfig(root=str(tmp_path), cache_dir=str(tmp_path / "other"), val_size=10), seed=3)
+    synthetic = DataConfig(source="synthetic", synthetic_train=60, val_size=12)
+    assert np.array_equal(load_validation(synthetic, 5).images, load_dataset(synthetic, 5).val.images)

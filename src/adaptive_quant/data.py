@@ -240,11 +240,10 @@ def split_indices(labels: np.ndarray, val_size: int, seed: int) -> tuple[np.ndar
 
 def load_dataset(cfg: DataConfig, seed: int) -> Dataset:
     """Train/val/test splits per the config. Validation always comes out of the training set."""
+    full = _training_set(cfg, seed)
     if cfg.source == "synthetic":
-        full = make_synthetic(cfg.synthetic_train, seed, cfg.image_size)
         test = make_synthetic(cfg.synthetic_test, seed + 1, cfg.image_size)
     else:
-        full = read_cifar_split(cfg.root, "train", cfg.image_size, cfg.cache_dir)
         test = read_cifar_split(cfg.root, "test", cfg.image_size, cfg.cache_dir)
     tr, va = split_indices(full.labels, cfg.val_size, seed)
     return Dataset(
@@ -253,3 +252,20 @@ def load_dataset(cfg: DataConfig, seed: int) -> Dataset:
         test=test,
         classes=list(CIFAR10_CLASSES),
     )
+
+
+def load_validation(cfg: DataConfig, seed: int) -> Split:
+    """The validation split alone, the same images as `load_dataset(cfg, seed).val`, without reading
+    the test split at all: for the commands that choose and fit on validation (aq-fit-router, its
+    cross-validation, scripts/diversity.py). Their logs then show that the test split was never read,
+    and a copy of the data without its test folder is enough for them."""
+    full = _training_set(cfg, seed)
+    _, va = split_indices(full.labels, cfg.val_size, seed)
+    return Split(full.images[va], full.labels[va])
+
+
+def _training_set(cfg: DataConfig, seed: int) -> Split:
+    """The whole training set (train + val, before the split)."""
+    if cfg.source == "synthetic":
+        return make_synthetic(cfg.synthetic_train, seed, cfg.image_size)
+    return read_cifar_split(cfg.root, "train", cfg.image_size, cfg.cache_dir)

@@ -36,7 +36,7 @@ import sys
 from adaptive_quant.cli import LOG_LEVELS, setup_logging
 from adaptive_quant.config import ConfigError, load_config
 from adaptive_quant.core.manifest import ManifestError
-from adaptive_quant.data import DataError, Split, load_dataset
+from adaptive_quant.data import DataError, Split, load_validation
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         if args.cross_validate < 0 or args.cross_validate == 1:
             raise ValueError(f"--cross-validate takes K ≥ 2 folds (or 0 for off); got {args.cross_validate}")
-        val = load_dataset(cfg.data, cfg.seed).val
+        val = load_validation(cfg.data, cfg.seed)  # the test split is not read at all
         if args.cross_validate:
             if args.speed_entry:
                 raise ValueError("--cross-validate studies the main router; it takes no --speed-entry")
