@@ -10,7 +10,7 @@ import pytest
 from adaptive_quant.cli import fit_router as fit_router_cli
 from adaptive_quant.core.manifest import load_manifest
 from adaptive_quant.evaluation.render import render_cross_validation
-from adaptive_quant.evaluation.router_cv import cross_validate, fold_ids, out_of_fold
+from adaptive_quant.evaluation.router_cv import cross_validate, fold_ids, out_of_fold, selected_fixed
 from adaptive_quant.evaluation.two_stage import Recorded, best_within, fixed_choices
 from adaptive_quant.predictor.fit_deferral import DeferralFitConfig
 from gateway_repo import build_repo
@@ -72,8 +72,39 @@ def test_quality_matches_the_fixed_plan_that_fits_and_the_tie_choice_is_reported
     )
     assert best_within(fixed_choices(rec, ["int8", "fp32"]), 0.5, "int8") == ("int8", ok[:, 0].mean())  # nothing fits
     assert cv.balanced["confidence_plan"] == "int8:hflip" and 0 < cv.balanced["escalated"] < 1
+    # the nested comparator: the flip plan is right everywhere, so every fold picks it where it fits,
+    # and quality at tie 1 matches it there; where nothing but the entry fits, it is the entry
+    assert roomy["selected_fixed_acc"] == pytest.approx(1.0) and roomy["gap_vs_selected_points"] == pytest.approx(0.0)
+    assert tight["selected_fixed_acc"] == pytest.approx(ok[:, 0].mean())
+    assert by_tie[1.0]["worst_gap_vs_selected_points"] == pytest.approx(0.0)
     text = render_cross_validation(cv, 1.0)
-    assert "quality_tie" in text and "← chosen" in text and "balanced:" in text
+    assert "quality_tie" in text and "← chosen" in text and "balanced:" in text and "nested" in text
+
+
+def test_the_nested_comparator_picks_on_the_other_folds_and_scores_on_the_held_out_one():
+    """Two fixed choices of equal pooled accuracy that split the folds between them: in hindsight the
+    pooled comparator reaches their common 75 %; the nested one picks, per fold, the choice that the
+    other folds prefer, which is the one wrong on the held-out fold, and scores what a deployment
+    choosing on validation would get."""
+    n = 400
+    labels = np.zeros(n, dtype=np.int64)
+    fold = np.repeat(np.arange(4), n // 4)
+    # "int8" is right on folds 0 and 1 and on half of 2 and 3; "fp32" mirrors it
+    a_right = (fold < 2) | (np.arange(n) % 2 == 0)
+    b_right = (fold >= 2) | (np.arange(n) % 2 == 0)
+    # wrong answers are the surer ones, so the plan "fp32" (int8 and fp32 averaged) is right only
+    # where both are: 50 %, never the pick
+    as_logits = lambda right: np.where(right[:, None], [[4.0, 0.0]], [[0.0, 6.0]])  # noqa: E731
+    logits = {"int8": as_logits(a_right), "fp32": as_logits(b_right)}
+    rec = Recorded.from_logits(labels, "int8", logits, ["none", "fp32"], {"int8": 1.0, "fp32": 1.0})
+    assert fixed_choices(rec, ["int8", "fp32"])["int8"][0] == pytest.approx(0.75)
+    acc, picks = selected_fixed(rec, ["int8", "fp32"], fold, None)
+    # fold 0 held out: int8 is right on 100 + 50 + 50 of the other 300, fp32 on 50 + 100 + 100: fp32,
+    # which is right on half of fold 0; likewise for every fold
+    assert picks == ["fp32", "fp32", "int8", "int8"]
+    assert acc == pytest.approx(0.5)
+    # a budget nothing fits in leaves the entry alone
+    assert selected_fixed(rec, ["int8", "fp32"], fold, 0.5) == (pytest.approx(0.75), ["int8"] * 4)
 
 
 def test_aq_fit_router_cross_validate_writes_nothing_to_the_repository(tmp_path, capsys):

@@ -350,6 +350,17 @@ def render_cross_validation(cv: CrossValidation, entry_ms: float) -> str:
             + f"{t['worst_gap_points']:>+8.2f}  {t['worst_gap_range'][0]:+.2f} … {t['worst_gap_range'][1]:+.2f}{mark}"
         )
     lines.append("best fixed choice per budget: " + ", ".join(f"{h} {b['best_fixed']}" for h, b in zip(heads, first)))
+    if "gap_vs_selected_points" in first[0]:
+        lines.append(
+            "quality minus the fixed choice that fits picked on the other folds (nested: what a deployment "
+            "without routing would ship), points:"
+        )
+        lines += [
+            f"{t['quality_tie']:>12g}"
+            + "".join(f"{b['gap_vs_selected_points']:>+8.2f}" for b in t["budgets"])
+            + f"{t['worst_gap_vs_selected_points']:>+8.2f}"
+            for t in cv.ties
+        ]
     b = cv.balanced
     conf = (
         ""

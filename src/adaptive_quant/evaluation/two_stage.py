@@ -121,6 +121,13 @@ def fixed_choices(rec: Recorded, served: Sequence[str]) -> dict[str, tuple[float
     return out
 
 
+def fixed_right(rec: Recorded, served: Sequence[str]) -> dict[str, np.ndarray]:
+    """Every fixed choice of `fixed_choices`, by the same name → (N,) bool: right on sample i."""
+    o = rec.outcomes(served)
+    column = dict(zip(o.keys, o.correct.T))
+    return {k: column[k] for k in fixed_choices(rec, served)}
+
+
 def best_within(fixed: Mapping[str, tuple[float, float, bool]], budget_ms: float, entry: str) -> tuple[str, float]:
     """The most accurate of `fixed_choices` whose time fits `budget_ms`; the entry alone when none does."""
     fits = {k: a for k, (a, t, _) in fixed.items() if t <= budget_ms}

@@ -40,6 +40,7 @@ from adaptive_quant.evaluation.two_stage import (
     Recorded,
     best_within,
     fixed_choices,
+    fixed_right,
     flip_plan,
     followup_auroc,
 )
@@ -238,13 +239,8 @@ def _budget_sweep(
     ms = rec.extra_ms()
     o = rec.outcomes()
     fixed = fixed_choices(rec, served)
+    right = fixed_right(rec, served)  # each fixed choice's answers on these images
     rows = np.arange(len(rec.labels))
-    plan_column = {rec.route(j): j for j in range(1, len(rec.plans))}
-
-    def right(choice: str) -> np.ndarray:  # (N,) bool: the fixed choice's answers on these images
-        j = plan_column.get(choice)
-        return ok[:, j] if j is not None else rec.probs[choice].argmax(1) == rec.labels
-
     out = []
     for factor in BUDGET_FACTORS:
         budget = entry_ms * factor
@@ -271,7 +267,7 @@ def _budget_sweep(
             "best_plannable": best_plannable,
             "best_plannable_acc": plannable[best_plannable],
         }
-        _, low, high = paired_difference(answers["quality"], right(best), seed=seed)
+        _, low, high = paired_difference(answers["quality"], right[best], seed=seed)
         row["quality_ci95"] = [low, high]
         fits = {k: validated.get(k) for k, (_, t, _) in fixed.items() if t <= budget} if validated else {}
         fits = {k: a for k, a in fits.items() if a is not None}
@@ -279,7 +275,7 @@ def _budget_sweep(
         row["best_validated"] = chosen
         row["best_validated_acc"] = fixed[chosen][0] if chosen else None
         if chosen:
-            diff, low, high = paired_difference(answers["quality"], right(chosen), seed=seed)
+            diff, low, high = paired_difference(answers["quality"], right[chosen], seed=seed)
             row["quality_vs_validated_points"] = diff
             row["quality_vs_validated_ci95"] = [low, high]
         out.append(row)
