@@ -24,8 +24,10 @@ result is published as the repository's next version (a running gateway follows 
 --cross-validate K refits the router K times on the validation split, each time without one fold,
 and plans every held-out sample with the gateway's planner: `quality` at each candidate
 `planner.quality_tie` under every budget of the report's sweep, against the best fixed variant or
-plan that fits, and balanced against the confidence rule at the same rate. It prints the table and
-the tie whose worst budget is best (`--out` writes the JSON); it writes nothing to the repository.
+plan that fits (picked in hindsight on the pooled folds, and nested: picked on the other folds,
+scored on the held-out one), and balanced against the confidence rule at the same rate. It prints
+both tables and the tie whose worst budget against the nested comparator is best (`--out` writes
+the JSON); it writes nothing to the repository.
 """
 
 from __future__ import annotations
