@@ -11,7 +11,7 @@ from adaptive_quant.cli import fit_router as fit_router_cli
 from adaptive_quant.core.manifest import load_manifest
 from adaptive_quant.evaluation.render import render_cross_validation
 from adaptive_quant.evaluation.router_cv import cross_validate, fold_ids, out_of_fold, selected_fixed
-from adaptive_quant.evaluation.two_stage import Recorded, best_within, fixed_choices
+from adaptive_quant.evaluation.two_stage import Recorded, best_within, fixed_choices, fixed_right
 from adaptive_quant.predictor.fit_deferral import DeferralFitConfig
 from gateway_repo import build_repo
 
@@ -99,13 +99,14 @@ def test_the_nested_comparator_picks_on_the_other_folds_and_scores_on_the_held_o
     logits = {"int8": as_logits(a_right), "fp32": as_logits(b_right)}
     rec = Recorded.from_logits(labels, "int8", logits, ["none", "fp32"], {"int8": 1.0, "fp32": 1.0})
     assert fixed_choices(rec, ["int8", "fp32"])["int8"][0] == pytest.approx(0.75)
-    acc, picks = selected_fixed(rec, ["int8", "fp32"], fold, None)
+    table, right = fixed_choices(rec, ["int8", "fp32"]), fixed_right(rec, ["int8", "fp32"])
+    acc, picks = selected_fixed(table, right, "int8", fold, None)
     # fold 0 held out: int8 is right on 100 + 50 + 50 of the other 300, fp32 on 50 + 100 + 100: fp32,
     # which is right on half of fold 0; likewise for every fold
     assert picks == ["fp32", "fp32", "int8", "int8"]
     assert acc == pytest.approx(0.5)
     # a budget nothing fits in leaves the entry alone
-    assert selected_fixed(rec, ["int8", "fp32"], fold, 0.5) == (pytest.approx(0.75), ["int8"] * 4)
+    assert selected_fixed(table, right, "int8", fold, 0.5) == (pytest.approx(0.75), ["int8"] * 4)
 
 
 def test_aq_fit_router_cross_validate_writes_nothing_to_the_repository(tmp_path, capsys):

@@ -74,6 +74,11 @@ def paired_difference(
     return 100.0 * (wins - losses) / n, float(low), float(high)
 
 
+def format_interval(ci: Sequence[float] | None) -> str:
+    """A [low, high] interval in points as the reports print it, "+0.12 to +0.80"; "–" when there is none."""
+    return "–" if ci is None else f"{ci[0]:+.2f} to {ci[1]:+.2f}"
+
+
 SIGMOID_CLIP = 50.0  # |z| beyond this is clipped: exp(50) ≈ 5e21 fits float32, σ(±50) is 0/1 to 1e-21
 
 

@@ -17,6 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from adaptive_quant.core.stats import format_interval
 from adaptive_quant.evaluation.plots import plot_confusion, plot_pareto, plot_sweep
 from adaptive_quant.evaluation.report import ClassificationMetrics
 from adaptive_quant.evaluation.strategies import ADAPTIVE, HTTP, StrategyPoint
@@ -37,11 +38,6 @@ def _mix(p: StrategyPoint) -> str:
 
 def _opt(x: float | None, fmt: str) -> str:
     return "-" if x is None else format(x, fmt)
-
-
-def _interval(ci: list[float] | None) -> str:
-    """A [low, high] interval in points, "+0.12 to +0.80"; "–" when there is none."""
-    return "–" if ci is None else f"{ci[0]:+.2f} to {ci[1]:+.2f}"
 
 
 def _frontier(p: StrategyPoint) -> str:
@@ -297,7 +293,7 @@ def render_two_stage(report: TwoStageReport) -> str:
         f"| {b['budget_ms']:.3f} | {100 * b['router_acc']:.2f}% | {100 * b['router_escalated']:.1f}% | "
         f"{100 * b['router_random_acc']:.2f}% | {100 * b['quality_acc']:.2f}% | {100 * b['quality_escalated']:.1f}% | "
         f"{100 * b['quality_random_acc']:.2f}% | {b['best_fixed']} | {100 * b['best_fixed_acc']:.2f}% | "
-        f"{100 * (b['quality_acc'] - b['best_fixed_acc']):+.2f} ({_interval(b.get('quality_ci95'))}) | "
+        f"{100 * (b['quality_acc'] - b['best_fixed_acc']):+.2f} ({format_interval(b.get('quality_ci95'))}) | "
         f"{b['best_plannable']} | {100 * b['best_plannable_acc']:.2f}% | "
         f"{b.get('best_validated') or '–'} | "
         f"{_opt(b.get('best_validated_acc'), '.2%')} |"
@@ -352,7 +348,7 @@ def render_cross_validation(cv: CrossValidation, entry_ms: float) -> str:
             + f"{t['worst_gap_points']:>+8.2f}  {t['worst_gap_range'][0]:+.2f} … {t['worst_gap_range'][1]:+.2f}{mark}"
         )
     lines.append("best fixed choice per budget: " + ", ".join(f"{h} {b['best_fixed']}" for h, b in zip(heads, first)))
-    if "gap_vs_selected_points" in first[0]:
+    if nested:
         lines.append(
             "quality minus the fixed choice that fits picked on the other folds (nested: what a deployment "
             "without routing would ship), points:"

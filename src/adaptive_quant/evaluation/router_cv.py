@@ -22,7 +22,7 @@ Pure NumPy on recorded outputs; `cli/fit_router.py --cross-validate` runs the pa
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -104,17 +104,19 @@ def choices(
 
 
 def selected_fixed(
-    rec: Recorded, served: Sequence[str], fold: np.ndarray, budget_ms: float | None
+    table: Mapping[str, tuple[float, float, bool]],
+    right: Mapping[str, np.ndarray],
+    entry: str,
+    fold: np.ndarray,
+    budget_ms: float | None,
 ) -> tuple[float, list[str]]:
-    """The nested comparator (module doc): per fold, the fixed choice whose time fits `budget_ms`
-    (None: any) that is most accurate on the other folds, scored on the fold itself; returns the
-    pooled accuracy and each fold's pick. The entry alone when nothing fits; ties go to the first
-    in `fixed_choices`' order."""
-    table = fixed_choices(rec, served)
-    right = fixed_right(rec, served)
+    """The nested comparator (module doc): per fold, the fixed choice of `table` (`fixed_choices`)
+    whose time fits `budget_ms` (None: any) that is most accurate on the other folds, scored on the
+    fold itself with `right` (`fixed_right`); returns the pooled accuracy and each fold's pick. The
+    entry alone when nothing fits; ties go to the first in the table's order."""
     limit = np.inf if budget_ms is None else budget_ms
-    names = [k for k, (_, t, _) in table.items() if t <= limit] or [rec.entry]
-    answered = np.zeros(len(rec.labels), dtype=bool)
+    names = [k for k, (_, t, _) in table.items() if t <= limit] or [entry]
+    answered = np.zeros(len(fold), dtype=bool)
     picks = []
     for k in np.unique(fold):
         held = fold == k
@@ -146,6 +148,7 @@ def cross_validate(
     entry_ms = rec.pass_ms[rec.entry]
     budgets: list[float | None] = [None] + [entry_ms * f for f in factors]
     table = fixed_choices(rec, served)
+    right = fixed_right(rec, served)  # once: the nested comparator scores every budget and repeat on it
     fixed = [best_within(table, np.inf if b is None else b, rec.entry) for b in budgets]
     cost = rec.extra_cost()
     flip = flip_plan(rec)
@@ -157,7 +160,7 @@ def cross_validate(
     swept = np.zeros((repeats, len(prices), 3))  # (repeat, price) → balanced's accuracy, rate, compute
     for r in range(repeats):
         oof = out_of_fold(rec, folds, seed + r, fit_config)
-        selected[r] = [selected_fixed(rec, served, oof.fold, b)[0] for b in budgets]
+        selected[r] = [selected_fixed(table, right, rec.entry, oof.fold, b)[0] for b in budgets]
         for t, tie in enumerate(ties):
             cfg = planner.model_copy(update={"quality_tie": float(tie)})
             for b, budget in enumerate(budgets):

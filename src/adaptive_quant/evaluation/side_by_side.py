@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from adaptive_quant.core.corruptions import CORRUPTIONS, corrupt
 from adaptive_quant.core.images import to_model_input
 from adaptive_quant.core.manifest import load_manifest
-from adaptive_quant.core.stats import paired_difference, percentile
+from adaptive_quant.core.stats import format_interval, paired_difference, percentile
 from adaptive_quant.core.v1_wire import CLASSIFY_PATH, headers_for, request_body
 
 log = logging.getLogger(__name__)
@@ -215,11 +215,10 @@ def render(summary: dict[str, Any], host: str) -> str:
     ]
     for row in summary["rows"]:
         t = row["time_vs_baseline"]
-        ci = row.get("points_ci95")
         lines.append(
             f"| {row['data']} | {row['target']} | {100 * row['accuracy']:.2f} % | "
             f"{row['points_over_best_fixed']:+.2f} ({row['best_fixed']} {100 * row['best_fixed_accuracy']:.2f} %) | "
-            f"{'–' if ci is None else f'{ci[0]:+.2f} to {ci[1]:+.2f}'} | "
+            f"{format_interval(row.get('points_ci95'))} | "
             f"{'–' if t is None else f'{t:.2f}×'} | {row['mean_ms']:.2f} ms | {row['errors']} |"
         )
     lines += ["", "Fixed choices (ONNX Runtime, same files and images):", ""]

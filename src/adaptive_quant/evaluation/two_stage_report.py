@@ -240,6 +240,7 @@ def _budget_sweep(
     o = rec.outcomes()
     fixed = fixed_choices(rec, served)
     right = fixed_right(rec, served)  # each fixed choice's answers on these images
+    validated = validated or {}
     rows = np.arange(len(rec.labels))
     out = []
     for factor in BUDGET_FACTORS:
@@ -269,8 +270,7 @@ def _budget_sweep(
         }
         _, low, high = paired_difference(answers["quality"], right[best], seed=seed)
         row["quality_ci95"] = [low, high]
-        fits = {k: validated.get(k) for k, (_, t, _) in fixed.items() if t <= budget} if validated else {}
-        fits = {k: a for k, a in fits.items() if a is not None}
+        fits = {k: validated[k] for k, (_, t, _) in fixed.items() if t <= budget and validated.get(k) is not None}
         chosen = max(fits, key=fits.__getitem__) if fits else None
         row["best_validated"] = chosen
         row["best_validated_acc"] = fixed[chosen][0] if chosen else None
